@@ -1,0 +1,180 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Encapsulation toward a backend: IPIP / IPv6-in-IPv4 under an IPv4 outer header,
+ * IP6IP6 / IPv4-in-IPv6 under an IPv6 one, or GUE (direct IP in UDP) over either.
+ * Outer TTL 64, inner ToS copied out, IPv4 DF copied (always set over IPv6 inners),
+ * flow hash in the IPv6 flow label and in the GUE source port. */
+#ifndef XDPLB_ENCAP_H
+#define XDPLB_ENCAP_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "lb_consts.h"
+#include "lb_structs.h"
+#include "csum.h"
+
+/* What the parser learned about the packet being encapsulated. */
+struct encap_info {
+	__u32 inner_len; /* inner L3 length from the IP header (frame padding excluded) */
+	__u8 inner_v6;
+	__u8 tos;        /* IPv4 ToS or IPv6 traffic class */
+	__u8 df;         /* inner IPv4 had DF */
+	__u8 l4proto;
+};
+
+/* One's complement sum of the whole inner packet, without reading its payload: a valid
+ * IPv4 header sums to 0xffff (adds nothing); an L4 segment with a valid checksum sums
+ * to the complement of its pseudo-header. Returns 0 when the inner UDP/IPv4 checksum is
+ * absent (0), in which case the caller sends the GUE UDP checksum as 0. */
+static __always_inline int inner_sum_v4(void *inner, void *end, __u64 *sum)
+{
+	struct iphdr *ip = inner;
+	struct udphdr *udp = inner + IPV4_HLEN;
+	__u64 p;
+
+	if ((void *)(udp + 1) > end)
+		return 0;
+	if (ip->protocol == IPPROTO_UDP && udp->check == 0)
+		return 0;
+	p = csum_addr(&ip->saddr, 2) +
+	    csum_pseudo_tail(ip->protocol, bpf_ntohs(ip->tot_len) - IPV4_HLEN);
+	*sum = (__u16)~csum_fold32(p);
+	return 1;
+}
+
+static __always_inline int inner_sum_v6(void *inner, void *end, __u64 *sum)
+{
+	struct ipv6hdr *ip6 = inner;
+	__u64 p;
+
+	if ((void *)(ip6 + 1) > end)
+		return 0;
+	p = csum_addr(ip6->saddr.in6_u.u6_addr32, 4) + csum_addr(ip6->daddr.in6_u.u6_addr32, 4) +
+	    csum_pseudo_tail(ip6->nexthdr, bpf_ntohs(ip6->payload_len));
+	*sum = (__u16)~csum_fold32(p) + csum_words((const __u16 *)ip6, IPV6_HLEN / 2);
+	return 1;
+}
+
+static __always_inline __u16 gue_udp_csum(__u64 outer_addr_sum, struct udphdr *udp,
+					  void *inner, void *end, int inner_v6, __u32 *zero)
+{
+	__u64 s = 0;
+	int ok = inner_v6 ? inner_sum_v6(inner, end, &s) : inner_sum_v4(inner, end, &s);
+	__u16 c;
+
+	if (!ok) {
+		*zero = 1;
+		return 0;
+	}
+	s += outer_addr_sum + csum_pseudo_tail(IPPROTO_UDP, bpf_ntohs(udp->len));
+	s += (__u64)udp->source + udp->dest + udp->len;
+	c = ~csum_fold32(s);
+	return c ? c : 0xffff;
+}
+
+static __always_inline void write_eth(struct ethhdr *eth, const struct lb_config *cfg,
+				      const struct nexthop *nh, __u16 proto)
+{
+	__builtin_memcpy(eth->h_dest, nh->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, cfg->smac, ETH_ALEN);
+	eth->h_proto = bpf_htons(proto);
+}
+
+static __always_inline void write_udp(struct udphdr *udp, const struct lb_config *cfg,
+				      __u32 hash, __u32 inner_len)
+{
+	udp->source = bpf_htons(GUE_SPORT_BASE | (hash & GUE_SPORT_MASK));
+	udp->dest = cfg->gue_port;
+	udp->len = bpf_htons(UDP_HLEN + inner_len);
+	udp->check = 0;
+}
+
+/* Returns 0, or a negative lb_stat index naming why the packet must be dropped.
+ * *zero_csum is set when a GUE checksum had to be sent as 0. */
+static __always_inline int encap_v4(struct xdp_md *ctx, const struct lb_config *cfg,
+				    const struct backend *be, const struct nexthop *nh,
+				    const struct encap_info *ei, __u32 hash, __u32 *zero_csum)
+{
+	int gue = cfg->encap == LB_ENCAP_GUE;
+	__u32 ol = IPV4_HLEN + (gue ? UDP_HLEN : 0);
+	void *data, *end;
+	struct iphdr *ip;
+
+	if (ei->inner_len + ol > cfg->mtu)
+		return -ST_DROP_TOO_BIG;
+	if (bpf_xdp_adjust_head(ctx, -(int)ol))
+		return -ST_DROP_ADJUST_FAIL;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	ip = data + ETH_HLEN;
+	/* every inner packet is at least 20 bytes, so outer IP + 8 bytes always fit */
+	if ((void *)(ip + 1) + UDP_HLEN > end)
+		return -ST_DROP_MALFORMED;
+
+	write_eth(data, cfg, nh, ETH_P_IP);
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tos = ei->tos;
+	ip->tot_len = bpf_htons(ol + ei->inner_len);
+	ip->id = 0;
+	ip->frag_off = (ei->df || ei->inner_v6) ? bpf_htons(IP_DF) : 0;
+	ip->ttl = OUTER_TTL;
+	ip->protocol = gue ? IPPROTO_UDP : (ei->inner_v6 ? IPPROTO_IPV6_ENC : IPPROTO_IPIP);
+	ip->check = 0;
+	ip->saddr = cfg->src_v4;
+	ip->daddr = be->addr[0];
+	ip->check = ~csum_fold32(csum_words((const __u16 *)ip, IPV4_HLEN / 2));
+
+	if (gue) {
+		struct udphdr *udp = (void *)(ip + 1);
+
+		write_udp(udp, cfg, hash, ei->inner_len);
+		udp->check = gue_udp_csum(csum_addr(&ip->saddr, 2), udp, udp + 1, end,
+					  ei->inner_v6, zero_csum);
+	}
+	return 0;
+}
+
+static __always_inline int encap_v6(struct xdp_md *ctx, const struct lb_config *cfg,
+				    const struct backend *be, const struct nexthop *nh,
+				    const struct encap_info *ei, __u32 hash, __u32 *zero_csum)
+{
+	int gue = cfg->encap == LB_ENCAP_GUE;
+	__u32 ol = IPV6_HLEN + (gue ? UDP_HLEN : 0);
+	void *data, *end;
+	struct ipv6hdr *ip6;
+
+	if (ei->inner_len + ol > cfg->mtu)
+		return -ST_DROP_TOO_BIG;
+	if (bpf_xdp_adjust_head(ctx, -(int)ol))
+		return -ST_DROP_ADJUST_FAIL;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	ip6 = data + ETH_HLEN;
+	if ((void *)(ip6 + 1) + UDP_HLEN > end)
+		return -ST_DROP_MALFORMED;
+
+	write_eth(data, cfg, nh, ETH_P_IPV6);
+	*(__be32 *)ip6 = bpf_htonl((6u << 28) | ((__u32)ei->tos << 20) | (hash & 0xFFFFF));
+	ip6->payload_len = bpf_htons(ei->inner_len + (gue ? UDP_HLEN : 0));
+	ip6->nexthdr = gue ? IPPROTO_UDP : (ei->inner_v6 ? IPPROTO_IPV6_ENC : IPPROTO_IPIP);
+	ip6->hop_limit = OUTER_TTL;
+	__builtin_memcpy(ip6->saddr.in6_u.u6_addr32, cfg->src_v6, 16);
+	__builtin_memcpy(ip6->daddr.in6_u.u6_addr32, be->addr, 16);
+
+	if (gue) {
+		struct udphdr *udp = (void *)(ip6 + 1);
+
+		write_udp(udp, cfg, hash, ei->inner_len);
+		udp->check = gue_udp_csum(csum_addr(ip6->saddr.in6_u.u6_addr32, 4) +
+						  csum_addr(ip6->daddr.in6_u.u6_addr32, 4),
+					  udp, udp + 1, end, ei->inner_v6, zero_csum);
+	}
+	return 0;
+}
+
+#endif

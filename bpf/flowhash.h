@@ -1,0 +1,79 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Flow hash: MurmurHash3 (x86, 32-bit) over 32-bit words read in host order. The
+ * Python mirror in lb/flowhash.py computes the same value bit for bit. */
+#ifndef XDPLB_FLOWHASH_H
+#define XDPLB_FLOWHASH_H
+
+#include <linux/types.h>
+#include "lb_consts.h"
+#include "lb_structs.h"
+
+static __always_inline __u32 rotl32(__u32 x, int r)
+{
+	return (x << r) | (x >> (32 - r));
+}
+
+static __always_inline __u32 mm3_step(__u32 h, __u32 k)
+{
+	k *= 0xcc9e2d51u;
+	k = rotl32(k, 15);
+	k *= 0x1b873593u;
+	h ^= k;
+	h = rotl32(h, 13);
+	return h * 5 + 0xe6546b64u;
+}
+
+static __always_inline __u32 mm3_final(__u32 h, __u32 nbytes)
+{
+	h ^= nbytes;
+	h ^= h >> 16;
+	h *= 0x85ebca6bu;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35u;
+	h ^= h >> 16;
+	return h;
+}
+
+/* Words: src address (1 or 4), then for the 5-tuple the dst address, the two ports as
+ * they lie in the packet, and the protocol. */
+static __always_inline __u32 flow_hash(const struct flow_key *k, int v6, int src_only)
+{
+	__u32 h = FLOW_HASH_SEED;
+	__u32 n;
+
+	if (v6) {
+		h = mm3_step(h, k->src[0]);
+		h = mm3_step(h, k->src[1]);
+		h = mm3_step(h, k->src[2]);
+		h = mm3_step(h, k->src[3]);
+		n = 4;
+		if (!src_only) {
+			h = mm3_step(h, k->dst[0]);
+			h = mm3_step(h, k->dst[1]);
+			h = mm3_step(h, k->dst[2]);
+			h = mm3_step(h, k->dst[3]);
+			n = 8;
+		}
+	} else {
+		h = mm3_step(h, k->src[0]);
+		n = 1;
+		if (!src_only) {
+			h = mm3_step(h, k->dst[0]);
+			n = 2;
+		}
+	}
+	if (!src_only) {
+		h = mm3_step(h, (__u32)k->sport | ((__u32)k->dport << 16));
+		h = mm3_step(h, k->proto);
+		n += 2;
+	}
+	return mm3_final(h, n * 4);
+}
+
+/* Index into the 65536-bit VIP address prefilter. */
+static __always_inline __u32 prefilter_index(__u32 folded_addr)
+{
+	return (folded_addr * PREFILTER_MULT) >> 16;
+}
+
+#endif

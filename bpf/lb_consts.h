@@ -1,0 +1,43 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Constants of the xdplb data path: protocol numbers, sizes, defaults. */
+#ifndef XDPLB_CONSTS_H
+#define XDPLB_CONSTS_H
+
+#include <linux/in.h>
+
+#define ETH_ALEN 6
+#define ETH_HLEN 14
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+
+#define IPV4_HLEN 20
+#define IPV6_HLEN 40
+#define UDP_HLEN 8
+
+#define IPPROTO_IPV6_ENC 41 /* IPv6-in-IP (IPPROTO_IPV6) */
+#define NEXTHDR_FRAGMENT 44
+
+#define IP_MF 0x2000
+#define IP_DF 0x4000
+#define IP_OFFMASK 0x1FFF
+
+#define OUTER_TTL 64
+
+/* GUE (direct IP-in-UDP, "variant 1") source ports are taken from the flow hash in the
+ * ephemeral range, so receivers' RSS spreads flows. */
+#define GUE_SPORT_BASE 0xC000
+#define GUE_SPORT_MASK 0x3FFF
+
+/* Hash seeds: the Python mirror (lb/flowhash.py) uses the same values. */
+#define FLOW_HASH_SEED 0x8F0A5C31u
+#define PREFILTER_MULT 0x9E3779B1u
+
+/* Default map sizes; user space may resize them between open and load. */
+#define LB_MAX_VIPS 4096
+#define LB_MAX_BACKENDS 65536
+#define LB_MAX_NEXTHOPS 4096
+#define LB_FLOW_TABLE_SIZE 65536
+#define LB_DEFAULT_RING_SIZE 65537
+#define LB_PREFILTER_WORDS 1024 /* 65536 bits */
+
+#endif

@@ -1,0 +1,138 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Structs shared between the data path and user space. Mirrored field for field in
+ * lb/layout.py (a test compares both against this object's BTF). Every struct is
+ * fixed-width with explicit padding, and an all-zero value is always the safe one. */
+#ifndef XDPLB_STRUCTS_H
+#define XDPLB_STRUCTS_H
+
+#include <linux/types.h>
+
+/* Address families as stored in maps. Zero means "no address": never forwarded to. */
+enum lb_family {
+	LB_AF_NONE = 0,
+	LB_AF_INET = 1,
+	LB_AF_INET6 = 2,
+};
+
+/* Key of the `vips` map. Addresses and port are in network byte order; an IPv4 address
+ * sits in addr[0] with the rest zero. Port 0 means "any port" (looked up second). */
+struct vip_key {
+	__u32 addr[4];
+	__u16 port;
+	__u8 proto;
+	__u8 family;
+};
+
+#define VIP_F_HASH_SRC_ONLY (1u << 0)
+
+/* Value of `vips`. vip_id indexes `rings` and `vip_stats`; ids start at 1, and a zero
+ * value (no id, ring size 0) drops the VIP's traffic as "no backend". */
+struct vip_meta {
+	__u32 vip_id;
+	__u32 flags;
+	__u32 ring_size;
+	__u32 pad;
+};
+
+/* Key of `vip_addrs`: every address that carries at least one VIP. Used only on the rare
+ * paths (IP options, fragments, extension headers, truncated L4) to decide between "not
+ * ours, pass" and "ours but unsupported, drop". */
+struct addr_key {
+	__u32 addr[4];
+	__u8 family;
+	__u8 pad[3];
+};
+
+/* Existing flows stay on this backend (it is active or draining). Without the flag
+ * (maint, down, removed, or a zeroed entry) they are moved to the ring's choice. */
+#define BE_F_FLOWS_STAY (1u << 0)
+
+/* Value of `backends`, indexed by backend id (one id per VIP and backend pair, id 0 is
+ * never used). A flow-table entry is honoured only if the backend's vip_id matches the
+ * VIP the packet is for, so an id reused by another VIP cannot capture old flows. */
+struct backend {
+	__u32 addr[4];
+	__u8 family;
+	__u8 pad0[3];
+	__u32 flags;
+	__u32 vip_id;
+	__u32 nexthop_id; /* into `nexthops`; 0 (or an all-zero MAC) = unresolved: drop */
+};
+
+/* Value of `nexthops`: the Ethernet destination toward a backend. */
+struct nexthop {
+	__u8 dmac[6];
+	__u16 pad;
+};
+
+/* Key of the `flows` connection table. Same address/port conventions as vip_key. */
+struct flow_key {
+	__u32 src[4];
+	__u32 dst[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+struct flow_val {
+	__u32 backend_id;
+	__u32 pad;
+};
+
+enum lb_encap {
+	LB_ENCAP_IPIP = 0, /* IPIP, IP6IP6, IPv4-in-IPv6, IPv6-in-IPv4 by families */
+	LB_ENCAP_GUE = 1,  /* direct IP in UDP to gue_port */
+};
+
+enum lb_tx_mode {
+	LB_TX_XDP_TX = 0,    /* back out of the ingress interface */
+	LB_TX_REDIRECT = 1,  /* through `tx_port` (DEVMAP key 0) */
+};
+
+/* The one entry of `config`. mtu is the largest outer L3 packet the egress link takes;
+ * zero (an unfilled config) makes every VIP packet "too big": dropped, never sent. */
+struct lb_config {
+	__u8 smac[6];
+	__u8 encap;
+	__u8 tx_mode;
+	__u32 src_v4;
+	__u32 src_v6[4];
+	__u16 gue_port; /* network byte order */
+	__u16 mtu;
+};
+
+struct lb_counters {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Indexes into lb_global.c (per-CPU; user space sums). Append only. */
+enum lb_stat {
+	ST_RX = 0,
+	ST_TX,
+	ST_REDIRECT,
+	ST_PASS,
+	ST_DROP,
+	ST_FLOW_HIT,
+	ST_FLOW_MISS,
+	ST_FLOW_MOVED,       /* flow-table entry pointed at an unusable backend: re-hashed */
+	ST_DROP_NO_BACKEND,
+	ST_DROP_MALFORMED,   /* truncated or inconsistent headers on a VIP address */
+	ST_DROP_TOO_BIG,     /* encapsulated packet would exceed the egress MTU */
+	ST_DROP_FRAGMENT,    /* IPv4 fragment or IPv6 fragment header to a VIP address */
+	ST_DROP_IP_OPTIONS,  /* IPv4 options or IPv6 extension headers to a VIP address */
+	ST_DROP_NO_NEXTHOP,  /* backend's next-hop MAC not resolved yet */
+	ST_DROP_ADJUST_FAIL, /* bpf_xdp_adjust_head refused the headroom */
+	ST_GUE_ZERO_CSUM,    /* GUE sent with UDP checksum 0: inner IPv4 UDP had none */
+	ST__MAX,
+};
+
+#define LB_GLOBAL_SLOTS 32
+
+struct lb_global {
+	__u64 c[LB_GLOBAL_SLOTS];
+};
+
+#endif

@@ -1,0 +1,200 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Per-family packet handling: decide pass / drop / forward, then forward. */
+#ifndef XDPLB_PROCESS_H
+#define XDPLB_PROCESS_H
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "lb_maps.h"
+#include "parse.h"
+#include "select.h"
+#include "encap.h"
+
+static __always_inline int verdict_pass(struct lb_global *g)
+{
+	g->c[ST_PASS]++;
+	return XDP_PASS;
+}
+
+static __always_inline int verdict_drop(struct lb_global *g, int reason)
+{
+	g->c[ST_DROP]++;
+	if (reason > 0 && reason < LB_GLOBAL_SLOTS)
+		g->c[reason]++;
+	return XDP_DROP;
+}
+
+/* Unsupported or broken packet on a VIP address: ours to drop. Anything else: pass. */
+static __always_inline int drop_if_vip(struct lb_global *g, const __u32 *addr, __u8 family,
+				       int reason)
+{
+	if (addr_is_vip(addr, family))
+		return verdict_drop(g, reason);
+	return verdict_pass(g);
+}
+
+static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
+				   const struct vip_meta *vm, const struct flow_key *fk,
+				   const struct encap_info *ei, __u32 frame_len)
+{
+	__u32 zero = 0, backend_id = 0, zero_csum = 0, hash;
+	struct lb_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct backend *be;
+	struct nexthop *nh;
+	int err;
+
+	count(&vip_stats, vm->vip_id, frame_len);
+	if (!cfg)
+		return verdict_drop(g, ST_DROP_NO_BACKEND);
+	hash = flow_hash(fk, fk->family == LB_AF_INET6, vm->flags & VIP_F_HASH_SRC_ONLY);
+	be = pick_backend(fk, vm, hash, g, &backend_id);
+	if (!be)
+		return verdict_drop(g, ST_DROP_NO_BACKEND);
+	nh = bpf_map_lookup_elem(&nexthops, &be->nexthop_id);
+	if (!nh || !be->nexthop_id || !(nh->dmac[0] | nh->dmac[1] | nh->dmac[2] | nh->dmac[3] |
+					  nh->dmac[4] | nh->dmac[5]))
+		return verdict_drop(g, ST_DROP_NO_NEXTHOP);
+
+	if (be->family == LB_AF_INET6)
+		err = encap_v6(ctx, cfg, be, nh, ei, hash, &zero_csum);
+	else
+		err = encap_v4(ctx, cfg, be, nh, ei, hash, &zero_csum);
+	if (err)
+		return verdict_drop(g, -err);
+	if (zero_csum)
+		g->c[ST_GUE_ZERO_CSUM]++;
+	count(&backend_stats, backend_id, frame_len);
+
+	if (cfg->tx_mode == LB_TX_REDIRECT) {
+		g->c[ST_REDIRECT]++;
+		return bpf_redirect_map(&tx_port, 0, XDP_DROP);
+	}
+	g->c[ST_TX]++;
+	return XDP_TX;
+}
+
+static __always_inline int l4_hdr_len(int proto)
+{
+	return proto == IPPROTO_TCP ? 20 : 8;
+}
+
+static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *c, void *end,
+					struct lb_global *g, __u32 frame_len)
+{
+	struct encap_info ei = {};
+	struct flow_key fk = {};
+	struct vip_key vk = {};
+	struct l4_ports *ports;
+	struct vip_meta *vm;
+	struct iphdr *ip;
+	__u32 tot_len;
+	int proto;
+
+	proto = parse_ipv4(c, end, &ip);
+	if (proto < 0)
+		return verdict_pass(g); /* too short to be for us; the stack discards it */
+	if (!prefilter_hit(ip->daddr))
+		return verdict_pass(g);
+	if (ip->ihl != 5 || ip->version != 4)
+		return drop_if_vip(g, &ip->daddr, LB_AF_INET,
+				   ip->ihl > 5 ? ST_DROP_IP_OPTIONS : ST_DROP_MALFORMED);
+	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFMASK))
+		return drop_if_vip(g, &ip->daddr, LB_AF_INET, ST_DROP_FRAGMENT);
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return verdict_pass(g);
+	tot_len = bpf_ntohs(ip->tot_len);
+	if (tot_len < IPV4_HLEN + l4_hdr_len(proto) || (void *)ip + tot_len > end ||
+	    parse_ports(c, end, proto, &ports) < 0)
+		return drop_if_vip(g, &ip->daddr, LB_AF_INET, ST_DROP_MALFORMED);
+
+	vk.addr[0] = ip->daddr;
+	vk.port = ports->dest;
+	vk.proto = proto;
+	vk.family = LB_AF_INET;
+	vm = vip_lookup(&vk);
+	if (!vm)
+		return verdict_pass(g);
+
+	fk.src[0] = ip->saddr;
+	fk.dst[0] = ip->daddr;
+	fk.sport = ports->source;
+	fk.dport = ports->dest;
+	fk.proto = proto;
+	fk.family = LB_AF_INET;
+	ei.inner_len = tot_len;
+	ei.tos = ip->tos;
+	ei.df = !!(ip->frag_off & bpf_htons(IP_DF));
+	ei.l4proto = proto;
+	return forward(ctx, g, vm, &fk, &ei, frame_len);
+}
+
+static __always_inline int ipv6_is_ext_header(int nh)
+{
+	switch (nh) {
+	case 0:   /* hop-by-hop */
+	case 43:  /* routing */
+	case 51:  /* AH */
+	case 60:  /* destination options */
+	case 135: /* mobility */
+	case 139: /* HIP */
+	case 140: /* shim6 */
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *c, void *end,
+					struct lb_global *g, __u32 frame_len)
+{
+	struct encap_info ei = {};
+	struct flow_key fk = {};
+	struct vip_key vk = {};
+	struct l4_ports *ports;
+	struct ipv6hdr *ip6;
+	struct vip_meta *vm;
+	__u32 *dst, *src;
+	__u32 plen;
+	int proto;
+
+	proto = parse_ipv6(c, end, &ip6);
+	if (proto < 0)
+		return verdict_pass(g);
+	dst = ip6->daddr.in6_u.u6_addr32;
+	if (!prefilter_hit(dst[0] ^ dst[1] ^ dst[2] ^ dst[3]))
+		return verdict_pass(g);
+	if (proto == NEXTHDR_FRAGMENT)
+		return drop_if_vip(g, dst, LB_AF_INET6, ST_DROP_FRAGMENT);
+	if (ipv6_is_ext_header(proto))
+		return drop_if_vip(g, dst, LB_AF_INET6, ST_DROP_IP_OPTIONS);
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return verdict_pass(g);
+	plen = bpf_ntohs(ip6->payload_len);
+	if (ip6->version != 6 || plen < l4_hdr_len(proto) ||
+	    (void *)(ip6 + 1) + plen > end || parse_ports(c, end, proto, &ports) < 0)
+		return drop_if_vip(g, dst, LB_AF_INET6, ST_DROP_MALFORMED);
+
+	__builtin_memcpy(vk.addr, dst, 16);
+	vk.port = ports->dest;
+	vk.proto = proto;
+	vk.family = LB_AF_INET6;
+	vm = vip_lookup(&vk);
+	if (!vm)
+		return verdict_pass(g);
+
+	src = ip6->saddr.in6_u.u6_addr32;
+	__builtin_memcpy(fk.src, src, 16);
+	__builtin_memcpy(fk.dst, dst, 16);
+	fk.sport = ports->source;
+	fk.dport = ports->dest;
+	fk.proto = proto;
+	fk.family = LB_AF_INET6;
+	ei.inner_len = IPV6_HLEN + plen;
+	ei.inner_v6 = 1;
+	ei.tos = (bpf_ntohl(*(__be32 *)ip6) >> 20) & 0xFF;
+	ei.l4proto = proto;
+	return forward(ctx, g, vm, &fk, &ei, frame_len);
+}
+
+#endif

@@ -1,0 +1,101 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Choosing where a packet goes: VIP lookup, connection table, Maglev ring. */
+#ifndef XDPLB_SELECT_H
+#define XDPLB_SELECT_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "lb_maps.h"
+#include "flowhash.h"
+
+static __always_inline int prefilter_hit(__u32 folded_addr)
+{
+	__u32 idx = prefilter_index(folded_addr);
+	__u32 word = idx >> 6;
+	__u64 *bits = bpf_map_lookup_elem(&prefilter, &word);
+
+	return bits && ((*bits >> (idx & 63)) & 1);
+}
+
+/* Does any VIP use this address? Only asked on rare paths. */
+static __always_inline int addr_is_vip(const __u32 *addr, __u8 family)
+{
+	struct addr_key k = {};
+
+	k.addr[0] = addr[0];
+	if (family == LB_AF_INET6) {
+		k.addr[1] = addr[1];
+		k.addr[2] = addr[2];
+		k.addr[3] = addr[3];
+	}
+	k.family = family;
+	return bpf_map_lookup_elem(&vip_addrs, &k) != NULL;
+}
+
+/* Exact (address, port, protocol) first, then the same address with port 0. */
+static __always_inline struct vip_meta *vip_lookup(struct vip_key *k)
+{
+	struct vip_meta *m = bpf_map_lookup_elem(&vips, k);
+
+	if (!m && k->port) {
+		k->port = 0;
+		m = bpf_map_lookup_elem(&vips, k);
+	}
+	return m;
+}
+
+/* Returns the backend the flow goes to, or NULL when the VIP has none usable. An entry
+ * in the connection table wins while its backend still takes existing flows and still
+ * belongs to this VIP; otherwise the ring decides and the entry is (re)written. */
+static __always_inline struct backend *pick_backend(const struct flow_key *fk,
+						    const struct vip_meta *vm, __u32 hash,
+						    struct lb_global *g, __u32 *backend_id)
+{
+	struct flow_val *fv = bpf_map_lookup_elem(&flows, fk);
+	struct flow_val nv = {};
+	struct backend *be;
+	__u32 vid = vm->vip_id, slot, id;
+	__u32 *idp;
+	void *ring;
+
+	if (fv) {
+		id = fv->backend_id;
+		be = bpf_map_lookup_elem(&backends, &id);
+		if (be && (be->flags & BE_F_FLOWS_STAY) && be->vip_id == vid && vid) {
+			g->c[ST_FLOW_HIT]++;
+			*backend_id = id;
+			return be;
+		}
+		g->c[ST_FLOW_MOVED]++;
+	} else {
+		g->c[ST_FLOW_MISS]++;
+	}
+
+	ring = bpf_map_lookup_elem(&rings, &vid);
+	if (!ring || !vm->ring_size)
+		return NULL;
+	slot = hash % vm->ring_size;
+	idp = bpf_map_lookup_elem(ring, &slot);
+	if (!idp || !*idp)
+		return NULL;
+	id = *idp;
+	be = bpf_map_lookup_elem(&backends, &id);
+	if (!be || be->family == LB_AF_NONE || be->vip_id != vid)
+		return NULL;
+	nv.backend_id = id;
+	bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
+	*backend_id = id;
+	return be;
+}
+
+static __always_inline void count(void *map, __u32 idx, __u32 bytes)
+{
+	struct lb_counters *c = bpf_map_lookup_elem(map, &idx);
+
+	if (c) {
+		c->packets++;
+		c->bytes += bytes;
+	}
+}
+
+#endif

@@ -1,0 +1,226 @@
+"""The loaded xdplb program and typed operations on its maps.
+
+This module knows map names and encodings (lb/layout.py); it decides nothing. What goes in
+the maps (ids, rings, states) is decided by lb/programmer.py.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import ipaddress
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from . import layout as L
+from .layout import IPAddress
+from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib
+
+MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", "flows",
+             "config", "tx_port", "stats", "vip_stats", "backend_stats")
+
+GLOBAL_NAMES = {s.name.lower(): s for s in L.Stat}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Map sizes, fixed at load time."""
+
+    max_vips: int = 4096
+    max_backends: int = 65536
+    max_nexthops: int = 4096
+    flow_table_size: int = 65536
+
+
+@dataclass(frozen=True)
+class EgressConfig:
+    smac: bytes = bytes(6)
+    encap: int = L.ENCAP_IPIP
+    tx_mode: int = L.TX_XDP_TX
+    source_v4: Optional[ipaddress.IPv4Address] = None
+    source_v6: Optional[ipaddress.IPv6Address] = None
+    gue_port: int = 6080
+    mtu: int = 1500
+
+
+def _u32(v: int) -> ctypes.c_uint32:
+    return ctypes.c_uint32(v)
+
+
+class Datapath:
+    """Open, size and load bpf/lb.bpf.c; then read and write its maps."""
+
+    def __init__(self, limits: Limits = Limits(), reuse: Optional[dict[str, int]] = None):
+        self.limits = limits
+        self.skel = Skeleton("lb")
+        try:
+            self.skel.set_max_entries("vips", limits.max_vips)
+            self.skel.set_max_entries("vip_addrs", limits.max_vips)
+            self.skel.set_max_entries("rings", limits.max_vips)
+            self.skel.set_max_entries("vip_stats", limits.max_vips)
+            self.skel.set_max_entries("backends", limits.max_backends)
+            self.skel.set_max_entries("backend_stats", limits.max_backends)
+            self.skel.set_max_entries("nexthops", limits.max_nexthops)
+            self.skel.set_max_entries("flows", limits.flow_table_size)
+            for name, fd in (reuse or {}).items():
+                self.skel.reuse_map_fd(name, fd)
+            self.skel.load()
+        except BaseException:
+            self.skel.close()
+            raise
+        self.maps: dict[str, Map] = {n: self.skel.map(n) for n in MAP_NAMES}
+        self.prog_fd = self.skel.prog_fd("xdplb")
+
+    def close(self) -> None:
+        self.skel.close()
+
+    def __enter__(self) -> "Datapath":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- configuration -------------------------------------------------------------
+    def set_config(self, cfg: EgressConfig) -> None:
+        c = L.LbConfig()
+        c.smac[:] = cfg.smac
+        c.encap = cfg.encap
+        c.tx_mode = cfg.tx_mode
+        c.src_v4 = L.addr_words(cfg.source_v4)[0] if cfg.source_v4 else 0
+        if cfg.source_v6:
+            c.src_v6[:] = L.addr_words(cfg.source_v6)
+        c.gue_port = L.port_be(cfg.gue_port)
+        c.mtu = min(cfg.mtu, 0xFFFF)
+        self.maps["config"].update(_u32(0), c)
+
+    def set_tx_port(self, ifindex: int) -> None:
+        self.maps["tx_port"].update(_u32(0), _u32(ifindex))
+
+    def set_nexthop(self, nid: int, mac: bytes) -> None:
+        nh = L.Nexthop()
+        nh.dmac[:] = mac
+        self.maps["nexthops"].update(_u32(nid), nh)
+
+    def set_backend(self, bid: int, addr: IPAddress, vip_id: int, nexthop_id: int,
+                    flags: int) -> None:
+        b = L.Backend()
+        b.addr[:] = L.addr_words(addr)
+        b.family = L.family_of(addr)
+        b.flags = flags
+        b.vip_id = vip_id
+        b.nexthop_id = nexthop_id
+        self.maps["backends"].update(_u32(bid), b)
+
+    def clear_backend(self, bid: int) -> None:
+        """Zero the entry: flows still pointing here are moved by the data path."""
+        self.maps["backends"].update(_u32(bid), L.Backend())
+
+    def backend(self, bid: int) -> L.Backend:
+        return L.Backend.unpack(self.maps["backends"].lookup(_u32(bid)))
+
+    # --- rings ---------------------------------------------------------------------
+    def install_ring(self, vip_id: int, ids: array.array) -> None:
+        """Fill a new inner map completely, then swap it into rings[vip_id] in one update:
+        packets see the whole old ring or the whole new one, never a mix."""
+        m = len(ids)
+        inner = create_map(BPF_MAP_TYPE_ARRAY, f"ring_{vip_id}", 4, 4, m,
+                           map_flags=lib.BPF_F_INNER_MAP)
+        try:
+            keys = array.array("I", range(m))
+            inner.update_batch(keys.tobytes(), ids.tobytes(), m)
+            self.maps["rings"].update_fd(_u32(vip_id), inner.fd)
+        finally:
+            inner.close()
+
+    def remove_ring(self, vip_id: int) -> None:
+        self.maps["rings"].delete(_u32(vip_id))
+
+    def read_ring(self, vip_id: int) -> Optional[array.array]:
+        """The ring currently installed for vip_id (for tests and `explain`)."""
+        from .native import ffi, lib as nlib
+
+        raw = self.maps["rings"].lookup(_u32(vip_id))
+        if raw is None:
+            return None
+        inner_id = ctypes.c_uint32.from_buffer_copy(raw).value
+        fd = nlib.bpf_map_get_fd_by_id(inner_id)
+        if fd < 0:
+            return None
+        with Map.from_fd(fd) as inner:
+            m = inner.max_entries
+            out = array.array("I", bytes(4 * m))
+            keys = array.array("I", bytes(4 * m))
+            n = ffi.new("__u32 *", m)
+            batch = ffi.new("__u32 *")
+            opts = ffi.new("struct bpf_map_batch_opts *")
+            opts.sz = ffi.sizeof("struct bpf_map_batch_opts")
+            nlib.bpf_map_lookup_batch(inner.fd, ffi.NULL, batch,
+                                      ffi.from_buffer("uint32_t[]", keys),
+                                      ffi.from_buffer("uint32_t[]", out), n, opts)
+            if n[0] != m:  # no batch support: element by element
+                for i in range(m):
+                    out[i] = ctypes.c_uint32.from_buffer_copy(inner.lookup(_u32(i))).value
+        return out
+
+    # --- VIPs ----------------------------------------------------------------------
+    def set_vip(self, key: L.VipKey, vip_id: int, flags: int, ring_size: int) -> None:
+        meta = L.VipMeta(vip_id=vip_id, flags=flags, ring_size=ring_size)
+        self.maps["vips"].update(key, meta)
+
+    def delete_vip(self, key: L.VipKey) -> None:
+        self.maps["vips"].delete(key)
+
+    def set_vip_addrs(self, addrs: Iterable[IPAddress], previous: Iterable[IPAddress] = ()
+                      ) -> None:
+        """Make `addrs` the set of VIP addresses: additions first (vip_addrs, then prefilter
+        bits), removals last, clearing only bits no remaining address needs."""
+        now, before = set(addrs), set(previous)
+        pf = self.maps["prefilter"]
+        for a in now - before:
+            self.maps["vip_addrs"].update(L.addr_key(a), _u32(1))
+        words: dict[int, int] = {}
+        for a in now:
+            idx = _prefilter_index(a)
+            words[idx >> 6] = words.get(idx >> 6, 0) | (1 << (idx & 63))
+        touched = {(_prefilter_index(a) >> 6) for a in now | before}
+        for w in sorted(touched):
+            pf.update(_u32(w), ctypes.c_uint64(words.get(w, 0)))
+        for a in before - now:
+            self.maps["vip_addrs"].delete(L.addr_key(a))
+
+    # --- counters ------------------------------------------------------------------
+    def global_counters(self) -> dict[str, int]:
+        per_cpu = self.maps["stats"].lookup_percpu(_u32(0))
+        sums = [0] * L.GLOBAL_SLOTS
+        for raw in per_cpu:
+            g = L.Global.unpack(raw)
+            for i in range(L.GLOBAL_SLOTS):
+                sums[i] += g.c[i]
+        return {name: sums[int(s)] for name, s in GLOBAL_NAMES.items()}
+
+    def _counters(self, map_name: str, idx: int) -> tuple[int, int]:
+        p = b = 0
+        for raw in self.maps[map_name].lookup_percpu(_u32(idx)):
+            c = L.Counters.unpack(raw)
+            p += c.packets
+            b += c.bytes
+        return p, b
+
+    def vip_counters(self, vip_id: int) -> tuple[int, int]:
+        return self._counters("vip_stats", vip_id)
+
+    def backend_counters(self, bid: int) -> tuple[int, int]:
+        return self._counters("backend_stats", bid)
+
+    def reset_counters(self, map_name: str, idx: int) -> None:
+        self.maps[map_name].update(_u32(idx), L.Counters())
+
+    def flow_backend(self, fk: L.FlowKey) -> Optional[int]:
+        raw = self.maps["flows"].lookup(fk)
+        return None if raw is None else L.FlowVal.unpack(raw).backend_id
+
+
+def _prefilter_index(a: IPAddress) -> int:
+    from .flowhash import prefilter_index
+
+    return prefilter_index(a)

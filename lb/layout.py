@@ -1,0 +1,170 @@
+"""The one Python mirror of bpf/lb_structs.h (and the bench template of bench.bpf.c).
+
+Field for field, same widths, same explicit padding; tests/test_layout.py compares every
+struct here with the BTF of the built object. Addresses and ports are stored as they lie
+in packets (network byte order); helpers below convert.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+import socket
+import struct
+from typing import Union
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+
+AF_NONE, AF_INET, AF_INET6 = 0, 1, 2
+VIP_F_HASH_SRC_ONLY = 1 << 0
+BE_F_FLOWS_STAY = 1 << 0
+ENCAP_IPIP, ENCAP_GUE = 0, 1
+TX_XDP_TX, TX_REDIRECT = 0, 1
+GLOBAL_SLOTS = 32
+PREFILTER_WORDS = 1024
+
+
+class Stat(enum.IntEnum):
+    """Indexes into lb_global.c (enum lb_stat)."""
+
+    RX = 0
+    TX = 1
+    REDIRECT = 2
+    PASS = 3
+    DROP = 4
+    FLOW_HIT = 5
+    FLOW_MISS = 6
+    FLOW_MOVED = 7
+    DROP_NO_BACKEND = 8
+    DROP_MALFORMED = 9
+    DROP_TOO_BIG = 10
+    DROP_FRAGMENT = 11
+    DROP_IP_OPTIONS = 12
+    DROP_NO_NEXTHOP = 13
+    DROP_ADJUST_FAIL = 14
+    GUE_ZERO_CSUM = 15
+
+
+class _S(ctypes.Structure):
+    def pack(self) -> bytes:
+        return bytes(self)
+
+    @classmethod
+    def unpack(cls, data: bytes):
+        return cls.from_buffer_copy(data[: ctypes.sizeof(cls)])
+
+
+class VipKey(_S):
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("proto", u8), ("family", u8)]
+
+
+class VipMeta(_S):
+    _fields_ = [("vip_id", u32), ("flags", u32), ("ring_size", u32), ("pad", u32)]
+
+
+class AddrKey(_S):
+    _fields_ = [("addr", u32 * 4), ("family", u8), ("pad", u8 * 3)]
+
+
+class Backend(_S):
+    _fields_ = [("addr", u32 * 4), ("family", u8), ("pad0", u8 * 3), ("flags", u32),
+                ("vip_id", u32), ("nexthop_id", u32)]
+
+
+class Nexthop(_S):
+    _fields_ = [("dmac", u8 * 6), ("pad", u16)]
+
+
+class FlowKey(_S):
+    _fields_ = [("src", u32 * 4), ("dst", u32 * 4), ("sport", u16), ("dport", u16),
+                ("proto", u8), ("family", u8), ("pad", u16)]
+
+
+class FlowVal(_S):
+    _fields_ = [("backend_id", u32), ("pad", u32)]
+
+
+class LbConfig(_S):
+    _fields_ = [("smac", u8 * 6), ("encap", u8), ("tx_mode", u8), ("src_v4", u32),
+                ("src_v6", u32 * 4), ("gue_port", u16), ("mtu", u16)]
+
+
+class Counters(_S):
+    _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+class Global(_S):
+    _fields_ = [("c", u64 * GLOBAL_SLOTS)]
+
+
+class BenchTemplate(_S):
+    _fields_ = [("len", u32), ("vary_off", u16), ("vary", u16), ("vary2_off", u16),
+                ("vary2", u16), ("pad", u32), ("data", u8 * 256)]
+
+
+# name in BTF -> mirror; checked by tests/test_layout.py
+MIRRORS = {
+    "vip_key": VipKey, "vip_meta": VipMeta, "addr_key": AddrKey, "backend": Backend,
+    "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal, "lb_config": LbConfig,
+    "lb_counters": Counters, "lb_global": Global,
+}
+
+
+def family_of(addr: IPAddress) -> int:
+    return AF_INET6 if addr.version == 6 else AF_INET
+
+
+def addr_words(addr: IPAddress) -> tuple[int, int, int, int]:
+    """The address as the data path stores it: four u32 read natively from network-order
+    bytes, IPv4 in the first word and zeros after."""
+    raw = addr.packed.ljust(16, b"\0")
+    return struct.unpack("=4I", raw)
+
+
+def words_addr(words, family: int) -> IPAddress:
+    raw = struct.pack("=4I", *words)
+    if family == AF_INET6:
+        return ipaddress.IPv6Address(raw)
+    return ipaddress.IPv4Address(raw[:4])
+
+
+def port_be(port: int) -> int:
+    """A port as the u16 field holds it (network byte order)."""
+    return socket.htons(port)
+
+
+def mac_bytes(mac: str) -> bytes:
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+def vip_key(addr: IPAddress, port: int, proto: int) -> VipKey:
+    k = VipKey()
+    k.addr[:] = addr_words(addr)
+    k.port = port_be(port)
+    k.proto = proto
+    k.family = family_of(addr)
+    return k
+
+
+def addr_key(addr: IPAddress) -> AddrKey:
+    k = AddrKey()
+    k.addr[:] = addr_words(addr)
+    k.family = family_of(addr)
+    return k
+
+
+def flow_key(proto: int, src: IPAddress, sport: int, dst: IPAddress, dport: int) -> FlowKey:
+    k = FlowKey()
+    k.src[:] = addr_words(src)
+    k.dst[:] = addr_words(dst)
+    k.sport = port_be(sport)
+    k.dport = port_be(dport)
+    k.proto = proto
+    k.family = family_of(dst)
+    return k

@@ -1,0 +1,201 @@
+"""Turn a desired state (VIPs, backends, next hops) into map contents, changing only what
+differs, in an order that never lets a packet see a half-built state:
+
+1. next-hop MACs, then backend entries that gain something (new, or may now keep flows);
+2. each changed ring, filled completely in a new inner map and swapped in atomically;
+3. VIP entries, then VIP addresses (vip_addrs, then the prefilter bit that makes them live);
+4. only then what loses something: backend flags removed, backends and VIPs released.
+
+Ids: a VIP gets an id (ring slot and counters), each VIP/backend pair a backend id. Freed
+ids go to the back of a FIFO, so an id is reused as late as possible; the data path also
+refuses a flow-table entry whose backend belongs to another VIP.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+from . import layout as L
+from . import maglev
+from .datapath import Datapath
+from .layout import IPAddress
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    address: IPAddress
+    weight: int = 1
+    in_ring: bool = True      # takes new flows
+    keep_flows: bool = True   # flows already on it stay (active or draining)
+    nexthop: str = ""         # key into the next-hop MAC table
+
+
+@dataclass(frozen=True)
+class VipSpec:
+    address: IPAddress
+    port: int
+    proto: int
+    backends: tuple[BackendSpec, ...] = ()
+    hash_src_only: bool = False
+    ring_size: int = 65537
+
+    @property
+    def ident(self) -> tuple:
+        return (self.address, self.port, self.proto)
+
+
+@dataclass
+class _Vip:
+    vip_id: int
+    spec: VipSpec
+    ring: Optional[array.array] = None
+    bids: dict = field(default_factory=dict)  # backend address -> backend id
+    flags: dict = field(default_factory=dict)  # backend id -> written BE flags
+
+
+@dataclass
+class ApplyReport:
+    vips_added: int = 0
+    vips_removed: int = 0
+    vips_changed: int = 0
+    backends_added: int = 0
+    backends_removed: int = 0
+    rings_swapped: int = 0
+    duration_s: float = 0.0
+
+
+def backend_key(addr: IPAddress) -> bytes:
+    """Maglev identity of a backend: its address words and family (20 bytes)."""
+    return array.array("I", list(L.addr_words(addr)) + [L.family_of(addr)]).tobytes()
+
+
+def ring_for(spec: VipSpec, bids: Mapping[IPAddress, int]) -> array.array:
+    members = sorted((b for b in spec.backends if b.in_ring and b.weight > 0),
+                     key=lambda b: backend_key(b.address))
+    holders = [maglev.Slotholder(backend_key(b.address), b.weight) for b in members]
+    return maglev.build(holders, spec.ring_size, [bids[b.address] for b in members])
+
+
+class Programmer:
+    def __init__(self, dp: Datapath):
+        self.dp = dp
+        self.vips: dict[tuple, _Vip] = {}
+        self._free_vip = collections.deque(range(1, dp.limits.max_vips))
+        self._free_be = collections.deque(range(1, dp.limits.max_backends))
+        self._free_nh = collections.deque(range(1, dp.limits.max_nexthops))
+        self.nexthops: dict[str, int] = {}
+        self._macs: dict[int, bytes] = {}
+
+    # --- ids -----------------------------------------------------------------------
+    def _take(self, pool: collections.deque, what: str) -> int:
+        if not pool:
+            raise RuntimeError(f"out of {what} ids: raise the limit")
+        return pool.popleft()
+
+    def _nexthop_id(self, key: str) -> int:
+        nid = self.nexthops.get(key)
+        if nid is None:
+            nid = self.nexthops[key] = self._take(self._free_nh, "next-hop")
+        return nid
+
+    # --- the one entry point -------------------------------------------------------
+    def apply(self, vips: Sequence[VipSpec], macs: Mapping[str, bytes]) -> ApplyReport:
+        t0 = time.perf_counter()
+        rep = ApplyReport()
+        dp = self.dp
+        for key, mac in macs.items():
+            nid = self._nexthop_id(key)
+            if self._macs.get(nid) != mac:
+                dp.set_nexthop(nid, mac)
+                self._macs[nid] = mac
+
+        wanted = {v.ident: v for v in vips}
+        old_addrs = {v.spec.address for v in self.vips.values()}
+        later: list = []  # releases, run after every swap
+        for ident, spec in wanted.items():
+            cur = self.vips.get(ident)
+            if cur is None:
+                vid = self._take(self._free_vip, "VIP")
+                dp.reset_counters("vip_stats", vid)
+                cur = self.vips[ident] = _Vip(vid, spec)
+                rep.vips_added += 1
+            elif cur.spec == spec:
+                continue
+            else:
+                rep.vips_changed += 1
+            self._apply_vip(cur, spec, rep, later)
+        for ident in [i for i in self.vips if i not in wanted]:
+            cur = self.vips.pop(ident)
+            rep.vips_removed += 1
+            dp.delete_vip(L.vip_key(*ident))
+            later.append(lambda c=cur: self._release_vip(c))
+        dp.set_vip_addrs({v.spec.address for v in self.vips.values()}, old_addrs)
+        for fn in later:
+            fn()
+        rep.duration_s = time.perf_counter() - t0
+        return rep
+
+    def _apply_vip(self, cur: _Vip, spec: VipSpec, rep: ApplyReport, later: list) -> None:
+        dp = self.dp
+        first = cur.ring is None
+        new_bids: dict = {}
+        demote: list = []
+        for b in spec.backends:
+            bid = cur.bids.get(b.address)
+            if bid is None:
+                bid = self._take(self._free_be, "backend")
+                dp.reset_counters("backend_stats", bid)
+                rep.backends_added += 1
+            new_bids[b.address] = bid
+            flags = L.BE_F_FLOWS_STAY if b.keep_flows else 0
+            nid = self.nexthops.get(b.nexthop, 0)
+            entry = (flags, nid)
+            if cur.flags.get(bid) == entry:
+                continue
+            old = cur.flags.get(bid)
+            if old is not None and old[0] & ~flags:
+                demote.append((b, bid, flags, nid))  # loses FLOWS_STAY: after the swap
+            else:
+                dp.set_backend(bid, b.address, cur.vip_id, nid, flags)
+            cur.flags[bid] = entry
+        ring = ring_for(spec, new_bids)
+        if cur.ring is None or ring != cur.ring or spec.ring_size != cur.spec.ring_size:
+            dp.install_ring(cur.vip_id, ring)
+            cur.ring = ring
+            rep.rings_swapped += 1
+        vflags = L.VIP_F_HASH_SRC_ONLY if spec.hash_src_only else 0
+        if first or (vflags, spec.ring_size) != (self._vflags(cur.spec), cur.spec.ring_size):
+            dp.set_vip(L.vip_key(*spec.ident), cur.vip_id, vflags, spec.ring_size)
+        gone = [bid for addr, bid in cur.bids.items() if addr not in new_bids]
+        for b, bid, flags, nid in demote:
+            later.append(lambda b=b, bid=bid, f=flags, n=nid, v=cur.vip_id:
+                         dp.set_backend(bid, b.address, v, n, f))
+        for bid in gone:
+            rep.backends_removed += 1
+            cur.flags.pop(bid, None)
+            later.append(lambda bid=bid: self._release_backend(bid))
+        cur.bids = new_bids
+        cur.spec = spec
+
+    @staticmethod
+    def _vflags(spec: VipSpec) -> int:
+        return L.VIP_F_HASH_SRC_ONLY if spec.hash_src_only else 0
+
+    def _release_backend(self, bid: int) -> None:
+        self.dp.clear_backend(bid)
+        self._free_be.append(bid)
+
+    def _release_vip(self, cur: _Vip) -> None:
+        self.dp.remove_ring(cur.vip_id)
+        for bid in cur.bids.values():
+            self._release_backend(bid)
+        self._free_vip.append(cur.vip_id)
+
+    # --- lookups for stats and explain ---------------------------------------------
+    def backend_id(self, ident: tuple, addr: IPAddress) -> Optional[int]:
+        v = self.vips.get(ident)
+        return None if v is None else v.bids.get(addr)
