@@ -9,12 +9,13 @@ from __future__ import annotations
 import array
 import ctypes
 import ipaddress
+import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from . import layout as L
 from .layout import IPAddress
-from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib
+from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, obj_pin
 
 MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", "flows",
              "config", "tx_port", "stats", "vip_stats", "backend_stats")
@@ -50,8 +51,14 @@ def _u32(v: int) -> ctypes.c_uint32:
 class Datapath:
     """Open, size and load bpf/lb.bpf.c; then read and write its maps."""
 
-    def __init__(self, limits: Limits = Limits(), reuse: Optional[dict[str, int]] = None):
+    def __init__(self, limits: Limits = Limits(), pin_dir: Optional[str] = None):
+        """With pin_dir, compatible maps pinned there by an earlier instance are adopted
+        (flows, counters, VIPs and rings kept; see .adopted), incompatible ones replaced
+        (reasons in .replaced), and every map ends up pinned there."""
         self.limits = limits
+        self.pin_dir = pin_dir
+        self.adopted: list[str] = []
+        self.replaced: dict[str, str] = {}
         self.skel = Skeleton("lb")
         try:
             self.skel.set_max_entries("vips", limits.max_vips)
@@ -62,14 +69,52 @@ class Datapath:
             self.skel.set_max_entries("backend_stats", limits.max_backends)
             self.skel.set_max_entries("nexthops", limits.max_nexthops)
             self.skel.set_max_entries("flows", limits.flow_table_size)
-            for name, fd in (reuse or {}).items():
-                self.skel.reuse_map_fd(name, fd)
+            if pin_dir:
+                self._adopt_pins(pin_dir)
             self.skel.load()
         except BaseException:
             self.skel.close()
             raise
         self.maps: dict[str, Map] = {n: self.skel.map(n) for n in MAP_NAMES}
         self.prog_fd = self.skel.prog_fd("xdplb")
+        if pin_dir:
+            for name in MAP_NAMES:
+                if name not in self.adopted:
+                    obj_pin(self.maps[name].fd, os.path.join(pin_dir, name))
+
+    def _adopt_pins(self, pin_dir: str) -> None:
+        os.makedirs(pin_dir, exist_ok=True)
+        for name in MAP_NAMES:
+            path = os.path.join(pin_dir, name)
+            if not os.path.exists(path):
+                continue
+            with Map.from_pin(path) as old:
+                have, want = old.info(), self.skel.map_spec(name)
+                diff = [f"{k} {have[k]} != {want[k]}" for k in want if have[k] != want[k]]
+                if diff:
+                    self.replaced[name] = ", ".join(diff)
+                    os.unlink(path)
+                    continue
+                self.skel.reuse_map_fd(name, old.fd)
+                self.adopted.append(name)
+
+    def pin_program(self) -> None:
+        path = os.path.join(self.pin_dir, "prog")
+        if os.path.exists(path):
+            os.unlink(path)
+        obj_pin(self.prog_fd, path)
+
+    def unpin_all(self) -> None:
+        if not self.pin_dir or not os.path.isdir(self.pin_dir):
+            return
+        for name in list(MAP_NAMES) + ["prog"]:
+            path = os.path.join(self.pin_dir, name)
+            if os.path.exists(path):
+                os.unlink(path)
+        try:
+            os.rmdir(self.pin_dir)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self.skel.close()

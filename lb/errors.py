@@ -13,7 +13,16 @@ class XdplbError(Exception):
 
 
 class ConfigError(XdplbError):
+    """One or more configuration problems, each a line naming the key and VIP/backend."""
+
     exit_code = 1
+
+    def __init__(self, problems):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
 
 
 class BpfError(XdplbError):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import array
 import collections
+import ctypes
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -51,7 +53,7 @@ class VipSpec:
 @dataclass
 class _Vip:
     vip_id: int
-    spec: VipSpec
+    spec: Optional[VipSpec]  # None: adopted from pinned maps, not yet reconciled
     ring: Optional[array.array] = None
     bids: dict = field(default_factory=dict)  # backend address -> backend id
     flags: dict = field(default_factory=dict)  # backend id -> written BE flags
@@ -163,12 +165,13 @@ class Programmer:
                 dp.set_backend(bid, b.address, cur.vip_id, nid, flags)
             cur.flags[bid] = entry
         ring = ring_for(spec, new_bids)
-        if cur.ring is None or ring != cur.ring or spec.ring_size != cur.spec.ring_size:
+        if cur.ring is None or ring != cur.ring:
             dp.install_ring(cur.vip_id, ring)
             cur.ring = ring
             rep.rings_swapped += 1
         vflags = L.VIP_F_HASH_SRC_ONLY if spec.hash_src_only else 0
-        if first or (vflags, spec.ring_size) != (self._vflags(cur.spec), cur.spec.ring_size):
+        if first or cur.spec is None or (vflags, spec.ring_size) != (self._vflags(cur.spec),
+                                                                     cur.spec.ring_size):
             dp.set_vip(L.vip_key(*spec.ident), cur.vip_id, vflags, spec.ring_size)
         gone = [bid for addr, bid in cur.bids.items() if addr not in new_bids]
         for b, bid, flags, nid in demote:
@@ -194,6 +197,32 @@ class Programmer:
         for bid in cur.bids.values():
             self._release_backend(bid)
         self._free_vip.append(cur.vip_id)
+
+    def adopt(self) -> int:
+        """Rebuild ids from the maps an earlier instance left pinned (the Datapath adopted
+        them), so the next apply() changes only what differs. Returns VIPs adopted."""
+        dp = self.dp
+        by_id: dict[int, _Vip] = {}
+        for k, v in dp.maps["vips"].items():
+            key, meta = L.VipKey.unpack(k), L.VipMeta.unpack(v)
+            ident = (L.words_addr(key.addr, key.family), socket.ntohs(key.port), key.proto)
+            cur = _Vip(meta.vip_id, None, dp.read_ring(meta.vip_id))
+            self.vips[ident] = by_id[meta.vip_id] = cur
+        used_be, used_nh = set(), set()
+        for bid in range(1, dp.limits.max_backends):
+            raw = dp.maps["backends"].lookup(ctypes.c_uint32(bid))
+            b = L.Backend.unpack(raw) if raw else None
+            if not b or b.family == L.AF_NONE or b.vip_id not in by_id:
+                continue
+            cur = by_id[b.vip_id]
+            cur.bids[L.words_addr(b.addr, b.family)] = bid
+            cur.flags[bid] = (b.flags, b.nexthop_id)
+            used_be.add(bid)
+            used_nh.add(b.nexthop_id)
+        self._free_vip = collections.deque(i for i in self._free_vip if i not in by_id)
+        self._free_be = collections.deque(i for i in self._free_be if i not in used_be)
+        self._free_nh = collections.deque(i for i in self._free_nh if i not in used_nh)
+        return len(by_id)
 
     # --- lookups for stats and explain ---------------------------------------------
     def backend_id(self, ident: tuple, addr: IPAddress) -> Optional[int]:

@@ -1,0 +1,208 @@
+"""xdplb command line. Errors a user can cause end in one line (cause and fix), with the
+exit codes of the spec: 0 ok, 1 bad config / unknown VIP or backend, 2 environment,
+3 no running instance."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+from .errors import ConfigError, XdplbError
+
+DEFAULT_CONFIGS = ("config/lb.toml", "/etc/xdplb/lb.toml")
+
+
+def _default_config() -> str:
+    return next((p for p in DEFAULT_CONFIGS if os.path.exists(p)), DEFAULT_CONFIGS[-1])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xdplb", description="XDP layer-4 load balancer")
+    p.add_argument("--config", help="config file (TOML)")
+    sub = p.add_subparsers(dest="cmd")
+    c = sub.add_parser("check", help="validate a config")
+    c.add_argument("--config", dest="sub_config")
+    s = sub.add_parser("stats", help="counters of the running instance")
+    s.add_argument("--config", dest="sub_config")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--watch", type=float, metavar="SECONDS")
+    b = sub.add_parser("backend", help="set a backend's admin state")
+    b.add_argument("action", choices=["drain", "maint", "activate"])
+    b.add_argument("vip")
+    b.add_argument("backend")
+    b.add_argument("--config", dest="sub_config")
+    e = sub.add_parser("explain", help="which backend a new flow gets")
+    e.add_argument("--config", dest="sub_config")
+    e.add_argument("proto", choices=["tcp", "udp"])
+    e.add_argument("src")
+    e.add_argument("sport", type=int)
+    e.add_argument("dst")
+    e.add_argument("dport", type=int)
+    lab = sub.add_parser("lab", help="demo topology of network namespaces")
+    lab.add_argument("action", choices=["up", "down"])
+    lab.add_argument("--variant", choices=["tx", "redirect"], default="tx")
+    return p
+
+
+def _config_path(args) -> str:
+    return getattr(args, "sub_config", None) or args.config or _default_config()
+
+
+def _control_socket(path: str) -> str:
+    from .config import load_config
+
+    return load_config(path).lb.control_socket
+
+
+def cmd_check(path: str) -> int:
+    from .config import check
+
+    ok, lines = check(path)
+    for line in lines:
+        print(line if ok else f"{path}: {line}")
+    return 0 if ok else 1
+
+
+def cmd_run(path: str) -> int:
+    from . import daemon, log as logmod
+    from .config import load_config
+
+    cfg = load_config(path)
+    log = logmod.setup(cfg.lb.log_format)
+    return daemon.run(path, log)
+
+
+def cmd_stats(path: str, as_json: bool, watch: Optional[float]) -> int:
+    from .control import request
+    from .stats import render_table
+
+    sock = _control_socket(path)
+    prev, prev_t = None, 0.0
+    while True:
+        reply = request(sock, {"cmd": "stats"})
+        doc = reply["result"]
+        now = time.monotonic()
+        if as_json:
+            print(json.dumps(doc), flush=True)
+        else:
+            rates = None
+            if prev is not None:
+                dt = now - prev_t
+                old = {v["name"]: v["packets"] for v in prev["vips"]}
+                rates = {v["name"]: (v["packets"] - old.get(v["name"], 0)) / dt
+                         for v in doc["vips"]}
+            if watch:
+                print("\x1b[2J\x1b[H", end="")
+            print(render_table(doc, rates), flush=True)
+        if not watch:
+            return 0
+        prev, prev_t = doc, now
+        time.sleep(watch)
+
+
+def cmd_backend(path: str, action: str, vip: str, backend: str) -> int:
+    from .control import request
+
+    reply = request(_control_socket(path), {"cmd": "backend", "action": action, "vip": vip,
+                                            "backend": backend})
+    if not reply["ok"]:
+        print(f"xdplb: {reply['error']}", file=sys.stderr)
+        return reply.get("code", 1)
+    print(f"{vip} {backend}: {reply['result']['state']}")
+    return 0
+
+
+def cmd_explain(path: str, a) -> int:
+    from .adminstate import AdminStates
+    from .config import load_config
+    from .control import NoInstance, request
+    from .explain import explain_offline
+
+    cfg = load_config(path)
+    req = {"cmd": "explain", "proto": a.proto, "src": a.src, "sport": a.sport, "dst": a.dst,
+           "dport": a.dport}
+    try:
+        reply = request(cfg.lb.control_socket, req)
+        if not reply["ok"]:
+            print(f"xdplb: {reply['error']}", file=sys.stderr)
+            return reply.get("code", 1)
+        r = reply["result"]
+    except (NoInstance, PermissionError):
+        states = {(v.name, str(b.address)): b.state for v in cfg.vips for b in v.backends}
+        try:
+            admin = AdminStates(cfg.lb.state_file)
+        except ValueError:
+            admin = None
+        try:
+            r = explain_offline(cfg, lambda v, b: (admin.get(v, b) if admin else None)
+                                or states.get((v, b), "active"), a.proto, a.src, a.sport,
+                                a.dst, a.dport)
+        except KeyError as e:
+            print(f"xdplb: {str(e).strip(chr(39))}", file=sys.stderr)
+            return 1
+    line = (f"{a.proto} {a.src}:{a.sport} -> {a.dst}:{a.dport}: vip {r['vip']} backend "
+            f"{r['backend']} (slot {r['slot']} of {r['ring_size']}, hash {r['hash']} over "
+            f"{r['hash_fields']})")
+    if r.get("existing_flow_backend"):
+        line += f"; an existing flow entry sends it to {r['existing_flow_backend']}"
+    print(line)
+    if r.get("note"):
+        print(f"note: {r['note']}")
+    return 0
+
+
+def cmd_lab(action: str, variant: str) -> int:
+    from . import lab
+
+    return lab.up(variant) if action == "up" else lab.down()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd is None:
+            if not args.config:
+                _parser().print_usage(sys.stderr)
+                print("xdplb: give --config PATH to run the load balancer", file=sys.stderr)
+                return 1
+            return cmd_run(args.config)
+        path = _config_path(args)
+        if args.cmd == "check":
+            return cmd_check(path)
+        if args.cmd == "stats":
+            return cmd_stats(path, args.json, args.watch)
+        if args.cmd == "backend":
+            return cmd_backend(path, args.action, args.vip, args.backend)
+        if args.cmd == "explain":
+            return cmd_explain(path, args)
+        if args.cmd == "lab":
+            return cmd_lab(args.action, args.variant)
+    except ConfigError as e:
+        for line in e.problems:
+            print(f"xdplb: {line}", file=sys.stderr)
+        return 1
+    except XdplbError as e:
+        print(f"xdplb: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - last resort: still one line
+        from .control import NoInstance
+
+        if isinstance(e, NoInstance):
+            print(f"xdplb: {e} (is `xdplb --config {_config_path(args)}` running?)",
+                  file=sys.stderr)
+            return 3
+        if isinstance(e, PermissionError):
+            print(f"xdplb: permission denied ({e.filename}): run as root", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

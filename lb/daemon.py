@@ -1,0 +1,323 @@
+"""`xdplb --config PATH`: the load balancer in the foreground.
+
+Start: preflight, load the data path (adopting compatible pinned maps of an earlier
+instance, so flows and counters survive a restart), attach or atomically replace the
+program, fill the maps, start health checks and the control socket. SIGHUP reloads the
+config (a broken one is rejected and the old one stays in force); SIGTERM/SIGINT detach
+and unpin, unless keep_datapath_on_exit. A killed daemon leaves the program attached and
+forwarding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import signal
+import time
+from typing import Optional
+
+from . import layout as L
+from .adminstate import AdminStates
+from .config import Config, load_config
+from .control import ControlServer
+from .datapath import Datapath, EgressConfig, Limits
+from .errors import ConfigError, XdplbError
+from .health import Probe, ProbeResult, Scheduler, Verdict
+from .nexthop import Interface, Netlink
+from .native import xdp_attach, xdp_detach, xdp_query, lib as nlib
+from . import policy, preflight
+from .programmer import Programmer
+from .stats import stats_snapshot
+
+NEXTHOP_REFRESH_S = 2.0
+
+
+def _limits(cfg: Config) -> Limits:
+    return Limits(max_vips=cfg.lb.max_vips, max_backends=cfg.lb.max_backends,
+                  flow_table_size=cfg.lb.flow_table_size)
+
+
+class Daemon:
+    def __init__(self, path: str, cfg: Config, log):
+        self.path, self.cfg, self.log = path, cfg, log
+        self.nl: Optional[Netlink] = None
+        self.dp: Optional[Datapath] = None
+        self.prog: Optional[Programmer] = None
+        self.admin = AdminStates(cfg.lb.state_file)
+        self.verdicts: dict[tuple[str, str], Verdict] = {}
+        self.probes: dict[Probe, list[tuple[str, str]]] = {}
+        self.scheduler: Optional[Scheduler] = None
+        self.control: Optional[ControlServer] = None
+        self.attached: Optional[tuple[int, str]] = None
+        self.macs: dict[str, bytes] = {}
+        self.nexthop_keys: dict[str, str] = {}
+        self.started = time.time()
+
+    # --- start ---------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        preflight.check_privileges()
+        preflight.ensure_bpffs(cfg.lb.bpf_pin_path)
+        self.nl = Netlink()
+        self.ingress = self.nl.interface(cfg.lb.interface)
+        self.egress = (self.nl.interface(cfg.lb.egress_interface) if cfg.lb.egress_interface
+                       else self.ingress)
+        self.dp = Datapath(_limits(cfg), pin_dir=cfg.lb.bpf_pin_path)
+        for name, why in self.dp.replaced.items():
+            self.log.warning("pinned_map_replaced", map=name, reason=why)
+        self.prog = Programmer(self.dp)
+        adopted = self.prog.adopt() if "vips" in self.dp.adopted else 0
+        self._program_egress()
+        self.apply("start")
+        mode = self._attach()
+        self.dp.pin_program()
+        self.log.info("datapath_attached", interface=cfg.lb.interface, mode=mode,
+                      egress=self.egress.name, adopted_maps=len(self.dp.adopted),
+                      adopted_vips=adopted)
+
+    def _attach(self) -> str:
+        """Attach, or replace our earlier program without a gap (XDP_FLAGS_REPLACE)."""
+        idx = self.ingress.index
+        q = xdp_query(idx)
+        modes = ["native", "generic"] if self.cfg.lb.xdp_mode == "auto" else [self.cfg.lb.xdp_mode]
+        current = {"native": q["drv"], "generic": q["skb"]}
+        last_err: Optional[Exception] = None
+        for mode in modes:
+            old_fd = -1
+            if current[mode]:
+                old_fd = nlib.bpf_prog_get_fd_by_id(current[mode])
+            try:
+                xdp_attach(idx, self.dp.prog_fd, mode, old_prog_fd=old_fd)
+                self.attached = (idx, mode)
+                other = "generic" if mode == "native" else "native"
+                if current.get(other):
+                    xdp_detach(idx, other)
+                return mode
+            except XdplbError as e:
+                last_err = e
+                if mode == "native" and len(modes) > 1:
+                    self.log.info("native_xdp_unavailable", interface=self.ingress.name,
+                                  error=str(e), fallback="generic")
+            finally:
+                if old_fd >= 0:
+                    os.close(old_fd)
+        raise XdplbError(f"cannot attach XDP to {self.ingress.name}: {last_err}")
+
+    def _program_egress(self) -> None:
+        cfg, eg = self.cfg, self.egress
+        src4 = cfg.lb.source_v4 or (eg.v4[0] if eg.v4 else None)
+        src6 = cfg.lb.source_v6 or (eg.v6[0] if eg.v6 else None)
+        fams = {b.address.version for v in cfg.vips for b in v.backends}
+        if 4 in fams and src4 is None:
+            raise XdplbError(f"IPv4 backends need an outer source: set lb.source_v4 or add an "
+                             f"IPv4 address to {eg.name}")
+        if 6 in fams and src6 is None:
+            raise XdplbError(f"IPv6 backends need an outer source: set lb.source_v6 or add an "
+                             f"IPv6 address to {eg.name}")
+        self.dp.set_config(EgressConfig(
+            smac=eg.mac, encap=L.ENCAP_GUE if cfg.lb.encap == "gue" else L.ENCAP_IPIP,
+            tx_mode=L.TX_REDIRECT if cfg.lb.egress_interface else L.TX_XDP_TX,
+            source_v4=src4, source_v6=src6, gue_port=cfg.lb.gue_port, mtu=eg.mtu))
+        if cfg.lb.egress_interface:
+            self.dp.set_tx_port(eg.index)
+
+    # --- state -> maps -------------------------------------------------------------
+    @property
+    def cfg(self) -> Config:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self._vip_by_name = {v.name: v for v in cfg.vips}
+        self._cfg_state = {(v.name, str(b.address)): b.state for v in cfg.vips
+                           for b in v.backends}
+
+    def _admin_of(self, vip: str, backend: str) -> str:
+        return self.admin.get(vip, backend) or self._cfg_state.get((vip, backend), "active")
+
+    def _up_of(self, vip: str, backend: str) -> bool:
+        v = self._vip_by_name.get(vip)
+        if v is not None and v.health.type == "none":
+            return True
+        verdict = self.verdicts.get((vip, backend))
+        return bool(verdict and verdict.up)
+
+    def _nexthop_of(self, addr) -> str:
+        return self.nexthop_keys.setdefault(str(addr), f"backend {addr}")
+
+    def resolve_nexthops(self) -> dict[str, bytes]:
+        """MAC of the next hop toward every backend; unresolved ones are provoked."""
+        macs, keys = {}, {}
+        addrs = {b.address for v in self.cfg.vips for b in v.backends}
+        for addr in addrs:
+            try:
+                hop, oif = self.nl.route_nexthop(addr, self.egress.index)
+            except XdplbError as e:
+                self.log.warning("nexthop_unroutable", backend=str(addr), error=str(e))
+                keys[str(addr)] = f"backend {addr}"
+                continue
+            key = f"{hop}%{oif}"
+            keys[str(addr)] = key
+            mac = self.nl.neighbour_mac(hop, oif)
+            if mac is None:
+                self.nl.provoke(hop)
+            else:
+                macs[key] = mac
+        self.nexthop_keys = keys
+        return macs
+
+    def apply(self, why: str):
+        macs = self.resolve_nexthops()
+        specs = policy.vip_specs(self.cfg, self._admin_of, self._up_of, self._nexthop_of)
+        rep = self.prog.apply(specs, {**self.macs, **macs} if why == "refresh" else macs)
+        self.macs = macs
+        return rep
+
+    # --- health --------------------------------------------------------------------
+    def _configure_health(self) -> None:
+        probes: dict[Probe, list[tuple[str, str]]] = {}
+        intervals: dict[Probe, float] = {}
+        keep = set()
+        for v in self.cfg.vips:
+            h = v.health
+            if h.type == "none":
+                continue
+            for b in v.backends:
+                p = Probe(h.type, str(b.address), h.port or v.port, h.timeout,
+                          getattr(h, "path", "/"), getattr(h, "expect_status", 200))
+                probes.setdefault(p, []).append((v.name, str(b.address)))
+                intervals[p] = min(intervals.get(p, h.interval), h.interval)
+                key = (v.name, str(b.address))
+                keep.add(key)
+                cur = self.verdicts.get(key)
+                if cur is None:
+                    self.verdicts[key] = Verdict(h.rise, h.fall)
+                else:
+                    cur.rise, cur.fall = h.rise, h.fall
+        for key in [k for k in self.verdicts if k not in keep]:
+            del self.verdicts[key]
+        self.probes = probes
+        self.scheduler.configure(intervals)
+
+    def _on_probe(self, p: Probe, r: ProbeResult) -> None:
+        keys = [k for k in self.probes.get(p, []) if k in self.verdicts]
+        before = {k: self._effective(*k) for k in keys}
+        flipped = [k for k in keys if self.verdicts[k].record(r)]
+        if not flipped:
+            return
+        self.apply("health")
+        for k in flipped:
+            self.log.info("backend_state_changed", vip=k[0], backend=k[1],
+                          **{"from": before[k], "to": self._effective(*k)}, reason=r.reason)
+
+    def _effective(self, vip: str, backend: str) -> str:
+        return policy.effective(self._admin_of(vip, backend), self._up_of(vip, backend)).state
+
+    # --- admin ---------------------------------------------------------------------
+    def set_admin(self, vip: str, backend: str, state: str) -> str:
+        v = next((v for v in self.cfg.vips if v.name == vip or str(v.address) == vip), None)
+        if v is None:
+            raise KeyError(f"unknown VIP {vip!r}")
+        try:
+            addr = str(ipaddress.ip_address(backend))
+        except ValueError:
+            raise KeyError(f"backend {backend!r} is not an IP address") from None
+        if not any(str(b.address) == addr for b in v.backends):
+            raise KeyError(f"VIP {v.name} has no backend {addr}")
+        before = self._effective(v.name, addr)
+        self.admin.set(v.name, addr, state)
+        self.apply("admin")
+        after = self._effective(v.name, addr)
+        self.log.info("backend_state_changed", vip=v.name, backend=addr,
+                      **{"from": before, "to": after}, reason=f"admin {state}")
+        return after
+
+    # --- reload --------------------------------------------------------------------
+    def reload(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            new = load_config(self.path)
+            fixed = ("interface", "egress_interface", "xdp_mode", "bpf_pin_path",
+                     "flow_table_size", "max_vips", "max_backends", "control_socket")
+            for k in fixed:
+                if getattr(new.lb, k) != getattr(self.cfg.lb, k):
+                    raise ConfigError([f"lb.{k} changed: restart xdplb to apply it"])
+        except ConfigError as e:
+            self.log.error("config_rejected", error=str(e).replace("\n", "; "))
+            return
+        old, self.cfg = self.cfg, new
+        try:
+            self._program_egress()
+            self._configure_health()
+            rep = self.apply("reload")
+        except XdplbError as e:
+            self.cfg = old
+            self.log.error("config_rejected", error=str(e))
+            return
+        self.log.info("config_reloaded", vips_added=rep.vips_added,
+                      vips_removed=rep.vips_removed, vips_changed=rep.vips_changed,
+                      backends_added=rep.backends_added, backends_removed=rep.backends_removed,
+                      rings_swapped=rep.rings_swapped,
+                      duration_ms=round((time.perf_counter() - t0) * 1e3, 2))
+
+    # --- run -----------------------------------------------------------------------
+    def stats(self) -> dict:
+        return stats_snapshot(self)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        self.scheduler = Scheduler(self._on_probe)
+        self._configure_health()
+        self.control = ControlServer(self, self.cfg.lb.control_socket)
+        await self.control.start()
+        refresher = loop.create_task(self._refresh_loop())
+        try:
+            await stop.wait()
+        finally:
+            refresher.cancel()
+            self.scheduler.stop()
+            await self.control.close()
+            self.shutdown()
+        return 0
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(NEXTHOP_REFRESH_S)
+            try:
+                macs = self.resolve_nexthops()
+                if macs != self.macs:
+                    self.apply("refresh")
+            except Exception as e:  # keep forwarding whatever happens here
+                self.log.warning("nexthop_refresh_failed", error=str(e))
+
+    def shutdown(self) -> None:
+        keep = self.cfg.lb.keep_datapath_on_exit
+        if not keep and self.attached:
+            try:
+                xdp_detach(*self.attached)
+            except XdplbError as e:
+                self.log.warning("detach_failed", error=str(e))
+            self.dp.unpin_all()
+        self.log.info("stopped", datapath_kept=keep)
+        if self.dp:
+            self.dp.close()
+        if self.nl:
+            self.nl.close()
+
+
+def run(path: str, log) -> int:
+    cfg = load_config(path)
+    d = Daemon(path, cfg, log)
+    try:
+        d.start()
+    except BaseException:
+        if d.nl:
+            d.nl.close()
+        raise
+    return asyncio.run(d.run())

@@ -1,0 +1,55 @@
+"""From config, admin states and health to what the data path gets (VipSpec list).
+
+The spec's state table:
+  active and healthy -> new flows by weight, existing flows stay
+  drain              -> no new flows, existing flows stay (a drained backend that is down
+                        loses its flows: down wins)
+  maint / down       -> no new flows, existing flows moved
+`all_down = "spread"`: when no backend is usable, every non-maint backend takes flows.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .flowhash import proto_number
+from .programmer import BackendSpec, VipSpec
+
+
+@dataclass(frozen=True)
+class Effective:
+    state: str        # active | drain | maint | down
+    in_ring: bool
+    keep_flows: bool
+
+
+def effective(admin: str, up: bool) -> Effective:
+    if admin == "maint":
+        return Effective("maint", False, False)
+    if not up:
+        return Effective("down", False, False)
+    if admin == "drain":
+        return Effective("drain", False, True)
+    return Effective("active", True, True)
+
+
+def vip_specs(cfg, admin_of: Callable[[str, str], str], up_of: Callable[[str, str], bool],
+              nexthop_of: Callable[[ipaddress._BaseAddress], str]) -> list[VipSpec]:
+    specs = []
+    for vip in cfg.vips:
+        states = [(b, effective(admin_of(vip.name, str(b.address)),
+                                up_of(vip.name, str(b.address)))) for b in vip.backends]
+        spread = vip.all_down == "spread" and not any(e.in_ring and b.weight > 0
+                                                      for b, e in states)
+        backends = []
+        for b, e in states:
+            in_ring, keep = e.in_ring, e.keep_flows
+            if spread and e.state != "maint":
+                in_ring = keep = True
+            backends.append(BackendSpec(b.address, b.weight, in_ring, keep,
+                                        nexthop_of(b.address)))
+        specs.append(VipSpec(vip.address, vip.port, proto_number(vip.protocol), tuple(backends),
+                             vip.hash == "src_ip", cfg.lb.ring_size))
+    return specs

@@ -1,0 +1,67 @@
+"""The `xdplb stats --json` document (shape fixed by the spec; extra fields allowed)."""
+
+from __future__ import annotations
+
+DROP_REASONS = ("no_backend", "malformed", "too_big", "fragment", "ip_options", "no_nexthop",
+                "adjust_fail")
+
+
+def global_section(c: dict[str, int]) -> dict:
+    return {"rx_packets": c["rx"], "tx": c["tx"], "redirect": c["redirect"],
+            "pass": c["pass"], "drop": c["drop"], "flow_hits": c["flow_hit"],
+            "flow_misses": c["flow_miss"], "flow_moved": c["flow_moved"],
+            "gue_zero_csum": c["gue_zero_csum"],
+            "drops": {r: c[f"drop_{r}"] for r in DROP_REASONS}}
+
+
+def stats_snapshot(d) -> dict:
+    """d: a running Daemon."""
+    from .flowhash import proto_number
+    from .policy import effective
+
+    dp, prog = d.dp, d.prog
+    vips = []
+    for v in d.cfg.vips:
+        cur = prog.vips.get((v.address, v.port, proto_number(v.protocol)))
+        packets, nbytes = dp.vip_counters(cur.vip_id) if cur else (0, 0)
+        backends = []
+        for b in v.backends:
+            addr = str(b.address)
+            bid = cur.bids.get(b.address) if cur else None
+            bp, bb = dp.backend_counters(bid) if bid else (0, 0)
+            admin = d._admin_of(v.name, addr)
+            up = d._up_of(v.name, addr)
+            verdict = d.verdicts.get((v.name, addr))
+            last = verdict.last if verdict else None
+            backends.append({
+                "address": addr, "state": effective(admin, up).state, "healthy": up,
+                "weight": b.weight, "packets": bp, "bytes": bb, "admin_state": admin,
+                "last_check": last.reason if last else ("not checked" if v.health.type != "none"
+                                                        else "health checks off"),
+                "last_check_ok": last.ok if last else None,
+                "latency_ms": round(last.latency_s * 1e3, 3) if last else None,
+            })
+        vips.append({"name": v.name, "address": str(v.address), "port": v.port,
+                     "protocol": v.protocol, "packets": packets, "bytes": nbytes,
+                     "backends": backends})
+    return {"vips": vips, "global": global_section(dp.global_counters())}
+
+
+def render_table(doc: dict, rates: dict | None = None) -> str:
+    """Human view of a stats document; rates: same shape of per-second packet rates."""
+    lines = []
+    g = doc["global"]
+    lines.append(f"rx {g['rx_packets']}  tx {g['tx']}  redirect {g['redirect']}  "
+                 f"pass {g['pass']}  drop {g['drop']}  flow hit/miss {g['flow_hits']}/"
+                 f"{g['flow_misses']}  drops " +
+                 " ".join(f"{k}={v}" for k, v in g["drops"].items() if v))
+    for v in doc["vips"]:
+        rate = f"  {rates[v['name']]:.0f} pps" if rates and v["name"] in rates else ""
+        lines.append(f"{v['name']:<12} {v['address']}:{v['port']}/{v['protocol']}  "
+                     f"packets {v['packets']}  bytes {v['bytes']}{rate}")
+        for b in v["backends"]:
+            lat = f"{b['latency_ms']:.1f} ms" if b.get("latency_ms") is not None else "-"
+            lines.append(f"  {b['address']:<24} {b['state']:<7} w={b['weight']:<3} "
+                         f"packets {b['packets']:<10} bytes {b['bytes']:<12} "
+                         f"check: {b.get('last_check', '-')} ({lat})")
+    return "\n".join(lines)
