@@ -7,7 +7,11 @@
  *  bench_floor    MAC swap + XDP_TX: the cheapest forwarding program, the floor.
  *  bench_gen      live-frames traffic generator: template + varied flow, XDP_TX.
  *  bench_sink     counts what arrives and drops it.
- *  xdp_pass       XDP_PASS only: lets a veth peer receive XDP_TX/REDIRECT frames. */
+ *  xdp_pass       XDP_PASS only: lets a veth peer receive XDP_TX/REDIRECT frames.
+ *  bench_ops      calibration: `count` repetitions of one primitive (helper call, hash
+ *                 lookup, LRU hash lookup, array lookup, adjust_head pair), chosen in map
+ *                 `bench_ops_cfg`, so the cost of each primitive on this machine can be
+ *                 read off as (t(count) - t(0)) / count. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <bpf/bpf_helpers.h>
@@ -39,7 +43,7 @@ struct {
 	__type(value, __u32);
 } bench_target SEC(".maps");
 
-enum { B_RUNS, B_FLOOR_TX, B_SINK_PKTS, B_SINK_BYTES, B_GEN, B_MAX };
+enum { B_RUNS, B_FLOOR_TX, B_SINK_PKTS, B_SINK_BYTES, B_GEN, B_OPS, B_MAX };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -146,6 +150,135 @@ SEC("xdp")
 int xdp_pass(struct xdp_md *ctx)
 {
 	return XDP_PASS;
+}
+
+/* --- calibration ------------------------------------------------------------------ */
+enum { OP_NONE, OP_HELPER, OP_HASH20, OP_LRU40, OP_ARRAY, OP_ADJUST, OP_LRU40_INSERT,
+       OP_RING, OP_LRU40_REWRITE, OP_HASH20_INSERT, OP_MAX };
+#define OPS_MAX 64
+#define OPS_KEYS 64
+
+struct bench_ops_cfg {
+	__u32 op;
+	__u32 count;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bench_ops_cfg);
+} bench_ops_cfg SEC(".maps");
+
+/* Same key sizes as lb's `vips` (20 bytes) and `flows` (40 bytes), same map types. */
+struct key20 { __u32 w[5]; };
+struct key40 { __u32 w[10]; };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct key20);
+	__type(value, __u64);
+} bench_h20 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct key40);
+	__type(value, __u64);
+} bench_lru40 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, OPS_KEYS);
+	__type(key, __u32);
+	__type(value, __u64);
+} bench_arr SEC(".maps");
+
+/* Like lb's `rings`: an array of maps whose inner array is looked up through the helper. */
+struct bench_ring_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65537);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, struct bench_ring_inner);
+} bench_rings SEC(".maps");
+
+SEC("xdp")
+int bench_ops(struct xdp_md *ctx)
+{
+	__u32 zero = 0, op, n;
+	struct bench_ops_cfg *cfg = bpf_map_lookup_elem(&bench_ops_cfg, &zero);
+	struct key20 k20 = {};
+	struct key40 k40 = {}, knew = {};
+	__u64 acc = 0, *v, run = bump(B_OPS, 1);
+	__u32 *slot;
+	void *ring;
+
+	if (!cfg)
+		return XDP_ABORTED;
+	op = cfg->op;
+	n = cfg->count;
+	knew.w[1] = (__u32)run;         /* a new key per run and op for the inserts */
+	knew.w[2] = (__u32)(run >> 32);
+	for (__u32 i = 0; i < OPS_MAX && i < n; i++) {
+		__u32 key = i & (OPS_KEYS - 1);
+
+		switch (op) {
+		case OP_HELPER:
+			acc += bpf_get_prandom_u32();
+			break;
+		case OP_HASH20:
+			k20.w[0] = key;
+			v = bpf_map_lookup_elem(&bench_h20, &k20);
+			acc += v ? *v : 0;
+			break;
+		case OP_LRU40:
+			k40.w[0] = key;
+			v = bpf_map_lookup_elem(&bench_lru40, &k40);
+			acc += v ? *v : 0;
+			break;
+		case OP_ARRAY:
+			v = bpf_map_lookup_elem(&bench_arr, &key);
+			acc += v ? *v : 0;
+			break;
+		case OP_LRU40_INSERT:
+			knew.w[0] = i;
+			bpf_map_update_elem(&bench_lru40, &knew, &acc, BPF_ANY);
+			break;
+		case OP_LRU40_REWRITE: /* update of an existing key: same work minus the new bucket */
+			k40.w[0] = key;
+			bpf_map_update_elem(&bench_lru40, &k40, &acc, BPF_ANY);
+			break;
+		case OP_HASH20_INSERT: /* plain preallocated hash, new keys */
+			k20.w[0] = i;
+			k20.w[1] = (__u32)run;
+			k20.w[2] = (__u32)(run >> 32);
+			bpf_map_update_elem(&bench_h20, &k20, &acc, BPF_ANY);
+			break;
+		case OP_RING:
+			ring = bpf_map_lookup_elem(&bench_rings, &zero);
+			if (!ring)
+				return XDP_ABORTED;
+			key = (i * 1031) % 65537;
+			slot = bpf_map_lookup_elem(ring, &key);
+			acc += slot ? *slot : 0;
+			break;
+		case OP_ADJUST:
+			if (bpf_xdp_adjust_head(ctx, -20) || bpf_xdp_adjust_head(ctx, 20))
+				return XDP_ABORTED;
+			break;
+		}
+	}
+	return acc == 0x5a5a5a5a5a5a ? XDP_PASS : XDP_DROP; /* keeps acc alive */
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -69,7 +69,7 @@ class Daemon:
         self.prog = Programmer(self.dp)
         adopted = self.prog.adopt() if "vips" in self.dp.adopted else 0
         self._program_egress()
-        self.apply("start")
+        self.apply("start", self.resolve_nexthops(self.nl))
         mode = self._attach()
         self.dp.pin_program()
         self.log.info("datapath_attached", interface=cfg.lb.interface, mode=mode,
@@ -147,33 +147,44 @@ class Daemon:
     def _nexthop_of(self, addr) -> str:
         return self.nexthop_keys.setdefault(str(addr), f"backend {addr}")
 
-    def resolve_nexthops(self) -> dict[str, bytes]:
-        """MAC of the next hop toward every backend; unresolved ones are provoked."""
+    def resolve_nexthops(self, nl: Optional[Netlink] = None) -> tuple[dict, dict]:
+        """(key -> MAC of the next hop, backend -> key) for every backend; unresolved
+        next hops are provoked. Blocking netlink I/O: called before the event loop runs,
+        or in a worker thread with its own netlink socket (pyroute2 runs its own loop)."""
+        own = nl is None
+        nl = nl or Netlink()
+        try:
+            return self._resolve(nl)
+        finally:
+            if own:
+                nl.close()
+
+    def _resolve(self, nl: Netlink) -> tuple[dict, dict]:
         macs, keys = {}, {}
         addrs = {b.address for v in self.cfg.vips for b in v.backends}
         for addr in addrs:
             try:
-                hop, oif = self.nl.route_nexthop(addr, self.egress.index)
+                hop, oif = nl.route_nexthop(addr, self.egress.index)
             except XdplbError as e:
                 self.log.warning("nexthop_unroutable", backend=str(addr), error=str(e))
                 keys[str(addr)] = f"backend {addr}"
                 continue
             key = f"{hop}%{oif}"
             keys[str(addr)] = key
-            mac = self.nl.neighbour_mac(hop, oif)
+            mac = nl.neighbour_mac(hop, oif)
             if mac is None:
-                self.nl.provoke(hop)
+                nl.provoke(hop)
             else:
                 macs[key] = mac
-        self.nexthop_keys = keys
-        return macs
+        return macs, keys
 
-    def apply(self, why: str):
-        macs = self.resolve_nexthops()
+    def apply(self, why: str, resolved: Optional[tuple[dict, dict]] = None):
+        """Push the current state to the maps. `resolved`: fresh next hops, else the
+        last ones (health and admin changes do not move next hops)."""
+        if resolved is not None:
+            self.macs, self.nexthop_keys = resolved
         specs = policy.vip_specs(self.cfg, self._admin_of, self._up_of, self._nexthop_of)
-        rep = self.prog.apply(specs, {**self.macs, **macs} if why == "refresh" else macs)
-        self.macs = macs
-        return rep
+        return self.prog.apply(specs, self.macs)
 
     # --- health --------------------------------------------------------------------
     def _configure_health(self) -> None:
@@ -235,7 +246,7 @@ class Daemon:
         return after
 
     # --- reload --------------------------------------------------------------------
-    def reload(self) -> None:
+    async def reload_async(self) -> None:
         t0 = time.perf_counter()
         try:
             new = load_config(self.path)
@@ -249,9 +260,11 @@ class Daemon:
             return
         old, self.cfg = self.cfg, new
         try:
+            resolved = await asyncio.get_running_loop().run_in_executor(
+                None, self.resolve_nexthops)
             self._program_egress()
             self._configure_health()
-            rep = self.apply("reload")
+            rep = self.apply("reload", resolved)
         except XdplbError as e:
             self.cfg = old
             self.log.error("config_rejected", error=str(e))
@@ -269,9 +282,11 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP,
+                                lambda: self._tasks.add(loop.create_task(self.reload_async())))
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
+        self._tasks: set = set()
         self.scheduler = Scheduler(self._on_probe)
         self._configure_health()
         self.control = ControlServer(self, self.cfg.lb.control_socket)
@@ -290,9 +305,10 @@ class Daemon:
         while True:
             await asyncio.sleep(NEXTHOP_REFRESH_S)
             try:
-                macs = self.resolve_nexthops()
-                if macs != self.macs:
-                    self.apply("refresh")
+                resolved = await asyncio.get_running_loop().run_in_executor(
+                    None, self.resolve_nexthops)
+                if resolved != (self.macs, self.nexthop_keys):
+                    self.apply("refresh", resolved)
             except Exception as e:  # keep forwarding whatever happens here
                 self.log.warning("nexthop_refresh_failed", error=str(e))
 

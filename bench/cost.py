@@ -1,0 +1,469 @@
+"""Per-packet cost of the xdplb data path, relative to the cheapest forwarding program.
+
+Method. BPF_PROG_TEST_RUN with `repeat` runs a program N times over one buffer and reports
+the mean time per run; a program that rewrites its packet (encapsulation) would then see its
+own output from the second run on. So every measurement runs bench.bpf.c's `bench_restore`,
+which copies a template frame (map `bench_template`) over the buffer, restoring the data
+pointer first, and tail-calls `bench_target`[0]: lb's `xdplb` for a case, or `bench_floor`
+(MAC swap + XDP_TX) for the floor. Case and floor carry the same wrapper, and nothing is
+subtracted: ratio = case ns / floor ns, the floor measured right before the case in the same
+round. Rounds interleave floor and cases; the reported value is the median over rounds
+(ns: median of the case's times; ratio: median of the per-round ratios).
+
+Setup (as in the Katran comparison this is measured against): 100 backends per VIP,
+Maglev ring of 65537 slots, IPIP (or GUE for gue_hit), one next hop, XDP_TX.
+
+Proof of path: every run of every measurement is counted by lb's global counters (rx, tx,
+pass, drop, flow_hit, flow_miss, ...) and by bench_stats (RUNS, FLOOR_TX); the deltas over
+a case's measured runs are in its "verdicts", with "expect" naming the counters that must
+equal "runs" and "ok" saying whether they do. tcp_syn varies the source port (vary) and the
+low half of the source address (vary2) per run, and a per-round high half, so every run is a
+new flow: a flow-table miss and insert. The flow table is sized so that nothing is evicted
+(per-CPU LRU lists: each CPU owns size / CPUs entries), and the oldest measured SYN flow is
+looked up at the end to show it is still there.
+
+The process pins itself to one CPU (default: the last one), so per-CPU counters and LRU
+lists are those of that CPU and timings do not mix cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import ipaddress
+import json
+import os
+import platform
+import statistics
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from lb import layout as L
+from lb import maglev, native
+from lb.datapath import Datapath, EgressConfig, Limits
+from lb.flowhash import prefilter_index
+from lb.programmer import BackendSpec, Programmer, VipSpec, backend_key
+
+from . import frames as F
+from . import results_dir
+
+# Ratio targets (printed, not asserted).
+TARGETS = {"tcp_hit": 2.6, "tcp_syn": 5.2, "udp_hit": 2.6, "ipv6_hit": 2.6, "gue_hit": 3.8,
+           "pass_v4": 1.2, "pass_v6": 1.2}
+MAGLEV_BUILD_TARGET_MS = 2.0
+
+B_RUNS, B_FLOOR_TX = 0, 1  # bench_stats indexes (bench.bpf.c)
+
+VIP4 = ipaddress.ip_address("10.0.0.10")
+VIP6 = ipaddress.ip_address("fd00::10")
+SRC_V4 = ipaddress.ip_address("10.9.0.1")
+SRC_V6 = ipaddress.ip_address("fd09::1")
+NEXTHOP_MAC = bytes.fromhex("02000000bb01")
+SMAC = bytes.fromhex("02000000bb02")
+FRAME_SIZE = 64      # IPv4 frames; IPv6 frames are 80 (40-byte header + 20 TCP + 6 payload)
+FRAME_SIZE_V6 = 80
+
+VERDICT_KEYS = ("rx", "tx", "redirect", "pass", "drop", "flow_hit", "flow_miss", "flow_moved",
+                "drop_no_backend", "drop_malformed", "drop_too_big", "drop_no_nexthop",
+                "drop_adjust_fail", "gue_zero_csum")
+
+
+@dataclass
+class Case:
+    name: str
+    frame: bytes
+    expect: tuple          # counters that must equal the number of runs
+    encap: int = L.ENCAP_IPIP
+    prewarm: bool = False  # run once before measuring, so the flow is in the table
+    syn: bool = False      # vary source port + low half of the source address per run
+    zero: tuple = ()       # counters that must stay 0
+    note: str = ""
+
+
+@dataclass
+class Measured:
+    ns: list = field(default_factory=list)
+    ratios: list = field(default_factory=list)
+    verdicts: dict = field(default_factory=dict)
+
+
+def pick_cpu(cpu: Optional[int]) -> int:
+    allowed = sorted(os.sched_getaffinity(0))
+    if cpu is None:
+        return allowed[-1]
+    if cpu not in allowed:
+        raise SystemExit(f"bench: CPU {cpu} not available (allowed: {allowed})")
+    return cpu
+
+
+def _non_vip(candidates: Sequence[str], vips: Sequence) -> ipaddress._BaseAddress:
+    """A destination whose prefilter bit differs from every VIP's: the cheap pass path."""
+    taken = {prefilter_index(v) for v in vips}
+    for c in candidates:
+        a = ipaddress.ip_address(c)
+        if prefilter_index(a) not in taken:
+            return a
+    raise RuntimeError("no non-VIP address outside the prefilter")
+
+
+def v4_backend(i: int) -> ipaddress.IPv4Address:
+    return ipaddress.ip_address(f"10.1.{i // 250}.{i % 250 + 1}")
+
+
+def v6_backend(i: int) -> ipaddress.IPv6Address:
+    return ipaddress.ip_address(f"fd01::{i + 1:x}")
+
+
+def make_cases() -> list[Case]:
+    pass4 = _non_vip(["10.0.0.99", "10.0.0.98", "10.0.0.97", "10.0.1.99"], [VIP4, VIP6])
+    pass6 = _non_vip(["fd00::99", "fd00::98", "fd00::97", "fd00:1::99"], [VIP4, VIP6])
+    fwd = ("rx", "tx")
+    return [
+        Case("tcp_hit", F.frame(6, "192.168.1.1", 40001, str(VIP4), 80, FRAME_SIZE),
+             fwd + ("flow_hit",), prewarm=True, zero=("flow_miss", "flow_moved")),
+        Case("tcp_syn", F.frame(6, "172.16.0.0", 1, str(VIP4), 80, FRAME_SIZE, F.TCP_SYN),
+             fwd + ("flow_miss",), syn=True, zero=("flow_hit", "flow_moved")),
+        Case("udp_hit", F.frame(17, "192.168.1.2", 40002, str(VIP4), 53, FRAME_SIZE),
+             fwd + ("flow_hit",), prewarm=True, zero=("flow_miss", "flow_moved")),
+        Case("ipv6_hit", F.frame(6, "fd02::1", 40003, str(VIP6), 80, FRAME_SIZE_V6),
+             fwd + ("flow_hit",), prewarm=True, zero=("flow_miss", "flow_moved"),
+             note="IP6IP6"),
+        Case("gue_hit", F.frame(6, "192.168.1.3", 40004, str(VIP4), 80, FRAME_SIZE),
+             fwd + ("flow_hit",), encap=L.ENCAP_GUE, prewarm=True,
+             zero=("flow_miss", "flow_moved", "gue_zero_csum"), note="GUE over IPv4"),
+        Case("pass_v4", F.frame(6, "192.168.1.4", 40005, str(pass4), 80, FRAME_SIZE),
+             ("rx", "pass"), zero=("tx", "drop")),
+        Case("pass_v6", F.frame(6, "fd02::2", 40006, str(pass6), 80, FRAME_SIZE_V6),
+             ("rx", "pass"), zero=("tx", "drop")),
+    ]
+
+
+class CostBench:
+    """lb's data path with the benchmark setup, and the bench skeleton around it."""
+
+    def __init__(self, backends: int = 100, ring_size: int = 65537,
+                 flow_table_size: int = 65536):
+        self.dp = Datapath(Limits(flow_table_size=flow_table_size))
+        self.bench = None
+        try:
+            self.egress = EgressConfig(smac=SMAC, source_v4=SRC_V4, source_v6=SRC_V6,
+                                       gue_port=6080, mtu=1500)
+            self.dp.set_config(self.egress)
+            b4 = tuple(BackendSpec(v4_backend(i), nexthop="nh") for i in range(backends))
+            b6 = tuple(BackendSpec(v6_backend(i), nexthop="nh") for i in range(backends))
+            self.programmer = Programmer(self.dp)
+            self.programmer.apply([VipSpec(VIP4, 80, 6, b4, ring_size=ring_size),
+                                   VipSpec(VIP4, 53, 17, b4, ring_size=ring_size),
+                                   VipSpec(VIP6, 80, 6, b6, ring_size=ring_size)],
+                                  macs={"nh": NEXTHOP_MAC})
+            self.bench = native.Skeleton("bench")
+            self.bench.load()
+            self.target = self.bench.map("bench_target")
+            self.template = self.bench.map("bench_template")
+            self.stats = self.bench.map("bench_stats")
+            self.restore_fd = self.bench.prog_fd("bench_restore")
+            self.floor_fd = self.bench.prog_fd("bench_floor")
+            self._encap = None
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.bench is not None:
+            self.bench.close()
+            self.bench = None
+        self.dp.close()
+
+    def __enter__(self) -> "CostBench":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- plumbing ------------------------------------------------------------------
+    def set_encap(self, encap: int) -> None:
+        if encap != self._encap:
+            cfg = EgressConfig(**{**self.egress.__dict__, "encap": encap})
+            self.dp.set_config(cfg)
+            self._encap = encap
+
+    def set_template(self, frame: bytes, syn: bool = False) -> None:
+        if len(frame) % 8 or len(frame) > F.TMPL_MAX:
+            raise ValueError(f"template of {len(frame)} bytes: multiple of 8, <= {F.TMPL_MAX}")
+        t = L.BenchTemplate()
+        t.len = len(frame)
+        t.data[:len(frame)] = frame
+        if syn:
+            t.vary, t.vary_off = 1, F.V4_L4 if frame[12:14] == b"\x08\x00" else F.V6_L4
+            t.vary2, t.vary2_off = 1, F.V4_SADDR_LO if frame[12:14] == b"\x08\x00" else 0
+            if not t.vary2_off:
+                raise ValueError("vary2 is set up for IPv4 SYN templates only")
+        self.template.update(ctypes.c_uint32(0), t)
+
+    def bench_counters(self) -> list[int]:
+        """bench_stats per CPU: [(RUNS, FLOOR_TX) per CPU]."""
+        out = []
+        for idx in (B_RUNS, B_FLOOR_TX):
+            out.append([struct.unpack("=Q", v[:8])[0]
+                        for v in self.stats.lookup_percpu(ctypes.c_uint32(idx))])
+        return out
+
+    def counters(self) -> dict:
+        g = self.dp.global_counters()
+        runs, floor_tx = self.bench_counters()
+        out = {k: g[k] for k in VERDICT_KEYS}
+        out["runs"] = sum(runs)
+        out["floor_tx"] = sum(floor_tx)
+        return out
+
+    def run(self, prog: str, frame: bytes, repeat: int) -> tuple[float, dict, int]:
+        """One BPF_PROG_TEST_RUN of bench_restore -> prog ('lb' or 'floor') with `repeat`
+        runs: (ns per run, counter deltas, last retval). The template must be set."""
+        fd = self.dp.prog_fd if prog == "lb" else self.floor_fd
+        self.target.update_fd(ctypes.c_uint32(0), fd)
+        before = self.counters()
+        r = native.test_run(self.restore_fd, frame, repeat=repeat)
+        after = self.counters()
+        delta = {k: after[k] - before[k] for k in after}
+        return float(r.duration_ns), delta, r.retval
+
+
+def _add(acc: dict, d: dict) -> None:
+    for k, v in d.items():
+        acc[k] = acc.get(k, 0) + v
+
+
+def _check(name: str, v: dict, expect: Sequence[str], zero: Sequence[str]) -> bool:
+    runs = v.get("runs", 0)
+    return runs > 0 and all(v.get(k) == runs for k in expect) and \
+        all(v.get(k, 0) == 0 for k in zero)
+
+
+def syn_flow_key(frame: bytes, run: int) -> L.FlowKey:
+    f = F.vary(frame, run, F.V4_L4, F.V4_SADDR_LO)
+    return L.flow_key(*F.parse_tuple(f))
+
+
+OPS = {"helper_call": 1, "hash20_lookup": 2, "lru40_lookup": 3, "array_lookup": 4,
+       "adjust_head_pair": 5, "lru40_insert": 6, "ring_lookup": 7, "lru40_rewrite": 8,
+       "hash20_insert": 9}
+INSERTS = ("lru40_insert", "hash20_insert")
+OPS_COUNT = 32
+
+
+def calibrate(repeat: int = 100_000, rounds: int = 5, insert_repeat: int = 2_000) -> dict:
+    """Cost in ns of single primitives on this machine, from bench.bpf.c's bench_ops:
+    (t(32 ops) - t(0 ops)) / 32, median over rounds. Keys and map types as lb uses them:
+    hash20 = `vips` (hash, 20-byte key), lru40 = `flows` (per-CPU-list LRU hash, 40-byte
+    key; lookups hit, inserts are new keys into a table far from full), ring = `rings`
+    (array of maps; the inner lookup goes through the helper), adjust_head_pair = two
+    bpf_xdp_adjust_head calls. Helps to read the case costs: which calls they pay."""
+    ins_total = insert_repeat * OPS_COUNT * (rounds + 1)
+    sk = native.Skeleton("bench")
+    try:
+        sk.set_max_entries("bench_lru40", max(65536, 2 * native.num_cpus() * ins_total))
+        sk.set_max_entries("bench_h20", max(4096, 2 * ins_total))
+        sk.load()
+        cfg, fd = sk.map("bench_ops_cfg"), sk.prog_fd("bench_ops")
+        h20, l40 = sk.map("bench_h20"), sk.map("bench_lru40")
+        for i in range(64):
+            h20.update(struct.pack("=5I", i, 0, 0, 0, 0), struct.pack("=Q", i))
+            l40.update(struct.pack("=10I", i, 0, 0, 0, 0, 0, 0, 0, 0, 0), struct.pack("=Q", i))
+        inner = native.create_map(native.BPF_MAP_TYPE_ARRAY, "bench_ring", 4, 4, 65537,
+                                  map_flags=native.lib.BPF_F_INNER_MAP)
+        with inner:
+            sk.map("bench_rings").update_fd(ctypes.c_uint32(0), inner.fd)
+        frame = bytes(64)
+
+        def t(op: int, count: int, n: int) -> float:
+            cfg.update(ctypes.c_uint32(0), struct.pack("=II", op, count))
+            return float(native.test_run(fd, frame, repeat=n).duration_ns)
+
+        out = {}
+        for name, op in OPS.items():
+            n = insert_repeat if name in INSERTS else repeat
+            t(op, OPS_COUNT, min(n, 1000))  # warm
+            per = []
+            for _ in range(rounds):
+                base = t(0, 0, n)
+                per.append((t(op, OPS_COUNT, n) - base) / OPS_COUNT)
+            out[name] = round(statistics.median(per), 2)
+        return out
+    finally:
+        sk.close()
+
+
+def maglev_build_ms(n: int = 1000, m: int = 65537, builds: int = 9) -> float:
+    """Median wall time of lb.maglev.build for n equal-weight IPv4 backends keyed like
+    lb.programmer.backend_key."""
+    addrs = sorted((v4_backend(i) for i in range(n)), key=backend_key)
+    holders = [maglev.Slotholder(backend_key(a), 1) for a in addrs]
+    ids = list(range(1, n + 1))
+    maglev.build(holders, m, ids)  # warm
+    times = []
+    for _ in range(builds):
+        t0 = time.perf_counter()
+        maglev.build(holders, m, ids)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def machine_info(cpu: Optional[int] = None) -> dict:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"kernel": platform.release(), "cpu_model": model or platform.processor(),
+            "cores": os.cpu_count(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version()}
+    if cpu is not None:
+        info["pinned_cpu"] = cpu
+    return info
+
+
+def run_cost(out: Optional[str] = None, repeat: int = 500_000, syn_repeat: int = 200_000,
+             rounds: int = 7, cpu: Optional[int] = None, backends: int = 100,
+             ring_size: int = 65537, maglev_builds: int = 9, cases: Optional[Sequence[str]] = None,
+             quiet: bool = False, calibration: bool = True) -> dict:
+    """Measure every case; write cost.json into `out` (default bench/results); return it."""
+    cpu = pick_cpu(cpu)
+    old_aff = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        return _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size,
+                         maglev_builds, cases, quiet, calibration)
+    finally:
+        os.sched_setaffinity(0, old_aff)
+
+
+def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_builds,
+              only, quiet, calibration) -> dict:
+    all_cases = make_cases()
+    todo = [c for c in all_cases if not only or c.name in only]
+    unknown = set(only or ()) - {c.name for c in all_cases}
+    if unknown:
+        raise SystemExit(f"bench: unknown case(s) {sorted(unknown)}; "
+                         f"known: {[c.name for c in all_cases]}")
+    warm_n = min(repeat, 10_000)
+    syn_flows = (syn_repeat * rounds + min(syn_repeat, 10_000)) \
+        if any(c.syn for c in todo) else 0
+    # each CPU owns size / possible CPUs entries of the per-CPU LRU; all runs use one CPU
+    ncpu = native.num_cpus()
+    table = max(65536, ncpu * (syn_flows + 1024) * 11 // 10)
+
+    res: dict[str, Measured] = {c.name: Measured() for c in todo}
+    floors: list[float] = []
+    floor_v: dict = {}
+    oldest_syn = None
+    with CostBench(backends, ring_size, table) as cb:
+        # warm-up: JIT images, caches, and the flows the hit cases need
+        for c in todo:
+            cb.set_encap(c.encap)
+            cb.set_template(c.frame, c.syn)
+            if c.prewarm:
+                cb.run("lb", c.frame, 1)
+            cb.run("lb", c.frame, min(syn_repeat, warm_n) if c.syn else warm_n)
+        cb.set_template(todo[0].frame)
+        cb.run("floor", todo[0].frame, warm_n)
+
+        for rnd in range(rounds):
+            for c in todo:
+                n = syn_repeat if c.syn else repeat
+                cb.set_encap(c.encap)
+                frame = c.frame
+                if c.syn:  # a new /16 of sources per round: flows never repeat
+                    b = bytearray(frame)
+                    b[F.V4_SADDR + 1] = (16 + rnd) & 0xFF
+                    frame = bytes(b)
+                # floor with the same template (same copy cost), right before the case
+                cb.set_template(frame, c.syn)
+                fns, fd, _ = cb.run("floor", frame, n)
+                floors.append(fns)
+                _add(floor_v, fd)
+                if c.syn and oldest_syn is None:
+                    runs_cpu = cb.bench_counters()[0][cpu] if cpu < ncpu else None
+                    if runs_cpu is not None:
+                        oldest_syn = syn_flow_key(frame, runs_cpu + 1)
+                ns, d, _ = cb.run("lb", frame, n)
+                m = res[c.name]
+                m.ns.append(ns)
+                m.ratios.append(ns / fns if fns else float("nan"))
+                _add(m.verdicts, d)
+        syn_kept = None
+        if oldest_syn is not None:
+            syn_kept = cb.dp.flow_backend(oldest_syn) is not None
+        flow_table = table
+
+    build_ms = maglev_build_ms(1000, 65537, maglev_builds)
+    calib = calibrate(rounds=min(rounds, 5)) if calibration else None
+    result: dict = {"floor_ns": round(statistics.median(floors), 2), "cases": {},
+                    "maglev_build_ms": round(build_ms, 3)}
+    for c in todo:
+        m = res[c.name]
+        v = dict(m.verdicts)
+        v["aborted_or_other"] = v["runs"] - v["tx"] - v["pass"] - v["drop"] - v["redirect"]
+        entry = {"ns": round(statistics.median(m.ns), 2),
+                 "ratio": round(statistics.median(m.ratios), 3),
+                 "verdicts": v,
+                 "expect": list(c.expect),
+                 "ok": _check(c.name, v, c.expect, c.zero),
+                 "target_ratio": TARGETS.get(c.name),
+                 "ns_all": [round(x, 1) for x in m.ns],
+                 "ratio_all": [round(x, 3) for x in m.ratios]}
+        if c.note:
+            entry["note"] = c.note
+        if c.syn:
+            entry["oldest_flow_kept"] = syn_kept
+            entry["ok"] = entry["ok"] and syn_kept is not False
+        tgt = TARGETS.get(c.name)
+        entry["meets_target"] = tgt is not None and entry["ratio"] <= tgt
+        result["cases"][c.name] = entry
+    fv = dict(floor_v)
+    result["floor"] = {"ns_all": [round(x, 1) for x in floors], "verdicts": fv,
+                       "ok": fv.get("floor_tx") == fv.get("runs") and fv.get("rx", 0) == 0}
+    result["maglev_build_target_ms"] = MAGLEV_BUILD_TARGET_MS
+    result["params"] = {"repeat": repeat, "syn_repeat": syn_repeat, "rounds": rounds,
+                        "backends_per_vip": backends, "ring_size": ring_size,
+                        "flow_table_size": flow_table, "frame_bytes_v4": FRAME_SIZE,
+                        "frame_bytes_v6": FRAME_SIZE_V6, "maglev_build": "M=65537, N=1000"}
+    result["machine"] = machine_info(cpu)
+    if calib is not None:
+        result["primitives_ns"] = calib
+
+    path = results_dir(out) / "cost.json"
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    if not quiet:
+        print_cost(result, path)
+    return result
+
+
+def print_cost(r: dict, path: Path | str = "") -> None:
+    print(f"per-packet cost (BPF_PROG_TEST_RUN, median of {r['params']['rounds']} rounds, "
+          f"CPU {r['machine'].get('pinned_cpu')}); floor {r['floor_ns']:.1f} ns")
+    print(f"{'case':10} {'ns':>8} {'ratio':>7} {'target':>7}  {'':6} verdicts")
+    for name, c in r["cases"].items():
+        t = c["target_ratio"]
+        mark = "ok" if c["meets_target"] else f"+{(c['ratio'] / t - 1) * 100:.0f}%" if t else ""
+        v = c["verdicts"]
+        vs = " ".join(f"{k}={v[k]}" for k in ("runs",) + tuple(c["expect"]) if k in v)
+        vs += "" if c["ok"] else "  PATH CHECK FAILED"
+        print(f"{name:10} {c['ns']:8.1f} {c['ratio']:7.2f} {t if t else '':>7}  {mark:6} {vs}")
+    ms, t = r["maglev_build_ms"], r["maglev_build_target_ms"]
+    print(f"maglev build M=65537 N=1000: {ms:.2f} ms (target <= {t}) "
+          f"{'ok' if ms <= t else f'+{(ms / t - 1) * 100:.0f}%'}")
+    if r.get("primitives_ns"):
+        print("primitives (ns each): " + ", ".join(f"{k} {v:.1f}"
+                                                  for k, v in r["primitives_ns"].items()))
+    if path:
+        print(f"-> {path}")

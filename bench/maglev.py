@@ -1,0 +1,153 @@
+"""Quality of the Maglev tables lb.maglev.build makes, for N = 10, 100, 1000 equal-weight
+backends and M = 65537, 655373 slots:
+
+* balance: max / mean and min / mean slots per backend (mean = M / N);
+* disruption: slots that change owner when backends are removed, *beyond* the removed
+  backends' own slots (which must move). Minimal disruption would be 0; the Maglev paper
+  reports a small percentage. Measured for removing 1 backend and 10% of them (at least 1),
+  over a few random choices (fixed seed), mean and worst;
+* build time: median of several builds (lb.maglev.build, the C implementation).
+
+Backends are keyed as lb.programmer.backend_key keys them and ordered like
+lb.programmer.ring_for (sorted by key), so the tables are those the daemon installs.
+Writes maglev.json and maglev.png (matplotlib) into the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Sequence
+
+from lb import maglev
+from lb.programmer import backend_key
+
+from . import results_dir
+from .cost import machine_info, v4_backend
+
+NS = (10, 100, 1000)
+MS = (65537, 655373)
+
+
+def _table(addrs: Sequence, ids: Sequence[int], m: int):
+    order = sorted(range(len(addrs)), key=lambda i: backend_key(addrs[i]))
+    holders = [maglev.Slotholder(backend_key(addrs[i]), 1) for i in order]
+    return maglev.build(holders, m, [ids[i] for i in order])
+
+
+def _moved(before, after, removed: set) -> tuple[int, int]:
+    """(slots moved beyond the removed backends' own, the removed backends' own slots)."""
+    extra = own = 0
+    for a, b in zip(before, after):
+        if a in removed:
+            own += 1
+        elif a != b:
+            extra += 1
+    return extra, own
+
+
+def quality(n: int, m: int, trials: int = 3, builds: int = 5, seed: int = 1) -> dict:
+    addrs = [v4_backend(i) for i in range(n)]
+    ids = list(range(1, n + 1))
+    times = []
+    table = None
+    for _ in range(builds):
+        t0 = time.perf_counter()
+        table = _table(addrs, ids, m)
+        times.append((time.perf_counter() - t0) * 1e3)
+    counts = Counter(table)
+    if 0 in counts:
+        raise AssertionError(f"N={n} M={m}: {counts[0]} empty slots")
+    mean = m / n
+    per = [counts.get(i, 0) for i in ids]
+    out = {"n": n, "m": m, "build_ms": round(statistics.median(times), 3),
+           "max_over_mean": round(max(per) / mean, 5), "min_over_mean": round(min(per) / mean, 5),
+           "max_slots": max(per), "min_slots": min(per), "mean_slots": round(mean, 2)}
+    rng = random.Random(seed * 1000003 + n * 31 + m)
+    for label, k in (("remove_1", 1), ("remove_10pct", max(1, n // 10))):
+        extras, owns = [], []
+        for _ in range(trials):
+            gone = set(rng.sample(ids, k))
+            keep = [i for i in range(n) if ids[i] not in gone]
+            after = _table([addrs[i] for i in keep], [ids[i] for i in keep], m)
+            extra, own = _moved(table, after, gone)
+            extras.append(extra)
+            owns.append(own)
+        out[label] = {"removed": k, "trials": trials,
+                      "own_slots_mean": round(statistics.mean(owns), 1),
+                      "extra_moved_mean": round(statistics.mean(extras), 1),
+                      "extra_moved_max": max(extras),
+                      "extra_moved_pct_of_m": round(100 * statistics.mean(extras) / m, 4),
+                      "extra_moved_pct_of_own": round(100 * statistics.mean(extras)
+                                                      / max(statistics.mean(owns), 1), 2)}
+    return out
+
+
+def run_maglev(out: Optional[str] = None, ns: Sequence[int] = NS, ms: Sequence[int] = MS,
+               trials: int = 3, builds: int = 5, plot: bool = True, quiet: bool = False) -> dict:
+    rows = [quality(n, m, trials, builds) for m in ms for n in ns]
+    result = {"rows": rows, "machine": machine_info(),
+              "method": "equal weights, IPv4 backends keyed like lb.programmer.backend_key; "
+                        "extra_moved = slots changing owner whose owner was not removed"}
+    d = results_dir(out)
+    path = d / "maglev.json"
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    if plot:
+        result["plot"] = str(_plot(rows, d / "maglev.png"))
+    if not quiet:
+        print_maglev(result, path)
+    return result
+
+
+def _plot(rows: list, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    for m in sorted({r["m"] for r in rows}):
+        rs = [r for r in rows if r["m"] == m]
+        x = [r["n"] for r in rs]
+        ax[0].plot(x, [r["max_over_mean"] for r in rs], "o-", label=f"max/mean M={m}")
+        ax[0].plot(x, [r["min_over_mean"] for r in rs], "s--", label=f"min/mean M={m}")
+        ax[1].plot(x, [r["remove_1"]["extra_moved_pct_of_own"] for r in rs], "o-",
+                   label=f"remove 1, M={m}")
+        ax[1].plot(x, [r["remove_10pct"]["extra_moved_pct_of_own"] for r in rs], "s--",
+                   label=f"remove 10%, M={m}")
+        ax[2].plot(x, [r["build_ms"] for r in rs], "o-", label=f"M={m}")
+    ax[0].set_title("balance: slots per backend / mean")
+    ax[1].set_title("extra slots moved, % of the removed backends' slots")
+    ax[2].set_title("build time (ms)")
+    ax[2].set_yscale("log")
+    for a in ax:
+        a.set_xscale("log")
+        a.set_xlabel("backends N")
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle("xdplb Maglev tables (lb.maglev.build, equal weights)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def print_maglev(r: dict, path: Path | str = "") -> None:
+    print("Maglev quality (equal weights; extra = moved slots whose backend stayed)")
+    print(f"{'M':>7} {'N':>5} {'max/mean':>9} {'min/mean':>9} {'build ms':>9} "
+          f"{'rm1 own':>8} {'rm1 extra':>10} {'rm10% own':>10} {'rm10% extra':>12}")
+    for x in r["rows"]:
+        a, b = x["remove_1"], x["remove_10pct"]
+        print(f"{x['m']:7} {x['n']:5} {x['max_over_mean']:9.4f} {x['min_over_mean']:9.4f} "
+              f"{x['build_ms']:9.2f} {a['own_slots_mean']:8.0f} "
+              f"{a['extra_moved_mean']:6.0f} ({a['extra_moved_pct_of_own']:.1f}%) "
+              f"{b['own_slots_mean']:8.0f} {b['extra_moved_mean']:6.0f} "
+              f"({b['extra_moved_pct_of_own']:.1f}%)")
+    if path:
+        print(f"-> {path}" + (f", {r['plot']}" if r.get("plot") else ""))
