@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     def cost_args(sp):
         sp.add_argument("--repeat", type=int, default=500_000,
                         help="runs per BPF_PROG_TEST_RUN (hit and pass cases, floor)")
-        sp.add_argument("--syn-repeat", type=int, default=200_000,
+        sp.add_argument("--syn-repeat", type=int, default=100_000,
                         help="runs per BPF_PROG_TEST_RUN for tcp_syn (each a new flow)")
         sp.add_argument("--rounds", type=int, default=7,
                         help="interleaved floor/case rounds; medians are reported")
@@ -24,6 +24,8 @@ def main(argv=None) -> int:
         sp.add_argument("--ring-size", type=int, default=65537)
         sp.add_argument("--case", action="append", dest="cases",
                         help="only this case (repeatable)")
+        sp.add_argument("--calib-repeat", type=int, default=100_000,
+                        help="runs per primitive-cost measurement (0: skip)")
 
     def maglev_args(sp):
         sp.add_argument("--trials", type=int, default=3, help="random removals per setting")
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
         from .cost import run_cost
 
         r = run_cost(out, args.repeat, args.syn_repeat, args.rounds, args.cpu, args.backends,
-                     args.ring_size, cases=args.cases)
+                     args.ring_size, cases=args.cases, calib_repeat=args.calib_repeat)
         if not all(c["ok"] for c in r["cases"].values()) or not r["floor"]["ok"]:
             print("bench: a case did not take the path it names (see verdicts)", file=sys.stderr)
             return 1

@@ -242,6 +242,14 @@ def _check(name: str, v: dict, expect: Sequence[str], zero: Sequence[str]) -> bo
         all(v.get(k, 0) == 0 for k in zero)
 
 
+def _syn_round(frame: bytes, rnd: int) -> bytes:
+    """The SYN template of round `rnd` (-1: warm-up): its own /16 of source addresses, so
+    flows never repeat even if the per-CPU run counter did."""
+    b = bytearray(frame)
+    b[F.V4_SADDR + 1] = (17 + rnd) & 0xFF
+    return bytes(b)
+
+
 def syn_flow_key(frame: bytes, run: int) -> L.FlowKey:
     f = F.vary(frame, run, F.V4_L4, F.V4_SADDR_LO)
     return L.flow_key(*F.parse_tuple(f))
@@ -249,7 +257,7 @@ def syn_flow_key(frame: bytes, run: int) -> L.FlowKey:
 
 OPS = {"helper_call": 1, "hash20_lookup": 2, "lru40_lookup": 3, "array_lookup": 4,
        "adjust_head_pair": 5, "lru40_insert": 6, "ring_lookup": 7, "lru40_rewrite": 8,
-       "hash20_insert": 9}
+       "hash20_insert": 9, "spin_lock_pair": 10}
 INSERTS = ("lru40_insert", "hash20_insert")
 OPS_COUNT = 32
 
@@ -330,23 +338,24 @@ def machine_info(cpu: Optional[int] = None) -> dict:
     return info
 
 
-def run_cost(out: Optional[str] = None, repeat: int = 500_000, syn_repeat: int = 200_000,
+def run_cost(out: Optional[str] = None, repeat: int = 500_000, syn_repeat: int = 100_000,
              rounds: int = 7, cpu: Optional[int] = None, backends: int = 100,
              ring_size: int = 65537, maglev_builds: int = 9, cases: Optional[Sequence[str]] = None,
-             quiet: bool = False, calibration: bool = True) -> dict:
-    """Measure every case; write cost.json into `out` (default bench/results); return it."""
+             quiet: bool = False, calib_repeat: int = 100_000) -> dict:
+    """Measure every case; write cost.json into `out` (default bench/results); return it.
+    calib_repeat: runs per measurement of the primitive costs (0: skip them)."""
     cpu = pick_cpu(cpu)
     old_aff = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
     try:
         return _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size,
-                         maglev_builds, cases, quiet, calibration)
+                         maglev_builds, cases, quiet, calib_repeat)
     finally:
         os.sched_setaffinity(0, old_aff)
 
 
 def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_builds,
-              only, quiet, calibration) -> dict:
+              only, quiet, calib_repeat) -> dict:
     all_cases = make_cases()
     todo = [c for c in all_cases if not only or c.name in only]
     unknown = set(only or ()) - {c.name for c in all_cases}
@@ -368,7 +377,7 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
         # warm-up: JIT images, caches, and the flows the hit cases need
         for c in todo:
             cb.set_encap(c.encap)
-            cb.set_template(c.frame, c.syn)
+            cb.set_template(_syn_round(c.frame, -1) if c.syn else c.frame, c.syn)
             if c.prewarm:
                 cb.run("lb", c.frame, 1)
             cb.run("lb", c.frame, min(syn_repeat, warm_n) if c.syn else warm_n)
@@ -379,20 +388,14 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
             for c in todo:
                 n = syn_repeat if c.syn else repeat
                 cb.set_encap(c.encap)
-                frame = c.frame
-                if c.syn:  # a new /16 of sources per round: flows never repeat
-                    b = bytearray(frame)
-                    b[F.V4_SADDR + 1] = (16 + rnd) & 0xFF
-                    frame = bytes(b)
+                frame = _syn_round(c.frame, rnd) if c.syn else c.frame
                 # floor with the same template (same copy cost), right before the case
                 cb.set_template(frame, c.syn)
                 fns, fd, _ = cb.run("floor", frame, n)
                 floors.append(fns)
                 _add(floor_v, fd)
-                if c.syn and oldest_syn is None:
-                    runs_cpu = cb.bench_counters()[0][cpu] if cpu < ncpu else None
-                    if runs_cpu is not None:
-                        oldest_syn = syn_flow_key(frame, runs_cpu + 1)
+                if c.syn and oldest_syn is None:  # the flow the first measured SYN makes
+                    oldest_syn = syn_flow_key(frame, cb.bench_counters()[0][cpu] + 1)
                 ns, d, _ = cb.run("lb", frame, n)
                 m = res[c.name]
                 m.ns.append(ns)
@@ -404,7 +407,8 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
         flow_table = table
 
     build_ms = maglev_build_ms(1000, 65537, maglev_builds)
-    calib = calibrate(rounds=min(rounds, 5)) if calibration else None
+    calib = calibrate(calib_repeat, min(rounds, 5), max(calib_repeat // 50, 10)) \
+        if calib_repeat > 0 else None
     result: dict = {"floor_ns": round(statistics.median(floors), 2), "cases": {},
                     "maglev_build_ms": round(build_ms, 3)}
     for c in todo:
@@ -433,7 +437,9 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
     result["maglev_build_target_ms"] = MAGLEV_BUILD_TARGET_MS
     result["params"] = {"repeat": repeat, "syn_repeat": syn_repeat, "rounds": rounds,
                         "backends_per_vip": backends, "ring_size": ring_size,
-                        "flow_table_size": flow_table, "frame_bytes_v4": FRAME_SIZE,
+                        "flow_table_size": flow_table,
+                        "syn_flows_per_cpu_share": round(syn_flows / (flow_table / ncpu), 3),
+                        "frame_bytes_v4": FRAME_SIZE,
                         "frame_bytes_v6": FRAME_SIZE_V6, "maglev_build": "M=65537, N=1000"}
     result["machine"] = machine_info(cpu)
     if calib is not None:

@@ -64,13 +64,15 @@ def frame(proto: int, src: str, sport: int, dst: str, dport: int, size: int = 64
         raise ValueError(f"frame size {size} too small for the headers")
     seg = _l4(proto, sport, dport, b"x" * plen, flags)
     if s.version == 4:
-        seg = _with_l4_csum(proto, seg, s.packed + d.packed + struct.pack("!BBH", 0, proto, len(seg)))
+        pseudo = s.packed + d.packed + struct.pack("!BBH", 0, proto, len(seg))
+        seg = _with_l4_csum(proto, seg, pseudo)
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(seg), 0, 0x4000, 64, proto, 0,
                          s.packed, d.packed)
         ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
         etype = 0x0800
     else:
-        seg = _with_l4_csum(proto, seg, s.packed + d.packed + struct.pack("!IxxxB", len(seg), proto))
+        pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(seg), proto)
+        seg = _with_l4_csum(proto, seg, pseudo)
         ip = struct.pack("!IHBB16s16s", 6 << 28, len(seg), proto, 64, s.packed, d.packed)
         etype = 0x86DD
     out = DST_MAC + SRC_MAC + struct.pack("!H", etype) + ip + seg

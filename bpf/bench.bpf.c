@@ -154,7 +154,7 @@ int xdp_pass(struct xdp_md *ctx)
 
 /* --- calibration ------------------------------------------------------------------ */
 enum { OP_NONE, OP_HELPER, OP_HASH20, OP_LRU40, OP_ARRAY, OP_ADJUST, OP_LRU40_INSERT,
-       OP_RING, OP_LRU40_REWRITE, OP_HASH20_INSERT, OP_MAX };
+       OP_RING, OP_LRU40_REWRITE, OP_HASH20_INSERT, OP_SPINLOCK, OP_MAX };
 #define OPS_MAX 64
 #define OPS_KEYS 64
 
@@ -195,6 +195,19 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } bench_arr SEC(".maps");
+
+/* bpf_spin_lock saves and restores interrupts like the hash maps' bucket locks do. */
+struct locked {
+	struct bpf_spin_lock lock;
+	__u64 v;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct locked);
+} bench_lock SEC(".maps");
 
 /* Like lb's `rings`: an array of maps whose inner array is looked up through the helper. */
 struct bench_ring_inner {
@@ -264,6 +277,16 @@ int bench_ops(struct xdp_md *ctx)
 			k20.w[2] = (__u32)(run >> 32);
 			bpf_map_update_elem(&bench_h20, &k20, &acc, BPF_ANY);
 			break;
+		case OP_SPINLOCK: {
+			struct locked *l = bpf_map_lookup_elem(&bench_lock, &zero);
+
+			if (!l)
+				return XDP_ABORTED;
+			bpf_spin_lock(&l->lock);
+			l->v++;
+			bpf_spin_unlock(&l->lock);
+			break;
+		}
 		case OP_RING:
 			ring = bpf_map_lookup_elem(&bench_rings, &zero);
 			if (!ring)

@@ -31,6 +31,7 @@ from .programmer import Programmer
 from .stats import stats_snapshot
 
 NEXTHOP_REFRESH_S = 2.0
+NEXTHOP_RETRY_S = 0.2
 
 
 def _limits(cfg: Config) -> Limits:
@@ -69,7 +70,13 @@ class Daemon:
         self.prog = Programmer(self.dp)
         adopted = self.prog.adopt() if "vips" in self.dp.adopted else 0
         self._program_egress()
-        self.apply("start", self.resolve_nexthops(self.nl))
+        resolved = self.resolve_nexthops(self.nl)
+        for _ in range(10):  # provoked ARP/ND usually answers within milliseconds
+            if all(k in resolved[0] for k in resolved[1].values()):
+                break
+            time.sleep(0.05)
+            resolved = self.resolve_nexthops(self.nl)
+        self.apply("start", resolved)
         mode = self._attach()
         self.dp.pin_program()
         self.log.info("datapath_attached", interface=cfg.lb.interface, mode=mode,
@@ -301,9 +308,13 @@ class Daemon:
             self.shutdown()
         return 0
 
+    def unresolved(self) -> int:
+        return sum(1 for k in set(self.nexthop_keys.values()) if k not in self.macs)
+
     async def _refresh_loop(self) -> None:
+        """Follow next-hop changes within NEXTHOP_REFRESH_S; retry unresolved ones fast."""
         while True:
-            await asyncio.sleep(NEXTHOP_REFRESH_S)
+            await asyncio.sleep(NEXTHOP_RETRY_S if self.unresolved() else NEXTHOP_REFRESH_S)
             try:
                 resolved = await asyncio.get_running_loop().run_in_executor(
                     None, self.resolve_nexthops)
@@ -323,8 +334,6 @@ class Daemon:
         self.log.info("stopped", datapath_kept=keep)
         if self.dp:
             self.dp.close()
-        if self.nl:
-            self.nl.close()
 
 
 def run(path: str, log) -> int:
@@ -332,8 +341,9 @@ def run(path: str, log) -> int:
     d = Daemon(path, cfg, log)
     try:
         d.start()
-    except BaseException:
+    finally:
+        # pyroute2 runs its own event loop: close it before asyncio's starts
         if d.nl:
             d.nl.close()
-        raise
+            d.nl = None
     return asyncio.run(d.run())

@@ -36,7 +36,6 @@ import socket
 import struct
 import subprocess
 import time
-import traceback
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from pyroute2 import IPRoute
@@ -119,8 +118,8 @@ def create(name: str) -> bool:
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o444))
     except OSError as e:
         raise NetnsError(e.errno, f"creating mount point {path}") from None
-    # unshare in a throwaway thread-free child would cost a fork; a new namespace made by
-    # unshare() in this thread is bound and then left again, which is as good.
+    # unshare() moves only this thread into the new namespace; it is bound to the path,
+    # then the thread goes back (no fork needed).
     back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         if _libc.unshare(CLONE_NEWNET) != 0:
@@ -553,15 +552,18 @@ def run_in(ns: NsLike, fn: Callable[..., Any], *args: Any, timeout: float = 30.0
                 fd = os.open(ns_path(name), os.O_RDONLY)
                 _setns(fd, f"entering netns {name}")
                 os.close(fd)
+            fname = getattr(fn, "__name__", repr(fn))
             try:
-                payload = pickle.dumps((True, fn(*args, **kwargs)))
+                ok, value = True, fn(*args, **kwargs)
             except BaseException as e:  # noqa: BLE001 - shipped to the parent
-                try:
-                    payload = pickle.dumps((False, e))
-                except Exception:
-                    payload = pickle.dumps((False, NetnsError(
-                        _errno.EIO, f"{getattr(fn, '__name__', fn)} in netns {name} raised "
-                        f"{traceback.format_exc(limit=5)}")))
+                ok, value = False, e
+            try:
+                payload = pickle.dumps((ok, value))
+            except Exception as e:  # noqa: BLE001
+                what = "result" if ok else f"exception {value!r}"
+                payload = pickle.dumps((False, NetnsError(
+                    _errno.EIO, f"{fname} in netns {name}: its {what} cannot be sent back "
+                    f"({e})")))
             view = memoryview(payload)
             while view:
                 view = view[os.write(wfd, view):]

@@ -109,6 +109,11 @@ class Programmer:
         t0 = time.perf_counter()
         rep = ApplyReport()
         dp = self.dp
+        # every next hop gets its id now, resolved or not, so backend entries point at
+        # it from the start and a MAC learnt later needs only the nexthops write
+        for v in vips:
+            for b in v.backends:
+                self._nexthop_id(b.nexthop)
         for key, mac in macs.items():
             nid = self._nexthop_id(key)
             if self._macs.get(nid) != mac:

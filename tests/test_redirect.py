@@ -136,7 +136,7 @@ def _load_decap() -> Skeleton:
 
 
 def _load_dp() -> Datapath:
-    return Datapath(Limits(max_vips=16, max_backends=64, max_nexthops=16,
+    return Datapath(Limits(max_vips=64, max_backends=64, max_nexthops=16,
                            flow_table_size=4096))
 
 

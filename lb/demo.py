@@ -1,0 +1,165 @@
+"""`make demo`: build the lab, run xdplb in it, send real traffic, show a drain and a
+failover, tear down. Exits non-zero if a request failed that should not have."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from . import lab
+from .control import NoInstance, request
+from . import netns as N
+
+CONFIG = "config/lab.toml"
+SOCK = "/run/xdplb/lab.sock"
+
+
+def _http(host: str, n: int) -> tuple[collections.Counter, int]:
+    """n HTTP GETs from the client namespace; (answers per backend name, failures)."""
+    def work(host: str, n: int):
+        got, failed = collections.Counter(), 0
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for _ in range(n):
+            try:
+                with socket.socket(fam, socket.SOCK_STREAM) as s:
+                    s.settimeout(2)
+                    s.connect((host, lab.HTTP_PORT))
+                    s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
+                    data = b""
+                    while chunk := s.recv(4096):
+                        data += chunk
+                got[data.split(b"\r\n\r\n", 1)[1].strip().decode()] += 1
+            except (OSError, IndexError):
+                failed += 1
+        return got, failed
+    return N.run_in(lab.CLIENT, work, host, n, timeout=120)
+
+
+def _udp(host: str, n: int) -> tuple[collections.Counter, int]:
+    def work(host: str, n: int):
+        got, failed = collections.Counter(), 0
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for i in range(n):
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                s.settimeout(1)
+                try:
+                    s.sendto(f"ping {i}".encode(), (host, lab.UDP_PORT))
+                    data, _ = s.recvfrom(2048)
+                    got[data.split()[0].decode()] += 1
+                except OSError:
+                    failed += 1
+        return got, failed
+    return N.run_in(lab.CLIENT, work, host, n, timeout=120)
+
+
+def _stats() -> dict:
+    return request(SOCK, {"cmd": "stats"})["result"]
+
+
+def _wait(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except (NoInstance, OSError, KeyError):
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"demo: timed out waiting for {what}")
+
+
+def _backend_states(doc: dict, vip: str) -> dict[str, str]:
+    v = next(v for v in doc["vips"] if v["name"] == vip)
+    return {b["address"]: b["state"] for b in v["backends"]}
+
+
+def _table(doc: dict, answered: dict[str, collections.Counter]) -> str:
+    name_of = {h.v4: n for n, h in lab.hosts("tx").items()} | \
+              {h.v6: n for n, h in lab.hosts("tx").items()}
+    rows = [f"{'vip':<7} {'backend':<14} {'host':<7} {'answered':>8} {'packets':>8} "
+            f"{'bytes':>8}  state"]
+    for v in doc["vips"]:
+        for b in v["backends"]:
+            host = name_of.get(b["address"], "?")
+            rows.append(f"{v['name']:<7} {b['address']:<14} {host:<7} "
+                        f"{answered.get(v['name'], {}).get(host, 0):>8} {b['packets']:>8} "
+                        f"{b['bytes']:>8}  {b['state']}")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("demo: run as root (make demo)", file=sys.stderr)
+        return 2
+    bad = 0
+    daemon = None
+    lab.up("tx")
+    try:
+        os.makedirs("/run/xdplb", exist_ok=True)
+        for f in ("/run/xdplb/lab-state.json",):
+            if os.path.exists(f):
+                os.unlink(f)
+        log = open("/run/xdplb-lab/xdplb.log", "w")
+        daemon = N.spawn_in(lab.LB, [sys.executable, "-m", "lb.cli", "--config", CONFIG],
+                            stdout=log, stderr=subprocess.STDOUT)
+        _wait(lambda: all(s == "active" for v in ("web", "echo", "web6", "echo6")
+                          for s in _backend_states(_stats(), v).values()), 20,
+              "every backend to pass its health checks")
+        print("xdplb is up; every backend passed its health checks\n")
+
+        answered: dict[str, collections.Counter] = {}
+        for vip, fn, host, n in (("web", _http, lab.VIP4, 150), ("web6", _http, lab.VIP6, 150),
+                                 ("echo", _udp, lab.VIP4, 150), ("echo6", _udp, lab.VIP6, 150)):
+            got, failed = fn(host, n)
+            answered[vip] = got
+            bad += failed
+            print(f"{vip:<6} {n} requests to {host}: {sum(got.values())} answered, "
+                  f"{failed} failed")
+        print()
+        print(_table(_stats(), answered))
+
+        # drain: be1 takes no new connections
+        print("\n$ xdplb backend drain web 10.200.0.11")
+        request(SOCK, {"cmd": "backend", "action": "drain", "vip": "web",
+                       "backend": "10.200.0.11"})
+        got, failed = _http(lab.VIP4, 60)
+        bad += failed + got.get("xl-be1", 0)
+        print(f"drain: 60 new connections -> {dict(got)}; xl-be1 got "
+              f"{got.get('xl-be1', 0)}, {failed} failed")
+        request(SOCK, {"cmd": "backend", "action": "activate", "vip": "web",
+                       "backend": "10.200.0.11"})
+
+        # failover: be2's server dies; health checks take it out
+        print("\n$ kill the server of xl-be2")
+        t0 = time.monotonic()
+        lab.stop_server("xl-be2")
+        _wait(lambda: _backend_states(_stats(), "web")["10.200.0.12"] == "down", 20,
+              "xl-be2 to be marked down")
+        took = time.monotonic() - t0
+        got, failed = _http(lab.VIP4, 60)
+        bad += failed + got.get("xl-be2", 0)
+        print(f"failover: xl-be2 down after {took:.1f}s (fall=2 checks every 0.5s); "
+              f"60 new connections -> {dict(got)}, {failed} failed")
+        lab.start_server("xl-be2")
+        _wait(lambda: _backend_states(_stats(), "web")["10.200.0.12"] == "active", 20,
+              "xl-be2 to come back")
+        print("xl-be2 restarted: back in service after rise=2 checks")
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+        lab.down()
+    print(f"\ndemo {'passed' if bad == 0 else 'FAILED'}: {bad} unexpected failures")
+    return 0 if bad == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The benchmark runner (bench/): small counts, real BPF, no timing assertions.
+
+What is checked is that the runner measures what it names: every case's runs all took the
+named path (verdict counters == runs), the SYN case really makes a new flow per run (its
+per-run variation mirrored in Python matches the kernel's), and the JSON has its keys.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ is run from the repository root, not installed
+
+from bench import frames as F  # noqa: E402
+from bench.cost import (OPS, TARGETS, CostBench, calibrate, make_cases,  # noqa: E402
+                        run_cost)
+from bench.maglev import plain_maglev, quality, run_maglev  # noqa: E402
+from lb import layout as L  # noqa: E402
+from lb import native  # noqa: E402
+
+CASES = ("tcp_hit", "tcp_syn", "udp_hit", "ipv6_hit", "gue_hit", "pass_v4", "pass_v6")
+REPEAT, SYN_REPEAT, ROUNDS = 1000, 1500, 2
+
+
+@pytest.fixture(scope="module")
+def cost(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cost")
+    res = run_cost(out=str(out), repeat=REPEAT, syn_repeat=SYN_REPEAT, rounds=ROUNDS,
+                   maglev_builds=2, quiet=True, calib_repeat=0)
+    return out, res
+
+
+def test_cost_json_has_required_keys(cost):
+    out, res = cost
+    on_disk = json.loads((out / "cost.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    assert set(CASES) == set(on_disk["cases"])
+    assert on_disk["floor_ns"] > 0
+    assert on_disk["maglev_build_ms"] > 0
+    for key in ("kernel", "cpu_model", "cores", "date"):
+        assert on_disk["machine"][key], key
+    for name, c in on_disk["cases"].items():
+        assert c["ns"] > 0 and math.isfinite(c["ratio"]) and c["ratio"] > 0, name
+        assert isinstance(c["verdicts"], dict), name
+        assert len(c["ns_all"]) == len(c["ratio_all"]) == ROUNDS
+        assert c["target_ratio"] == TARGETS[name]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_every_run_took_the_named_path(cost, name):
+    _, res = cost
+    c = res["cases"][name]
+    v = c["verdicts"]
+    runs = (SYN_REPEAT if name == "tcp_syn" else REPEAT) * ROUNDS
+    assert v["runs"] == runs
+    assert v["rx"] == runs
+    assert v["aborted_or_other"] == 0
+    assert v["drop"] == 0 and v["redirect"] == 0 and v["flow_moved"] == 0
+    if name.startswith("pass"):
+        assert v["pass"] == runs and v["tx"] == 0
+        assert v["flow_hit"] == v["flow_miss"] == 0
+    else:
+        assert v["tx"] == runs and v["pass"] == 0
+        if name == "tcp_syn":
+            assert v["flow_miss"] == runs and v["flow_hit"] == 0
+            assert c["oldest_flow_kept"] is True
+        else:
+            assert v["flow_hit"] == runs and v["flow_miss"] == 0
+    if name == "gue_hit":
+        assert v["gue_zero_csum"] == 0
+    assert c["ok"] is True
+
+
+def test_floor_runs_are_all_floor(cost):
+    _, res = cost
+    f = res["floor"]["verdicts"]
+    assert f["runs"] == f["floor_tx"] > 0
+    assert f["rx"] == 0  # the floor never entered lb
+    assert res["floor"]["ok"] is True
+
+
+def test_frames_are_valid_packets():
+    """Checksums and lengths right (scapy rebuilds them from scratch and gets our bytes)."""
+    scapy = pytest.importorskip("scapy.all")
+    for c in make_cases():
+        assert len(c.frame) % 8 == 0 and len(c.frame) <= F.TMPL_MAX
+        pkt = scapy.Ether(c.frame)
+        if scapy.IP in pkt:
+            del pkt[scapy.IP].chksum
+            del pkt[scapy.IP].len
+        else:
+            del pkt[scapy.IPv6].plen
+        l4 = pkt[scapy.TCP] if scapy.TCP in pkt else pkt[scapy.UDP]
+        del l4.chksum
+        assert bytes(pkt) == c.frame, c.name
+
+
+def test_syn_variation_mirrors_the_kernel():
+    """bench_restore's per-run source port / address writes equal frames.vary, so the
+    runner can name the flow a given run created; and consecutive runs are distinct flows."""
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        with CostBench(backends=3, ring_size=251) as cb:
+            syn = next(c for c in make_cases() if c.syn)
+            cb.set_template(syn.frame, syn=True)
+            cb.target.update_fd(ctypes.c_uint32(0), cb.floor_fd)
+            keys = set()
+            for _ in range(3):
+                run = cb.bench_counters()[0][cpu] + 1
+                r = native.test_run(cb.restore_fd, syn.frame)
+                want = F.vary(syn.frame, run, F.V4_L4, F.V4_SADDR_LO)
+                # the floor swapped the MACs; everything after them is the template's
+                assert r.data[12:] == want[12:]
+                keys.add(bytes(L.flow_key(*F.parse_tuple(want))))
+            assert len(keys) == 3
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def test_vary_never_repeats_a_flow_across_16_bits():
+    seen = {F.vary(bytes(64), r, F.V4_L4, F.V4_SADDR_LO)[26:36] for r in
+            list(range(1, 200)) + list(range(65530, 65600)) + [131072 + 5, 5 + 65536 * 7]}
+    assert len(seen) == 199 + 70 + 2
+
+
+def test_calibration_reports_every_primitive():
+    res = calibrate(repeat=500, rounds=1, insert_repeat=20)
+    assert set(res) == set(OPS)
+    assert all(math.isfinite(v) for v in res.values())
+
+
+def test_maglev_quality_small(tmp_path):
+    res = run_maglev(out=str(tmp_path), ns=(5, 20), ms=(251,), trials=2, builds=1,
+                     quiet=True, plain_max_m=251)
+    on_disk = json.loads((tmp_path / "maglev.json").read_text())
+    assert len(on_disk["rows"]) == 2
+    assert (tmp_path / "maglev.png").stat().st_size > 1000
+    for row in res["rows"]:
+        n, m = row["n"], row["m"]
+        assert row["max_slots"] >= m / n >= row["min_slots"]
+        assert row["max_slots"] - row["min_slots"] <= 1  # equal weights: within one slot
+        for label in ("remove_1", "remove_10pct"):
+            r = row[label]
+            assert r["extra_moved_mean"] >= 0 and r["removed"] >= 1
+            # the removed backends' own slots always move: about k * M / N of them
+            assert abs(r["own_slots_mean"] - r["removed"] * m / n) <= r["removed"]
+        assert "plain_maglev" in row
+
+
+def test_plain_maglev_fills_the_table():
+    keys = [bytes([i, 0, 0, 0]) * 5 for i in range(1, 8)]
+    t = plain_maglev(keys, 101)
+    assert -1 not in t and set(t) == set(range(7))
+
+
+def test_quality_disruption_counts_only_survivors():
+    row = quality(10, 251, trials=1, builds=1)
+    assert row["remove_1"]["own_slots_mean"] in (25, 26)
+
+
+def test_cli_writes_json(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "bench", "--out", str(tmp_path), "cost",
+                        "--repeat", "500", "--syn-repeat", "500", "--rounds", "1",
+                        "--case", "tcp_hit", "--case", "pass_v4", "--calib-repeat", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "tcp_hit" in p.stdout
+    res = json.loads((tmp_path / "cost.json").read_text())
+    assert set(res["cases"]) == {"tcp_hit", "pass_v4"}
+    assert res["cases"]["tcp_hit"]["verdicts"]["flow_hit"] == 500
