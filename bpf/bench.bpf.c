@@ -176,14 +176,14 @@ struct key40 { __u32 w[10]; };
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, 1024); /* user space resizes it for inserts */
 	__type(key, struct key20);
 	__type(value, __u64);
 } bench_h20 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 1024); /* user space resizes it for inserts */
 	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct key40);
 	__type(value, __u64);

@@ -52,6 +52,7 @@ class Daemon:
         self.control: Optional[ControlServer] = None
         self.attached: Optional[tuple[int, str]] = None
         self.macs: dict[str, bytes] = {}
+        self.seed_up: set[tuple[str, str]] = set()
         self.nexthop_keys: dict[str, str] = {}
         self.started = time.time()
 
@@ -69,6 +70,7 @@ class Daemon:
             self.log.warning("pinned_map_replaced", map=name, reason=why)
         self.prog = Programmer(self.dp)
         adopted = self.prog.adopt() if "vips" in self.dp.adopted else 0
+        self.seed_up = self._adopted_up()
         self._program_egress()
         resolved = self.resolve_nexthops(self.nl)
         for _ in range(10):  # provoked ARP/ND usually answers within milliseconds
@@ -82,6 +84,18 @@ class Daemon:
         self.log.info("datapath_attached", interface=cfg.lb.interface, mode=mode,
                       egress=self.egress.name, adopted_maps=len(self.dp.adopted),
                       adopted_vips=adopted)
+
+    def _adopted_up(self) -> set[tuple[str, str]]:
+        """Backends an earlier instance left taking flows: they count as up until their
+        own checks say otherwise, so a restart does not empty the rings."""
+        up = set()
+        for v in self.cfg.vips:
+            cur = self.prog.vips.get(v.ident)
+            for b in v.backends:
+                bid = cur.bids.get(b.address) if cur else None
+                if bid and cur.flags.get(bid, (0, 0))[0] & L.BE_F_FLOWS_STAY:
+                    up.add((v.name, str(b.address)))
+        return up
 
     def _attach(self) -> str:
         """Attach, or replace our earlier program without a gap (XDP_FLAGS_REPLACE)."""
@@ -149,7 +163,9 @@ class Daemon:
         if v is not None and v.health.type == "none":
             return True
         verdict = self.verdicts.get((vip, backend))
-        return bool(verdict and verdict.up)
+        if verdict is None:
+            return (vip, backend) in self.seed_up
+        return verdict.up
 
     def _nexthop_of(self, addr) -> str:
         return self.nexthop_keys.setdefault(str(addr), f"backend {addr}")
@@ -211,7 +227,7 @@ class Daemon:
                 keep.add(key)
                 cur = self.verdicts.get(key)
                 if cur is None:
-                    self.verdicts[key] = Verdict(h.rise, h.fall)
+                    self.verdicts[key] = Verdict(h.rise, h.fall, up=key in self.seed_up)
                 else:
                     cur.rise, cur.fall = h.rise, h.fall
         for key in [k for k in self.verdicts if k not in keep]:

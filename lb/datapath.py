@@ -20,6 +20,8 @@ from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, obj_pin
 MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", "flows",
              "config", "tx_port", "stats", "vip_stats", "backend_stats")
 
+BPF_F_RDONLY_PROG = 1 << 7
+
 GLOBAL_NAMES = {s.name.lower(): s for s in L.Stat}
 
 
@@ -90,6 +92,9 @@ class Datapath:
                 continue
             with Map.from_pin(path) as old:
                 have, want = old.info(), self.skel.map_spec(name)
+                # the kernel adds BPF_F_RDONLY_PROG to DEVMAPs by itself
+                have["map_flags"] &= ~BPF_F_RDONLY_PROG
+                want["map_flags"] &= ~BPF_F_RDONLY_PROG
                 diff = [f"{k} {have[k]} != {want[k]}" for k in want if have[k] != want[k]]
                 if diff:
                     self.replaced[name] = ", ".join(diff)

@@ -217,6 +217,9 @@ def test_run(prog_fd: int, data: bytes, *, repeat: int = 1, flags: int = 0,
     return RunResult(opts.retval, out, opts.duration)
 
 
+test_run.__test__ = False  # not a pytest test when imported into a test module
+
+
 def xdp_attach(ifindex: int, prog_fd: int, mode: str, old_prog_fd: int = -1) -> None:
     """Attach (or atomically replace old_prog_fd with) an XDP program."""
     flags = XDP_MODES[mode]

@@ -221,6 +221,12 @@ def _index(ipr: IPRoute, ifname: str, name: Optional[str]) -> int:
     return found[0]
 
 
+def _sysctl_path(key: str) -> str:
+    """"net.ipv4.ip_forward" or "net/ipv4/conf/eth0.5/rp_filter" (slashes when a part
+    holds a dot)."""
+    return "/proc/sys/" + (key.lstrip("/") if "/" in key else key.replace(".", "/"))
+
+
 def _mac_str(mac: Union[bytes, str]) -> str:
     if isinstance(mac, (bytes, bytearray)):
         if len(mac) != 6:
@@ -234,8 +240,8 @@ def _mac_bytes(mac: str) -> bytes:
 
 
 class Netns:
-    """A named network namespace. As a context manager it is created on entry (if
-    missing) and removed on exit; `owned=False` leaves it in place on exit."""
+    """A named network namespace, created (if missing) at construction unless
+    create=False. As a context manager it is removed on exit unless owned=False."""
 
     def __init__(self, name: str, create: bool = True, owned: bool = True):
         self.name = name
@@ -383,8 +389,7 @@ class Netns:
     def sysctl(self, key: str, value: Union[int, str]) -> None:
         """sysctl("net.ipv4.ip_forward", 1); dots or slashes; only net.* differs per
         namespace."""
-        path = "/proc/sys/" + key.replace(".", "/") if "/" not in key else \
-            "/proc/sys/" + key.lstrip("/")
+        path = _sysctl_path(key)
         with self.entered():
             try:
                 with open(path, "w") as f:
@@ -394,7 +399,7 @@ class Netns:
                     from None
 
     def sysctl_get(self, key: str) -> str:
-        path = "/proc/sys/" + key.replace(".", "/")
+        path = _sysctl_path(key)
         with self.entered():
             try:
                 with open(path) as f:

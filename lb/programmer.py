@@ -121,7 +121,7 @@ class Programmer:
                 self._macs[nid] = mac
 
         wanted = {v.ident: v for v in vips}
-        old_addrs = {v.spec.address for v in self.vips.values()}
+        old_addrs = {ident[0] for ident in self.vips}
         later: list = []  # releases, run after every swap
         for ident, spec in wanted.items():
             cur = self.vips.get(ident)

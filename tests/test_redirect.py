@@ -28,7 +28,7 @@ import ipaddress
 import select
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -89,13 +89,8 @@ class Lab:
     source_v4: ipaddress.IPv4Address
     source_v6: ipaddress.IPv6Address
     tx_mode: int
+    bench: Skeleton = None  # for xdp_pass
     lb_mode: str = ""
-    sockets: list = field(default_factory=list)
-
-    def sock(self, ns: N.Netns, family: int) -> socket.socket:
-        s = ns.socket(family, socket.SOCK_DGRAM)
-        self.sockets.append(s)
-        return s
 
     def configure(self, encap: int, vip: ipaddress._BaseAddress, backends: tuple) -> None:
         self.dp.set_config(EgressConfig(
@@ -174,22 +169,21 @@ def redirect_lab():
 
         dp = stack.enter_context(_load_dp())
         decap = stack.enter_context(_load_decap())
+        bench = stack.enter_context(Skeleton("bench"))
+        bench.load()
         with lbn.entered():  # the devmap resolves the ifindex in the caller's netns
             dp.set_tx_port(lbn.ifindex("lout"))
         lab = Lab("redirect", cl, lbn, be, dp, Programmer(dp), decap,
                   ip("10.11.0.1"), ip("fd11::1"),
                   (ip("10.12.0.2"), ip("10.12.0.3")), (ip("fd12::2"), ip("fd12::3")),
                   ip("10.100.0.1"), ip("fd00:100::1"), _mac(3), _mac(4),
-                  ip("10.12.0.1"), ip("fd12::1"), L.TX_REDIRECT)
+                  ip("10.12.0.1"), ip("fd12::1"), L.TX_REDIRECT, bench=bench)
         _attach(be, "b0", decap.prog_fd("xdp_decap"))
         lab.lb_mode = _attach(lbn, "cin", dp.prog_fd)
-        try:
-            yield lab
-        finally:
-            for s in lab.sockets:
-                s.close()
-            # interfaces go with their namespaces (ExitStack: namespaces removed before
-            # the programs are unloaded)
+        # Tests close their sockets (an open one would keep its namespace alive); the
+        # ExitStack unloads the programs (attached ones stay referenced by their
+        # interfaces) and removes the namespaces, taking the interfaces along.
+        yield lab
 
 
 @pytest.fixture(scope="module")
@@ -227,15 +221,11 @@ def tx_lab():
                   ip("10.21.0.1"), ip("fd21::1"),
                   (ip("10.21.0.3"), ip("10.21.0.4")), (ip("fd21::3"), ip("fd21::4")),
                   ip("10.100.1.1"), ip("fd00:101::1"), _mac(0x22), _mac(0x23),
-                  ip("10.21.0.2"), ip("fd21::2"), L.TX_XDP_TX)
+                  ip("10.21.0.2"), ip("fd21::2"), L.TX_XDP_TX, bench=bench)
         _attach(sw, "swl", bench.prog_fd("xdp_pass"))  # receives the LB's XDP_TX frames
         _attach(be, "b0", decap.prog_fd("xdp_decap"))
         lab.lb_mode = _attach(lbn, "l0", dp.prog_fd)
-        try:
-            yield lab
-        finally:
-            for s in lab.sockets:
-                s.close()
+        yield lab
 
 
 def _recv_all(sock: socket.socket, n: int, deadline: float) -> list:
@@ -256,34 +246,32 @@ def _burst(lab: Lab, vip, n: int, *, no_check: bool = False, reply: bool = True)
     backend's socket gets them all and (reply=True) that each client gets an answer from
     the VIP. Returns the client (addr, port) -> payload seen by the backend."""
     fam = socket.AF_INET6 if vip.version == 6 else socket.AF_INET
-    srv = lab.sock(lab.backend, fam)
-    srv.bind((str(vip), VIP_PORT))
-    clients = []
-    for i in range(n):
-        c = lab.sock(lab.client, fam)
-        if no_check:
-            c.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
-        c.sendto(f"req {i:03d} ".encode().ljust(PAYLOAD, b"."), (str(vip), VIP_PORT))
-        clients.append(c)
-    got = _recv_all(srv, n, time.monotonic() + DEADLINE)
-    seen = {addr[:2]: data for data, addr in got}
-    assert len(got) == n, f"backend received {len(got)} of {n} datagrams"
-    assert len(seen) == n
-    for data in seen.values():
-        assert len(data) == PAYLOAD and data.startswith(b"req ")
-    if reply:
-        for addr, data in seen.items():
-            srv.sendto(b"rep" + data[3:], addr)
-        deadline = time.monotonic() + DEADLINE
-        for c in clients:
-            r = _recv_all(c, 1, deadline)
-            assert r, f"client {c.getsockname()} got no reply"
-            data, frm = r[0]
-            assert ip(frm[0].split("%")[0]) == vip and frm[1] == VIP_PORT, frm
-            assert data.startswith(b"rep ")
-    srv.close()
-    for c in clients:
-        c.close()
+    with contextlib.ExitStack() as closing:
+        srv = closing.enter_context(lab.backend.socket(fam))
+        srv.bind((str(vip), VIP_PORT))
+        clients = []
+        for i in range(n):
+            c = closing.enter_context(lab.client.socket(fam))
+            if no_check:
+                c.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+            c.sendto(f"req {i:03d} ".encode().ljust(PAYLOAD, b"."), (str(vip), VIP_PORT))
+            clients.append(c)
+        got = _recv_all(srv, n, time.monotonic() + DEADLINE)
+        seen = {addr[:2]: data for data, addr in got}
+        assert len(got) == n, f"backend received {len(got)} of {n} datagrams"
+        assert len(seen) == n
+        for data in seen.values():
+            assert len(data) == PAYLOAD and data.startswith(b"req ")
+        if reply:
+            for addr, data in seen.items():
+                srv.sendto(b"rep" + data[3:], addr)
+            deadline = time.monotonic() + DEADLINE
+            for c in clients:
+                r = _recv_all(c, 1, deadline)
+                assert r, f"client {c.getsockname()} got no reply"
+                data, frm = r[0]
+                assert ip(frm[0].split("%")[0]) == vip and frm[1] == VIP_PORT, frm
+                assert data.startswith(b"rep ")
     return seen
 
 
@@ -400,12 +388,11 @@ def test_replies_bypass_the_lb(tx_lab):
 def test_non_vip_traffic_passes(redirect_lab):
     """A datagram to an LB-namespace address (not a VIP) is passed to the LB's stack."""
     lab = redirect_lab
-    srv = lab.sock(lab.lb, socket.AF_INET)
-    srv.bind(("10.11.0.2", 7000))
-    c = lab.sock(lab.client, socket.AF_INET)
-    g0 = lab.dp.global_counters()
-    c.sendto(b"hello", ("10.11.0.2", 7000))
-    got = _recv_all(srv, 1, time.monotonic() + DEADLINE)
+    with lab.lb.socket() as srv, lab.client.socket() as c:
+        srv.bind(("10.11.0.2", 7000))
+        g0 = lab.dp.global_counters()
+        c.sendto(b"hello", ("10.11.0.2", 7000))
+        got = _recv_all(srv, 1, time.monotonic() + DEADLINE)
     assert got and got[0][0] == b"hello"
     g1 = lab.dp.global_counters()
     assert g1["pass"] - g0["pass"] >= 1
@@ -417,14 +404,64 @@ def test_too_big_is_dropped(redirect_lab):
     counted, nothing reaches the backend."""
     lab = redirect_lab
     lab.configure(L.ENCAP_IPIP, lab.vip4, lab.backends_v4)
-    srv = lab.sock(lab.backend, socket.AF_INET)
-    srv.bind((str(lab.vip4), VIP_PORT))
-    c = lab.sock(lab.client, socket.AF_INET)
-    g0 = lab.dp.global_counters()
-    c.sendto(b"x" * (1500 - 28), (str(lab.vip4), VIP_PORT))
-    c.sendto(b"small", (str(lab.vip4), VIP_PORT))  # same flow, fits: proves the path works
-    got = _recv_all(srv, 1, time.monotonic() + DEADLINE)
+    with lab.backend.socket() as srv, lab.client.socket() as c:
+        srv.bind((str(lab.vip4), VIP_PORT))
+        g0 = lab.dp.global_counters()
+        c.sendto(b"x" * (1500 - 28), (str(lab.vip4), VIP_PORT))
+        c.sendto(b"small", (str(lab.vip4), VIP_PORT))  # same flow, fits: the path works
+        got = _recv_all(srv, 1, time.monotonic() + DEADLINE)
     assert [d for d, _ in got] == [b"small"]  # one flow keeps its order: big was first
     g1 = lab.dp.global_counters()
     assert g1["drop_too_big"] - g0["drop_too_big"] == 1
     assert g1["redirect"] - g0["redirect"] == 1
+
+
+def _udp_csum_errors() -> tuple[int, int]:
+    """(Udp InCsumErrors, Udp6InCsumErrors) of the current namespace."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    v4 = int(rows[1][rows[0].index("InCsumErrors")])
+    with open("/proc/net/snmp6") as f:
+        v6 = next(int(line.split()[1]) for line in f if line.startswith("Udp6InCsumErrors"))
+    return v4, v6
+
+
+@pytest.mark.parametrize("vfam,bfam", [(4, 4), (6, 6), (6, 4), (4, 6)],
+                         ids=["v4_in_v4", "v6_in_v6", "v6_in_v4", "v4_in_v6"])
+def test_gue_checksum_accepted_by_kernel(redirect_lab, vfam, bfam):
+    """Without decap on the backend (xdp_pass instead), GUE datagrams reach a UDP socket
+    on gue_port only if the kernel finds their UDP checksum (computed by xdplb from the
+    inner packet's sums) valid; what arrives must be exactly the inner packet."""
+    from scapy.layers.inet import IP
+    from scapy.layers.inet6 import IPv6
+
+    lab = redirect_lab
+    vip = lab.vip4 if vfam == 4 else lab.vip6
+    backends = lab.backends_v4 if bfam == 4 else lab.backends_v6
+    lab.configure(L.ENCAP_GUE, vip, backends)
+    fam_b = socket.AF_INET6 if bfam == 6 else socket.AF_INET
+    fam_v = socket.AF_INET6 if vfam == 6 else socket.AF_INET
+    errors0 = lab.backend.run(_udp_csum_errors)
+    with lab.backend.socket(fam_b) as gue:
+        if fam_b == socket.AF_INET6:
+            gue.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        gue.bind(("::" if bfam == 6 else "0.0.0.0", GUE_PORT))
+        lab.backend.xdp_attach("b0", lab.bench.prog_fd("xdp_pass"), "native")  # for decap
+        try:
+            n = 8
+            for i in range(n):
+                with lab.client.socket(fam_v) as c:
+                    c.sendto(f"gue {i}".encode().ljust(PAYLOAD, b"."), (str(vip), VIP_PORT))
+            got = _recv_all(gue, n, time.monotonic() + DEADLINE)
+        finally:
+            lab.backend.xdp_attach("b0", lab.decap.prog_fd("xdp_decap"), "native")
+    assert lab.backend.run(_udp_csum_errors) == errors0
+    assert len(got) == n, f"{len(got)} of {n} GUE datagrams passed the kernel's checksum"
+    for data, frm in got:
+        assert ip(frm[0]) in (lab.source_v4, lab.source_v6)
+        assert 0xC000 <= frm[1] <= 0xFFFF  # source port from the flow hash
+        inner = IP(data) if vfam == 4 else IPv6(data)
+        assert ip(inner.dst) == vip and inner.dport == VIP_PORT
+        assert bytes(inner.payload.payload).startswith(b"gue ")
+        raw_len = inner.len if vfam == 4 else inner.plen + 40
+        assert raw_len == len(data)

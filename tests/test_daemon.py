@@ -1,0 +1,308 @@
+"""The real daemon in the lab: stats, explain, admin state, SIGHUP (good and broken),
+SIGKILL and restart with adoption of pinned maps."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lb import lab, maglev
+from lb import layout as L
+from lb import netns as N
+from lb.native import Map, lib
+from lb.programmer import backend_key
+
+PIN = "/sys/fs/bpf/xdplb-test"
+SOCK = "/run/xdplb/test.sock"
+STATE = "/run/xdplb/test-state.json"
+
+
+def _config(tmp_path, web_backends=("10.200.0.11", "10.200.0.12", "10.200.0.13"),
+            extra="") -> str:
+    text = open("config/lab.toml").read()
+    text = text.replace('bpf_pin_path = "/sys/fs/bpf/xdplb-lab"', f'bpf_pin_path = "{PIN}"')
+    text = text.replace('control_socket = "/run/xdplb/lab.sock"', f'control_socket = "{SOCK}"')
+    text = text.replace('state_file = "/run/xdplb/lab-state.json"', f'state_file = "{STATE}"')
+    text = text.replace('log_format = "console"', 'log_format = "json"')
+    web = "".join(f'[[vip.backend]]\naddress = "{a}"\n' for a in web_backends)
+    text = re.sub(r'(name = "web"\n.*?protocol = "tcp"\n)(\[\[vip.backend\]\]\naddress = "[^"]+"\n)+',
+                  lambda m: m.group(1) + web, text, count=1, flags=re.S)
+    path = tmp_path / "lb.toml"
+    path.write_text(text + extra)
+    return str(path)
+
+
+SPAWNED: list = []
+
+
+class Daemon:
+    def __init__(self, config: str, log):
+        self.config, self.logpath = config, log
+        self.proc = N.spawn_in(lab.LB, [sys.executable, "-m", "lb.cli", "--config", config],
+                               stdout=open(log, "a"), stderr=subprocess.STDOUT)
+        SPAWNED.append(self.proc)
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in open(self.logpath):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def wait_event(self, name: str, after: int = 0, timeout: float = 15) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ev = [e for e in self.events()[after:] if e.get("event") == name]
+            if ev:
+                return ev[0]
+            assert self.proc.poll() is None, f"daemon exited: {open(self.logpath).read()[-2000:]}"
+            time.sleep(0.05)
+        raise AssertionError(f"no {name} event; log: {open(self.logpath).read()[-2000:]}")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lb.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def stats(config: str) -> dict:
+    r = cli("stats", "--json", "--config", config)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def states(doc: dict, vip: str) -> dict[str, str]:
+    v = next(v for v in doc["vips"] if v["name"] == vip)
+    return {b["address"]: b["state"] for b in v["backends"]}
+
+
+def wait_all_active(config: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            d = stats(config)
+            if all(s == "active" for v in d["vips"] for s in states(d, v["name"]).values()):
+                return
+        except (AssertionError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError("backends never became active")
+
+
+def http(n: int, host: str = lab.VIP4) -> tuple[collections.Counter, int]:
+    def work(host, n):
+        got, failed = collections.Counter(), 0
+        for _ in range(n):
+            try:
+                with socket.create_connection((host, 80), timeout=2) as s:
+                    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    data = b""
+                    while c := s.recv(4096):
+                        data += c
+                got[data.split(b"\r\n\r\n", 1)[1].strip().decode()] += 1
+            except (OSError, IndexError):
+                failed += 1
+        return got, failed
+    return N.run_in(lab.CLIENT, work, host, n, timeout=60)
+
+
+def udp_from_ports(ports: list[int]) -> dict[int, str]:
+    def work(ports):
+        out = {}
+        for p in ports:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("10.200.0.1", p))
+                s.settimeout(1)
+                s.sendto(b"x", (lab.VIP4, lab.UDP_PORT))
+                out[p] = s.recvfrom(100)[0].split()[0].decode()
+        return out
+    return N.run_in(lab.CLIENT, work, ports, timeout=60)
+
+
+def ring_addresses(vip_addr: str, port: int, proto: int) -> list[str]:
+    """The ring the data path uses now, as backend addresses, read from the pins."""
+    with Map.from_pin(f"{PIN}/vips") as vips:
+        meta = L.VipMeta.unpack(vips.lookup(L.vip_key(__import__("ipaddress").ip_address(
+            vip_addr), port, proto)))
+    with Map.from_pin(f"{PIN}/rings") as rings:
+        inner_id = ctypes.c_uint32.from_buffer_copy(
+            rings.lookup(ctypes.c_uint32(meta.vip_id))).value
+    fd = lib.bpf_map_get_fd_by_id(inner_id)
+    addrs = {}
+    with Map.from_fd(fd) as inner, Map.from_pin(f"{PIN}/backends") as bes:
+        out = []
+        for i in range(inner.max_entries):
+            bid = ctypes.c_uint32.from_buffer_copy(inner.lookup(ctypes.c_uint32(i))).value
+            if bid not in addrs:
+                b = L.Backend.unpack(bes.lookup(ctypes.c_uint32(bid)))
+                addrs[bid] = str(L.words_addr(b.addr, b.family))
+            out.append(addrs[bid])
+    return out
+
+
+def expected_ring(addresses: list[str], m: int = 65537) -> list[str]:
+    import ipaddress
+    addrs = sorted((ipaddress.ip_address(a) for a in addresses), key=backend_key)
+    table = maglev.build_reference([maglev.Slotholder(backend_key(a)) for a in addrs], m)
+    return [str(addrs[i]) for i in table]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("daemon")
+    for f in (STATE,):
+        if os.path.exists(f):
+            os.unlink(f)
+    lab.up("tx")
+    cfg = _config(tmp)
+    d = Daemon(cfg, str(tmp / "daemon.log"))
+    try:
+        d.wait_event("datapath_attached")
+        wait_all_active(cfg)
+        yield tmp, cfg, d
+    finally:
+        for p in SPAWNED:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        subprocess.run([sys.executable, "-m", "lb.cli", "lab", "down"], capture_output=True)
+        # a daemon killed with SIGKILL leaves the program attached and pins behind
+        for name in os.listdir(PIN) if os.path.isdir(PIN) else []:
+            os.unlink(os.path.join(PIN, name))
+        if os.path.isdir(PIN):
+            os.rmdir(PIN)
+
+
+def test_stats_shape_and_counts(env):
+    tmp, cfg, d = env
+    before = stats(cfg)
+    got, failed = http(30)
+    assert failed == 0 and sum(got.values()) == 30
+    after = stats(cfg)
+    assert set(after) == {"vips", "global"}
+    g = after["global"]
+    for k in ("rx_packets", "tx", "redirect", "pass", "drop", "flow_hits", "flow_misses"):
+        assert isinstance(g[k], int)
+    assert set(g["drops"]) >= {"no_backend", "malformed"}
+    web = next(v for v in after["vips"] if v["name"] == "web")
+    assert {"name", "address", "port", "protocol", "packets", "bytes", "backends"} <= set(web)
+    for b in web["backends"]:
+        assert {"address", "state", "healthy", "weight", "packets", "bytes"} <= set(b)
+    web0 = next(v for v in before["vips"] if v["name"] == "web")
+    # each connection: SYN, ACK, request, FIN/ACKs from the client side (>= 4 packets)
+    assert web["packets"] - web0["packets"] >= 4 * 30
+    assert sum(b["packets"] for b in web["backends"]) - sum(
+        b["packets"] for b in web0["backends"]) == web["packets"] - web0["packets"]
+    assert g["tx"] - before["global"]["tx"] >= 4 * 30
+
+
+def test_explain_agrees_with_datapath(env):
+    tmp, cfg, d = env
+    ports = list(range(41000, 41060))
+    seen = udp_from_ports(ports)
+    names = {h.v4: n for n, h in lab.hosts("tx").items()}
+    for p in ports:
+        r = cli("explain", "--config", cfg, "udp", "10.200.0.1", str(p), lab.VIP4,
+                str(lab.UDP_PORT))
+        assert r.returncode == 0, r.stderr
+        backend = re.search(r"backend (\S+)", r.stdout).group(1)
+        assert names[backend] == seen[p], (p, r.stdout)
+    r = cli("explain", "--config", cfg, "udp", "10.200.0.1", "1", "10.200.9.9", "53")
+    assert r.returncode == 1 and "not a VIP" in r.stderr
+
+
+def test_admin_state_survives_reload(env):
+    tmp, cfg, d = env
+    r = cli("backend", "drain", "web", "10.200.0.11", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert states(stats(cfg), "web")["10.200.0.11"] == "drain"
+    assert json.load(open(STATE))["backends"] == [
+        {"vip": "web", "backend": "10.200.0.11", "state": "drain"}]
+    got, _ = http(30)
+    assert got.get("xl-be1", 0) == 0
+    n = len(d.events())
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_event("config_reloaded", after=n)
+    assert states(stats(cfg), "web")["10.200.0.11"] == "drain"
+    assert cli("backend", "drain", "web", "10.9.9.9", "--config", cfg).returncode == 1
+    assert cli("backend", "activate", "web", "10.200.0.11", "--config", cfg).returncode == 0
+    assert states(stats(cfg), "web")["10.200.0.11"] == "active"
+
+
+def test_reload_changes_only_expected_slots(env):
+    tmp, cfg, d = env
+    all3 = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
+    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring(all3)
+    udp_before = ring_addresses(lab.VIP4, lab.UDP_PORT, 17)
+
+    # remove one backend: the ring equals the reference for the two others, and only
+    # slots of the removed backend (plus Maglev's small extra) moved
+    two = _config(tmp, web_backends=all3[:2])
+    os.replace(two, cfg)
+    n = len(d.events())
+    d.proc.send_signal(signal.SIGHUP)
+    ev = d.wait_event("config_reloaded", after=n)
+    assert ev["backends_removed"] == 1 and ev["rings_swapped"] == 1
+    after = ring_addresses(lab.VIP4, 80, 6)
+    assert after == expected_ring(all3[:2])
+    assert ring_addresses(lab.VIP4, lab.UDP_PORT, 17) == udp_before  # untouched VIP
+
+    # a broken config changes nothing
+    good = open(cfg).read()
+    open(cfg, "w").write(good + "\n[[vip]]\nname = 1\n")
+    n = len(d.events())
+    d.proc.send_signal(signal.SIGHUP)
+    ev = d.wait_event("config_rejected", after=n)
+    assert "name" in ev["error"]
+    assert ring_addresses(lab.VIP4, 80, 6) == after
+    got, failed = http(20)
+    assert failed == 0 and got.get("xl-be3", 0) == 0
+
+    # add it back
+    os.replace(_config(tmp), cfg)
+    n = len(d.events())
+    d.proc.send_signal(signal.SIGHUP)
+    ev = d.wait_event("config_reloaded", after=n)
+    assert ev["backends_added"] == 1
+    # a backend new to the VIP starts down: no slots until it passes `rise` checks
+    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring(all3[:2])
+    wait_all_active(cfg)
+    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring(all3)
+
+
+def test_sigkill_keeps_forwarding_and_restart_adopts(env):
+    tmp, cfg, d = env
+    http(10)
+    with Map.from_pin(f"{PIN}/flows") as flows:
+        before = set(flows.keys())
+    assert before
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    got, failed = http(20)  # no daemon: the attached program still forwards
+    assert failed == 0 and sum(got.values()) == 20
+    d2 = Daemon(cfg, d.logpath)
+    n = len(d.events())
+    ev = d2.wait_event("datapath_attached", after=n - 1 if n else 0)
+    ev = [e for e in d2.events() if e.get("event") == "datapath_attached"][-1]
+    assert ev["adopted_maps"] == 12 and ev["adopted_vips"] == 4
+    with Map.from_pin(f"{PIN}/flows") as flows:
+        assert before <= set(flows.keys())
+    d.proc = d2.proc
+    wait_all_active(cfg)
+    got, failed = http(20)
+    assert failed == 0
