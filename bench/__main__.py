@@ -1,4 +1,4 @@
-"""python -m bench {cost,maglev,all} [options]: see bench/__init__.py."""
+"""python -m bench {cost,maglev,reload,all} [options]: see bench/__init__.py."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
 
     cost_args(sub.add_parser("cost", help="per-packet cost vs the floor -> cost.json"))
     maglev_args(sub.add_parser("maglev", help="Maglev table quality -> maglev.json, .png"))
+    sub.add_parser("reload", help="reload latency and memory -> reload.json")
     a = sub.add_parser("all", help="every benchmark")
     cost_args(a)
     maglev_args(a)
@@ -59,6 +60,10 @@ def main(argv=None) -> int:
         if args.cmd == "all":
             print()
         run_maglev(out, trials=args.trials, builds=args.builds, plot=not args.no_plot)
+    if args.cmd in ("reload", "all"):
+        from .reload import run_reload
+
+        run_reload(out)
     return 0
 
 

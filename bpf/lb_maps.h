@@ -36,11 +36,12 @@ struct {
  * backend ids. A ring is never edited in place: user space fills a new inner map
  * completely and swaps it into this outer slot with one update, so a packet sees the
  * whole old ring or the whole new one. BPF_F_INNER_MAP lets rings of any size share
- * the outer map (a restart with another ring_size can still adopt it). */
+ * the outer map (a restart with another ring_size can still adopt it); BPF_F_MMAPABLE
+ * lets user space write a new ring with one memcpy instead of 65537 element updates. */
 struct ring_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, LB_DEFAULT_RING_SIZE);
-	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, __u32);
 };

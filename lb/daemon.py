@@ -68,7 +68,7 @@ class Daemon:
         self.dp = Datapath(_limits(cfg), pin_dir=cfg.lb.bpf_pin_path)
         for name, why in self.dp.replaced.items():
             self.log.warning("pinned_map_replaced", map=name, reason=why)
-        self.prog = Programmer(self.dp)
+        self.prog = Programmer(self.dp, keep_rings=False)
         adopted = self.prog.adopt() if "vips" in self.dp.adopted else 0
         self.seed_up = self._adopted_up()
         self._program_egress()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import ctypes
 import ipaddress
+import mmap
 import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -170,24 +171,42 @@ class Datapath:
 
     # --- rings ---------------------------------------------------------------------
     def install_ring(self, vip_id: int, ids: array.array) -> None:
-        """Fill a new inner map completely, then swap it into rings[vip_id] in one update:
-        packets see the whole old ring or the whole new one, never a mix."""
-        m = len(ids)
-        inner = create_map(BPF_MAP_TYPE_ARRAY, f"ring_{vip_id}", 4, 4, m,
-                           map_flags=lib.BPF_F_INNER_MAP)
-        try:
-            keys = array.array("I", range(m))
-            inner.update_batch(keys.tobytes(), ids.tobytes(), m)
-            self.maps["rings"].update_fd(_u32(vip_id), inner.fd)
-        finally:
-            inner.close()
+        self.install_rings([(vip_id, ids)])
+
+    def install_rings(self, rings: list[tuple[int, array.array]], chunk: int = 256) -> None:
+        """Fill a new inner map per ring completely (one memcpy into its mmap), then swap
+        them into their rings[vip_id] slots: packets see a VIP's whole old ring or its
+        whole new one, never a mix. The swaps go in batches, since the kernel waits for
+        an RCU grace period after each map-in-map update call (~14 ms here)."""
+        for start in range(0, len(rings), chunk):
+            part = rings[start:start + chunk]
+            inners: list[Map] = []
+            try:
+                for vip_id, ids in part:
+                    m = len(ids)
+                    inner = create_map(BPF_MAP_TYPE_ARRAY, f"ring_{vip_id}", 4, 4, m,
+                                       map_flags=lib.BPF_F_INNER_MAP | lib.BPF_F_MMAPABLE)
+                    inners.append(inner)
+                    # array elements are 8-byte aligned: a u32 ring is a stride-8 image
+                    image = array.array("I", bytes(8 * m))
+                    image[0::2] = ids
+                    size = -(-8 * m // mmap.PAGESIZE) * mmap.PAGESIZE
+                    with mmap.mmap(inner.fd, size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+                        mm[: 8 * m] = image.tobytes()
+                keys = array.array("I", [v for v, _ in part])
+                fds = array.array("I", [i.fd for i in inners])
+                self.maps["rings"].update_batch(keys.tobytes(), fds.tobytes(), len(part))
+            finally:
+                for inner in inners:
+                    inner.close()
 
     def remove_ring(self, vip_id: int) -> None:
         self.maps["rings"].delete(_u32(vip_id))
 
     def read_ring(self, vip_id: int) -> Optional[array.array]:
         """The ring currently installed for vip_id (for tests and `explain`)."""
-        from .native import ffi, lib as nlib
+        from .native import lib as nlib
 
         raw = self.maps["rings"].lookup(_u32(vip_id))
         if raw is None:
@@ -198,18 +217,9 @@ class Datapath:
             return None
         with Map.from_fd(fd) as inner:
             m = inner.max_entries
-            out = array.array("I", bytes(4 * m))
-            keys = array.array("I", bytes(4 * m))
-            n = ffi.new("__u32 *", m)
-            batch = ffi.new("__u32 *")
-            opts = ffi.new("struct bpf_map_batch_opts *")
-            opts.sz = ffi.sizeof("struct bpf_map_batch_opts")
-            nlib.bpf_map_lookup_batch(inner.fd, ffi.NULL, batch,
-                                      ffi.from_buffer("uint32_t[]", keys),
-                                      ffi.from_buffer("uint32_t[]", out), n, opts)
-            if n[0] != m:  # no batch support: element by element
-                for i in range(m):
-                    out[i] = ctypes.c_uint32.from_buffer_copy(inner.lookup(_u32(i))).value
+            size = -(-8 * m // mmap.PAGESIZE) * mmap.PAGESIZE
+            with mmap.mmap(inner.fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+                out = array.array("I", mm[: 8 * m])[0::2]
         return out
 
     # --- VIPs ----------------------------------------------------------------------

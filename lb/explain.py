@@ -33,13 +33,14 @@ def explain_running(d, proto_name: str, src: str, sport: int, dst: str, dport: i
     if vip is None:
         raise KeyError(f"{dst}:{dport}/{proto_name} is not a VIP")
     cur = d.prog.vips[(vip.address, vip.port, proto)]
+    ring = cur.ring if cur.ring is not None else d.dp.read_ring(cur.vip_id)
     src_only = vip.hash == "src_ip"
     h = flow_hash(proto, srca, sport, dsta, dport, src_only)
-    slot = h % len(cur.ring)
-    bid = cur.ring[slot]
+    slot = h % len(ring)
+    bid = ring[slot]
     by_id = {i: str(a) for a, i in cur.bids.items()}
     existing = d.dp.flow_backend(L.flow_key(proto, srca, sport, dsta, dport))
-    return _result(vip, by_id.get(bid), slot, len(cur.ring), h, src_only,
+    return _result(vip, by_id.get(bid), slot, len(ring), h, src_only,
                    by_id.get(existing) if existing else None)
 
 

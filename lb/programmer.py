@@ -2,7 +2,8 @@
 differs, in an order that never lets a packet see a half-built state:
 
 1. next-hop MACs, then backend entries that gain something (new, or may now keep flows);
-2. each changed ring, filled completely in a new inner map and swapped in atomically;
+2. each changed ring, filled completely in a new inner map and swapped in atomically
+   (all of one apply in batches: the kernel waits an RCU grace period per update call);
 3. VIP entries, then VIP addresses (vip_addrs, then the prefilter bit that makes them live);
 4. only then what loses something: backend flags removed, backends and VIPs released.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import array
 import collections
 import ctypes
+import hashlib
 import socket
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,9 @@ from . import layout as L
 from . import maglev
 from .datapath import Datapath
 from .layout import IPAddress
+
+
+RING_BATCH = 64  # rings held before a batched swap (memory vs. RCU waits)
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,8 @@ class VipSpec:
 class _Vip:
     vip_id: int
     spec: Optional[VipSpec]  # None: adopted from pinned maps, not yet reconciled
-    ring: Optional[array.array] = None
+    ring: Optional[array.array] = None  # kept only with Programmer(keep_rings=True)
+    digest: Optional[bytes] = None      # of the installed ring
     bids: dict = field(default_factory=dict)  # backend address -> backend id
     flags: dict = field(default_factory=dict)  # backend id -> written BE flags
 
@@ -70,6 +76,10 @@ class ApplyReport:
     duration_s: float = 0.0
 
 
+def _digest(ring: array.array) -> bytes:
+    return hashlib.blake2b(ring.tobytes(), digest_size=16).digest()
+
+
 def backend_key(addr: IPAddress) -> bytes:
     """Maglev identity of a backend: its address words and family (20 bytes)."""
     return array.array("I", list(L.addr_words(addr)) + [L.family_of(addr)]).tobytes()
@@ -83,8 +93,11 @@ def ring_for(spec: VipSpec, bids: Mapping[IPAddress, int]) -> array.array:
 
 
 class Programmer:
-    def __init__(self, dp: Datapath):
+    def __init__(self, dp: Datapath, keep_rings: bool = True):
+        """keep_rings=False keeps only a digest per ring (1,000 rings of 65537 slots
+        would hold 256 MB in Python); the installed ring stays readable from the map."""
         self.dp = dp
+        self.keep_rings = keep_rings
         self.vips: dict[tuple, _Vip] = {}
         self._free_vip = collections.deque(range(1, dp.limits.max_vips))
         self._free_be = collections.deque(range(1, dp.limits.max_backends))
@@ -123,6 +136,8 @@ class Programmer:
         wanted = {v.ident: v for v in vips}
         old_addrs = {ident[0] for ident in self.vips}
         later: list = []  # releases, run after every swap
+        self._rings: list = []  # (vip_id, ring) to swap in, in one batch
+        self._after_rings: list = []  # VIP entries, written once their ring is in
         for ident, spec in wanted.items():
             cur = self.vips.get(ident)
             if cur is None:
@@ -135,6 +150,7 @@ class Programmer:
             else:
                 rep.vips_changed += 1
             self._apply_vip(cur, spec, rep, later)
+        self._flush_rings()
         for ident in [i for i in self.vips if i not in wanted]:
             cur = self.vips.pop(ident)
             rep.vips_removed += 1
@@ -148,7 +164,7 @@ class Programmer:
 
     def _apply_vip(self, cur: _Vip, spec: VipSpec, rep: ApplyReport, later: list) -> None:
         dp = self.dp
-        first = cur.ring is None
+        first = cur.digest is None
         new_bids: dict = {}
         demote: list = []
         for b in spec.backends:
@@ -170,14 +186,19 @@ class Programmer:
                 dp.set_backend(bid, b.address, cur.vip_id, nid, flags)
             cur.flags[bid] = entry
         ring = ring_for(spec, new_bids)
-        if cur.ring is None or ring != cur.ring:
-            dp.install_ring(cur.vip_id, ring)
-            cur.ring = ring
+        digest = _digest(ring)
+        if digest != cur.digest:
+            self._rings.append((cur.vip_id, ring))
+            if len(self._rings) >= RING_BATCH:
+                self._flush_rings()
+            cur.digest = digest
+            cur.ring = ring if self.keep_rings else None
             rep.rings_swapped += 1
         vflags = L.VIP_F_HASH_SRC_ONLY if spec.hash_src_only else 0
         if first or cur.spec is None or (vflags, spec.ring_size) != (self._vflags(cur.spec),
                                                                      cur.spec.ring_size):
-            dp.set_vip(L.vip_key(*spec.ident), cur.vip_id, vflags, spec.ring_size)
+            self._after_rings.append(lambda k=L.vip_key(*spec.ident), v=cur.vip_id, f=vflags,
+                                     m=spec.ring_size: dp.set_vip(k, v, f, m))
         gone = [bid for addr, bid in cur.bids.items() if addr not in new_bids]
         for b, bid, flags, nid in demote:
             later.append(lambda b=b, bid=bid, f=flags, n=nid, v=cur.vip_id:
@@ -188,6 +209,15 @@ class Programmer:
             later.append(lambda bid=bid: self._release_backend(bid))
         cur.bids = new_bids
         cur.spec = spec
+
+    def _flush_rings(self) -> None:
+        """Swap pending rings in, then write the VIP entries that wait for them."""
+        if self._rings:
+            self.dp.install_rings(self._rings)
+        after = self._after_rings
+        self._rings, self._after_rings = [], []
+        for fn in after:
+            fn()
 
     @staticmethod
     def _vflags(spec: VipSpec) -> int:
@@ -211,7 +241,9 @@ class Programmer:
         for k, v in dp.maps["vips"].items():
             key, meta = L.VipKey.unpack(k), L.VipMeta.unpack(v)
             ident = (L.words_addr(key.addr, key.family), socket.ntohs(key.port), key.proto)
-            cur = _Vip(meta.vip_id, None, dp.read_ring(meta.vip_id))
+            ring = dp.read_ring(meta.vip_id)
+            cur = _Vip(meta.vip_id, None, ring if self.keep_rings else None,
+                       _digest(ring) if ring is not None else None)
             self.vips[ident] = by_id[meta.vip_id] = cur
         used_be, used_nh = set(), set()
         for bid in range(1, dp.limits.max_backends):

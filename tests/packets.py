@@ -14,7 +14,9 @@ programmer's own copy.
 
 from __future__ import annotations
 
+import array
 import contextlib
+import ctypes
 import ipaddress
 import random
 import socket
@@ -30,7 +32,7 @@ from lb import layout as L
 from lb import native as N
 from lb.datapath import Datapath, EgressConfig, Limits
 from lb.flowhash import flow_hash, prefilter_index
-from lb.programmer import BackendSpec, Programmer, VipSpec
+from lb.programmer import BackendSpec, Programmer, VipSpec, ring_for
 
 A = ipaddress.ip_address
 TCP_P, UDP_P = socket.IPPROTO_TCP, socket.IPPROTO_UDP
@@ -218,6 +220,7 @@ class LbEnv:
         self.specs: list[VipSpec] = []
         self.macs: dict[str, bytes] = {}
         self.cfg: dict = {}
+        self._ring_cache: dict = {}
         self.configure()
 
     def close(self) -> None:
@@ -247,12 +250,17 @@ class LbEnv:
         return self.prog.vips[spec.ident]
 
     def ring(self, spec: VipSpec):
-        """The ring the data path really holds, cross-checked against the programmer's."""
+        """The ring the data path really holds (read element-wise through the map syscall
+        API, as the BPF program sees it), cross-checked against the spec's Maglev ring, the
+        programmer's copy and Datapath.read_ring (what `explain` uses)."""
         v = self.vip_state(spec)
-        got = self.dp.read_ring(v.vip_id)
+        got = installed_ring(self.dp, v.vip_id, self._ring_cache)
         assert got is not None, f"no ring installed for {spec.ident}"
         assert len(got) == spec.ring_size
-        assert got == v.ring, "installed ring differs from the programmer's"
+        assert self.dp.read_ring(v.vip_id) == got, "Datapath.read_ring differs from the map"
+        assert got == ring_for(spec, v.bids), "installed ring is not the spec's Maglev ring"
+        if v.ring is not None:
+            assert got == v.ring, "installed ring differs from the programmer's copy"
         return got
 
     def find_vip(self, flow: Flow) -> Optional[VipSpec]:
@@ -315,6 +323,40 @@ class LbEnv:
             if (p - p0, b - b0) != (0, 0):
                 bd[k] = (p - p0, b - b0)
         return Snapshot(g, vd, bd)
+
+
+def installed_ring(dp: Datapath, vip_id: int, cache: Optional[dict] = None):
+    """rings[vip_id] as array('I'), via BPF_MAP_LOOKUP_BATCH on the inner map (cached by
+    inner map id: a ring is never edited in place, only replaced)."""
+    raw = dp.maps["rings"].lookup(ctypes.c_uint32(vip_id))
+    if raw is None:
+        return None
+    inner_id = ctypes.c_uint32.from_buffer_copy(raw).value
+    if cache is not None and inner_id in cache:
+        return cache[inner_id]
+    fd = N.lib.bpf_map_get_fd_by_id(inner_id)
+    assert fd >= 0, f"inner ring map {inner_id} vanished"
+    with N.Map.from_fd(fd) as inner:
+        m = inner.max_entries
+        assert inner.value_size == 4
+        keys = array.array("I", bytes(4 * m))
+        vals = array.array("I", bytes(4 * m))
+        n = N.ffi.new("__u32 *", m)
+        batch = N.ffi.new("__u32 *")
+        opts = N.ffi.new("struct bpf_map_batch_opts *")
+        opts.sz = N.ffi.sizeof("struct bpf_map_batch_opts")
+        ret = N.lib.bpf_map_lookup_batch(inner.fd, N.ffi.NULL, batch,
+                                         N.ffi.from_buffer("uint32_t[]", keys),
+                                         N.ffi.from_buffer("uint32_t[]", vals), n, opts)
+        if n[0] == m and list(keys) == list(range(m)):
+            out = vals
+        else:  # no batch support: element by element
+            assert ret < 0 or n[0] != m
+            out = array.array("I", (ctypes.c_uint32.from_buffer_copy(
+                inner.lookup(ctypes.c_uint32(i))).value for i in range(m)))
+    if cache is not None:
+        cache[inner_id] = out
+    return out
 
 
 def assert_globals(delta: dict, expected: dict) -> None:
