@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,44 +16,6 @@ from . import netns as N
 
 CONFIG = "config/lab.toml"
 SOCK = "/run/xdplb/lab.sock"
-
-
-def _http(host: str, n: int) -> tuple[collections.Counter, int]:
-    """n HTTP GETs from the client namespace; (answers per backend name, failures)."""
-    def work(host: str, n: int):
-        got, failed = collections.Counter(), 0
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        for _ in range(n):
-            try:
-                with socket.socket(fam, socket.SOCK_STREAM) as s:
-                    s.settimeout(2)
-                    s.connect((host, lab.HTTP_PORT))
-                    s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
-                    data = b""
-                    while chunk := s.recv(4096):
-                        data += chunk
-                got[data.split(b"\r\n\r\n", 1)[1].strip().decode()] += 1
-            except (OSError, IndexError):
-                failed += 1
-        return got, failed
-    return N.run_in(lab.CLIENT, work, host, n, timeout=120)
-
-
-def _udp(host: str, n: int) -> tuple[collections.Counter, int]:
-    def work(host: str, n: int):
-        got, failed = collections.Counter(), 0
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        for i in range(n):
-            with socket.socket(fam, socket.SOCK_DGRAM) as s:
-                s.settimeout(1)
-                try:
-                    s.sendto(f"ping {i}".encode(), (host, lab.UDP_PORT))
-                    data, _ = s.recvfrom(2048)
-                    got[data.split()[0].decode()] += 1
-                except OSError:
-                    failed += 1
-        return got, failed
-    return N.run_in(lab.CLIENT, work, host, n, timeout=120)
 
 
 def _stats() -> dict:
@@ -113,8 +74,10 @@ def main() -> int:
         print("xdplb is up; every backend passed its health checks\n")
 
         answered: dict[str, collections.Counter] = {}
-        for vip, fn, host, n in (("web", _http, lab.VIP4, 150), ("web6", _http, lab.VIP6, 150),
-                                 ("echo", _udp, lab.VIP4, 150), ("echo6", _udp, lab.VIP6, 150)):
+        for vip, fn, host, n in (("web", lab.client_http, lab.VIP4, 150),
+                                 ("web6", lab.client_http, lab.VIP6, 150),
+                                 ("echo", lab.client_udp, lab.VIP4, 150),
+                                 ("echo6", lab.client_udp, lab.VIP6, 150)):
             got, failed = fn(host, n)
             answered[vip] = got
             bad += failed
@@ -127,7 +90,7 @@ def main() -> int:
         print("\n$ xdplb backend drain web 10.200.0.11")
         request(SOCK, {"cmd": "backend", "action": "drain", "vip": "web",
                        "backend": "10.200.0.11"})
-        got, failed = _http(lab.VIP4, 60)
+        got, failed = lab.client_http(lab.VIP4, 60)
         bad += failed + got.get("xl-be1", 0)
         print(f"drain: 60 new connections -> {dict(got)}; xl-be1 got "
               f"{got.get('xl-be1', 0)}, {failed} failed")
@@ -141,7 +104,7 @@ def main() -> int:
         _wait(lambda: _backend_states(_stats(), "web")["10.200.0.12"] == "down", 20,
               "xl-be2 to be marked down")
         took = time.monotonic() - t0
-        got, failed = _http(lab.VIP4, 60)
+        got, failed = lab.client_http(lab.VIP4, 60)
         bad += failed + got.get("xl-be2", 0)
         print(f"failover: xl-be2 down after {took:.1f}s (fall=2 checks every 0.5s); "
               f"60 new connections -> {dict(got)}, {failed} failed")

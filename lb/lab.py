@@ -18,8 +18,10 @@ an XDP program; TX checksum offload is off on the client.
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -181,3 +183,42 @@ def down(quiet: bool = False) -> int:
     if not quiet:
         print("lab down")
     return 0
+
+
+def client_http(host: str, n: int) -> tuple[collections.Counter, int]:
+    """n HTTP GETs from the client namespace: (answers per backend name, failures)."""
+    def work(host: str, n: int):
+        got, failed = collections.Counter(), 0
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for _ in range(n):
+            try:
+                with socket.socket(fam, socket.SOCK_STREAM) as s:
+                    s.settimeout(2)
+                    s.connect((host, HTTP_PORT))
+                    s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
+                    data = b""
+                    while chunk := s.recv(4096):
+                        data += chunk
+                got[data.split(b"\r\n\r\n", 1)[1].strip().decode()] += 1
+            except (OSError, IndexError):
+                failed += 1
+        return got, failed
+    return N.run_in(CLIENT, work, host, n, timeout=120)
+
+
+def client_udp(host: str, n: int) -> tuple[collections.Counter, int]:
+    """n UDP echo requests from the client namespace, likewise."""
+    def work(host: str, n: int):
+        got, failed = collections.Counter(), 0
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for i in range(n):
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                s.settimeout(1)
+                try:
+                    s.sendto(f"ping {i}".encode(), (host, UDP_PORT))
+                    data, _ = s.recvfrom(2048)
+                    got[data.split()[0].decode()] += 1
+                except OSError:
+                    failed += 1
+        return got, failed
+    return N.run_in(CLIENT, work, host, n, timeout=120)

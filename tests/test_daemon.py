@@ -102,20 +102,7 @@ def wait_all_active(config: str, timeout: float = 20) -> None:
 
 
 def http(n: int, host: str = lab.VIP4) -> tuple[collections.Counter, int]:
-    def work(host, n):
-        got, failed = collections.Counter(), 0
-        for _ in range(n):
-            try:
-                with socket.create_connection((host, 80), timeout=2) as s:
-                    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                    data = b""
-                    while c := s.recv(4096):
-                        data += c
-                got[data.split(b"\r\n\r\n", 1)[1].strip().decode()] += 1
-            except (OSError, IndexError):
-                failed += 1
-        return got, failed
-    return N.run_in(lab.CLIENT, work, host, n, timeout=60)
+    return lab.client_http(host, n)
 
 
 def udp_from_ports(ports: list[int]) -> dict[int, str]:
