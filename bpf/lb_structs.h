@@ -123,7 +123,8 @@ enum lb_stat {
 	ST_DROP_TOO_BIG,     /* encapsulated packet would exceed the egress MTU */
 	ST_DROP_FRAGMENT,    /* IPv4 fragment or IPv6 fragment header to a VIP address */
 	ST_DROP_IP_OPTIONS,  /* IPv4 options or IPv6 extension headers to a VIP address */
-	ST_DROP_NO_NEXTHOP,  /* backend's next-hop MAC not resolved yet */
+	ST_DROP_NO_NEXTHOP,  /* backend's next-hop MAC not resolved yet, or no egress port
+			      * in tx_port (redirect mode) */
 	ST_DROP_ADJUST_FAIL, /* bpf_xdp_adjust_head refused the headroom */
 	ST_GUE_ZERO_CSUM,    /* GUE sent with UDP checksum 0: inner IPv4 UDP had none */
 	ST__MAX,

@@ -43,7 +43,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
 	struct lb_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct backend *be;
 	struct nexthop *nh;
-	int err;
+	int err, act = XDP_TX;
 
 	count(&vip_stats, vm->vip_id, frame_len);
 	if (!cfg)
@@ -63,16 +63,21 @@ static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
 		err = encap_v4(ctx, cfg, be, nh, ei, hash, &zero_csum);
 	if (err)
 		return verdict_drop(g, -err);
+
+	if (cfg->tx_mode == LB_TX_REDIRECT) {
+		/* An empty tx_port slot (not filled yet, or the kernel removed a device that
+		 * went away) makes this XDP_DROP: count that as a drop, not as a redirect. */
+		act = bpf_redirect_map(&tx_port, 0, XDP_DROP);
+		if (act != XDP_REDIRECT)
+			return verdict_drop(g, ST_DROP_NO_NEXTHOP);
+		g->c[ST_REDIRECT]++;
+	} else {
+		g->c[ST_TX]++;
+	}
 	if (zero_csum)
 		g->c[ST_GUE_ZERO_CSUM]++;
 	count(&backend_stats, backend_id, frame_len);
-
-	if (cfg->tx_mode == LB_TX_REDIRECT) {
-		g->c[ST_REDIRECT]++;
-		return bpf_redirect_map(&tx_port, 0, XDP_DROP);
-	}
-	g->c[ST_TX]++;
-	return XDP_TX;
+	return act;
 }
 
 static __always_inline int l4_hdr_len(int proto)

@@ -12,7 +12,6 @@ import time
 
 from . import lab
 from .control import NoInstance, request
-from . import netns as N
 
 CONFIG = "config/lab.toml"
 SOCK = "/run/xdplb/lab.sock"
@@ -40,8 +39,7 @@ def _backend_states(doc: dict, vip: str) -> dict[str, str]:
 
 
 def _table(doc: dict, answered: dict[str, collections.Counter]) -> str:
-    name_of = {h.v4: n for n, h in lab.hosts("tx").items()} | \
-              {h.v6: n for n, h in lab.hosts("tx").items()}
+    name_of = lab.Lab().name_of()
     rows = [f"{'vip':<7} {'backend':<14} {'host':<7} {'answered':>8} {'packets':>8} "
             f"{'bytes':>8}  state"]
     for v in doc["vips"]:
@@ -59,14 +57,15 @@ def main() -> int:
         return 2
     bad = 0
     daemon = None
-    lab.up("tx")
+    demo_lab = lab.Lab().up()
     try:
         os.makedirs("/run/xdplb", exist_ok=True)
         for f in ("/run/xdplb/lab-state.json",):
             if os.path.exists(f):
                 os.unlink(f)
-        log = open("/run/xdplb-lab/xdplb.log", "w")
-        daemon = N.spawn_in(lab.LB, [sys.executable, "-m", "lb.cli", "--config", CONFIG],
+        os.makedirs(demo_lab.piddir, exist_ok=True)
+        log = open(os.path.join(demo_lab.piddir, "xdplb.log"), "w")
+        daemon = demo_lab.spawn_lb([sys.executable, "-m", "lb.cli", "--config", CONFIG],
                             stdout=log, stderr=subprocess.STDOUT)
         _wait(lambda: all(s == "active" for v in ("web", "echo", "web6", "echo6")
                           for s in _backend_states(_stats(), v).values()), 20,
@@ -74,10 +73,10 @@ def main() -> int:
         print("xdplb is up; every backend passed its health checks\n")
 
         answered: dict[str, collections.Counter] = {}
-        for vip, fn, host, n in (("web", lab.client_http, lab.VIP4, 150),
-                                 ("web6", lab.client_http, lab.VIP6, 150),
-                                 ("echo", lab.client_udp, lab.VIP4, 150),
-                                 ("echo6", lab.client_udp, lab.VIP6, 150)):
+        for vip, fn, host, n in (("web", demo_lab.client_http, lab.VIP4, 150),
+                                 ("web6", demo_lab.client_http, lab.VIP6, 150),
+                                 ("echo", demo_lab.client_udp, lab.VIP4, 150),
+                                 ("echo6", demo_lab.client_udp, lab.VIP6, 150)):
             got, failed = fn(host, n)
             answered[vip] = got
             bad += failed
@@ -90,7 +89,7 @@ def main() -> int:
         print("\n$ xdplb backend drain web 10.200.0.11")
         request(SOCK, {"cmd": "backend", "action": "drain", "vip": "web",
                        "backend": "10.200.0.11"})
-        got, failed = lab.client_http(lab.VIP4, 60)
+        got, failed = demo_lab.client_http(lab.VIP4, 60)
         bad += failed + got.get("xl-be1", 0)
         print(f"drain: 60 new connections -> {dict(got)}; xl-be1 got "
               f"{got.get('xl-be1', 0)}, {failed} failed")
@@ -100,15 +99,15 @@ def main() -> int:
         # failover: be2's server dies; health checks take it out
         print("\n$ kill the server of xl-be2")
         t0 = time.monotonic()
-        lab.stop_server("xl-be2")
+        demo_lab.stop_server("xl-be2")
         _wait(lambda: _backend_states(_stats(), "web")["10.200.0.12"] == "down", 20,
               "xl-be2 to be marked down")
         took = time.monotonic() - t0
-        got, failed = lab.client_http(lab.VIP4, 60)
+        got, failed = demo_lab.client_http(lab.VIP4, 60)
         bad += failed + got.get("xl-be2", 0)
         print(f"failover: xl-be2 down after {took:.1f}s (fall=2 checks every 0.5s); "
               f"60 new connections -> {dict(got)}, {failed} failed")
-        lab.start_server("xl-be2")
+        demo_lab.start_server("xl-be2")
         _wait(lambda: _backend_states(_stats(), "web")["10.200.0.12"] == "active", 20,
               "xl-be2 to come back")
         print("xl-be2 restarted: back in service after rise=2 checks")
@@ -119,7 +118,7 @@ def main() -> int:
                 daemon.wait(10)
             except subprocess.TimeoutExpired:
                 daemon.kill()
-        lab.down()
+        demo_lab.down(quiet=False)
     print(f"\ndemo {'passed' if bad == 0 else 'FAILED'}: {bad} unexpected failures")
     return 0 if bad == 0 else 1
 

@@ -28,15 +28,13 @@ import time
 from dataclasses import dataclass
 
 from . import netns as N
+from ._native import lib
 from .native import Skeleton
 
-PREFIX = "xl-"
-CLIENT, LB, SW = "xl-client", "xl-lb", "xl-sw"
-BACKENDS = ("xl-be1", "xl-be2", "xl-be3")
 VIP4, VIP6 = "10.200.1.10", "fd00:201::10"
 HTTP_PORT, UDP_PORT = 80, 5353
-PIDDIR = "/run/xdplb-lab"
 GUE_PORT = 6080
+DEFAULT_PREFIX = "xl-"
 
 
 @dataclass(frozen=True)
@@ -44,15 +42,6 @@ class Host:
     ns: str
     v4: str
     v6: str
-
-
-def hosts(variant: str) -> dict[str, Host]:
-    be_net4, be_net6 = ("10.200.0", "fd00:200") if variant == "tx" else ("10.200.2", "fd00:202")
-    h = {"client": Host(CLIENT, "10.200.0.1", "fd00:200::1"),
-         "lb": Host(LB, "10.200.0.2", "fd00:200::2")}
-    for i, ns in enumerate(BACKENDS, start=1):
-        h[ns] = Host(ns, f"{be_net4}.1{i}", f"{be_net6}::1{i}")
-    return h
 
 
 def _attach_pass(ns: N.Netns, ifname: str) -> None:
@@ -63,162 +52,186 @@ def _attach_pass(ns: N.Netns, ifname: str) -> None:
 
 
 def _attach_decap(ns: N.Netns, ifname: str) -> None:
-    from ._native import lib
-    import socket
-
     with Skeleton("decap") as sk:
         lib.xdplb_decap_set_gue_port(sk.raw, socket.htons(GUE_PORT))
         sk.load()
         ns.xdp_attach(ifname, sk.prog_fd("xdp_decap"), "native")
 
 
-def _backend(ns: N.Netns, ifname: str, h: Host, gw4: str | None, gw6: str | None) -> None:
-    ns.set_link("lo", up=True)
-    ns.add_address(ifname, f"{h.v4}/24")
-    ns.add_address(ifname, f"{h.v6}/64")
-    ns.add_address("lo", f"{VIP4}/32")
-    ns.add_address("lo", f"{VIP6}/128")
-    ns.relaxed([ifname])
-    if gw4:
-        ns.add_route("default", via=gw4)
-        ns.add_route("default", via=gw6)
-    _attach_decap(ns, ifname)
+class Lab:
+    """One lab, its namespaces named PREFIX + client/lb/sw/be1..3 (labs with different
+    prefixes coexist: tests build their own)."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX, variant: str = "tx"):
+        self.prefix, self.variant = prefix, variant
+        self.client, self.lb, self.sw = f"{prefix}client", f"{prefix}lb", f"{prefix}sw"
+        self.backends = tuple(f"{prefix}be{i}" for i in (1, 2, 3))
+        self.piddir = f"/run/xdplb-lab/{prefix.rstrip('-')}"
+
+    def hosts(self) -> dict[str, Host]:
+        n4, n6 = ("10.200.0", "fd00:200") if self.variant == "tx" else ("10.200.2", "fd00:202")
+        h = {"client": Host(self.client, "10.200.0.1", "fd00:200::1"),
+             "lb": Host(self.lb, "10.200.0.2", "fd00:200::2")}
+        for i, ns in enumerate(self.backends, start=1):
+            h[ns] = Host(ns, f"{n4}.1{i}", f"{n6}::1{i}")
+        return h
+
+    def name_of(self) -> dict[str, str]:
+        """Backend address (v4 and v6) -> its namespace name."""
+        out = {}
+        for name in self.backends:
+            h = self.hosts()[name]
+            out[h.v4] = out[h.v6] = name
+        return out
+
+    def up(self) -> "Lab":
+        self.down(quiet=True)
+        sw = N.Netns(self.sw, owned=False)
+        sw.set_link("lo", up=True)
+        sw.router()
+        h = self.hosts()
+        client = N.Netns(self.client, owned=False)
+        lb = N.Netns(self.lb, owned=False)
+        for ns in (client, lb):
+            ns.set_link("lo", up=True)
+        if self.variant == "tx":
+            sw.add_bridge("br0")
+            seg_c = seg_b = "br0"
+        else:
+            seg_c, seg_b = "brc", "brb"
+            for br, a4, a6 in (("brc", "10.200.0.254/24", "fd00:200::254/64"),
+                               ("brb", "10.200.2.254/24", "fd00:202::254/64")):
+                sw.add_bridge(br)
+                sw.add_address(br, a4)
+                sw.add_address(br, a6)
+
+        N.add_veth("c0", client, "sw-c", sw)
+        sw.set_link("sw-c", master=seg_c, up=True)
+        client.add_address("c0", f"{h['client'].v4}/24")
+        client.add_address("c0", f"{h['client'].v6}/64")
+        client.set_tx_checksum("c0", False)
+        client.add_route("10.200.1.0/24", via=h["lb"].v4)
+        client.add_route("fd00:201::/64", via=h["lb"].v6)
+        if self.variant != "tx":
+            client.add_route("default", via="10.200.0.254")
+            client.add_route("default", via="fd00:200::254")
+
+        N.add_veth("lb0", lb, "sw-lb0", sw)
+        sw.set_link("sw-lb0", master=seg_c, up=True)
+        lb.add_address("lb0", f"{h['lb'].v4}/24")
+        lb.add_address("lb0", f"{h['lb'].v6}/64")
+        _attach_pass(sw, "sw-lb0")
+        if self.variant != "tx":
+            N.add_veth("lb1", lb, "sw-lb1", sw)
+            sw.set_link("sw-lb1", master=seg_b, up=True)
+            lb.add_address("lb1", "10.200.2.2/24")
+            lb.add_address("lb1", "fd00:202::2/64")
+            _attach_pass(sw, "sw-lb1")
+
+        for i, name in enumerate(self.backends, start=1):
+            ns = N.Netns(name, owned=False)
+            N.add_veth("eth0", ns, f"sw-be{i}", sw)
+            sw.set_link(f"sw-be{i}", master=seg_b, up=True)
+            b = h[name]
+            ns.set_link("lo", up=True)
+            ns.add_address("eth0", f"{b.v4}/24")
+            ns.add_address("eth0", f"{b.v6}/64")
+            ns.add_address("lo", f"{VIP4}/32")
+            ns.add_address("lo", f"{VIP6}/128")
+            ns.relaxed(["eth0"])
+            if self.variant != "tx":
+                ns.add_route("default", via="10.200.2.254")
+                ns.add_route("default", via="fd00:202::254")
+            _attach_decap(ns, "eth0")
+            self.start_server(name)
+        return self
+
+    def start_server(self, name: str) -> None:
+        os.makedirs(self.piddir, exist_ok=True)
+        log = open(os.path.join(self.piddir, f"{name}.log"), "ab")
+        p = N.spawn_in(name, [sys.executable, "-m", "lb.labserver", name, "--http",
+                              str(HTTP_PORT), "--udp", str(UDP_PORT), "--vip", VIP4,
+                              "--vip", VIP6], stdout=log, stderr=log, start_new_session=True)
+        with open(os.path.join(self.piddir, f"{name}.pid"), "w") as f:
+            f.write(str(p.pid))
+
+    def stop_server(self, name: str) -> bool:
+        path = os.path.join(self.piddir, f"{name}.pid")
+        try:
+            pid = int(open(path).read())
+            os.killpg(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            return False
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+        return True
+
+    def down(self, quiet: bool = True) -> None:
+        """Remove everything `up` made, whatever state it is in."""
+        for name in self.backends:
+            self.stop_server(name)
+        for name in N.list_namespaces():
+            if name in (self.client, self.lb, self.sw, *self.backends):
+                N.remove(name)
+        if not quiet:
+            print("lab down")
+
+    def spawn_lb(self, argv, **kw):
+        return N.spawn_in(self.lb, argv, **kw)
+
+    def client_http(self, host: str, n: int, port: int = HTTP_PORT
+                    ) -> tuple[collections.Counter, int]:
+        """n HTTP GETs from the client namespace: (answers per backend name, failures)."""
+        return N.run_in(self.client, _http_work, host, port, n, timeout=120)
+
+    def client_udp(self, host: str, n: int) -> tuple[collections.Counter, int]:
+        """n UDP echo requests from the client namespace, likewise."""
+        return N.run_in(self.client, _udp_work, host, n, timeout=120)
+
+
+def _http_work(host: str, port: int, n: int):
+    got, failed = collections.Counter(), 0
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(n):
+        try:
+            with socket.socket(fam, socket.SOCK_STREAM) as s:
+                s.settimeout(2)
+                s.connect((host, port))
+                s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            got[data.split(b"\r\n\r\n", 1)[1].strip().decode()] += 1
+        except (OSError, IndexError):
+            failed += 1
+    return got, failed
+
+
+def _udp_work(host: str, n: int):
+    got, failed = collections.Counter(), 0
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for i in range(n):
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.settimeout(1)
+            try:
+                s.sendto(f"ping {i}".encode(), (host, UDP_PORT))
+                data, _ = s.recvfrom(2048)
+                got[data.split()[0].decode()] += 1
+            except OSError:
+                failed += 1
+    return got, failed
 
 
 def up(variant: str = "tx") -> int:
-    down(quiet=True)
-    sw = N.Netns(SW, owned=False)
-    sw.set_link("lo", up=True)
-    sw.router()
-    h = hosts(variant)
-    client = N.Netns(CLIENT, owned=False)
-    lb = N.Netns(LB, owned=False)
-    for ns in (client, lb):
-        ns.set_link("lo", up=True)
-    if variant == "tx":
-        sw.add_bridge("br0")
-        segs = {"c": "br0", "b": "br0"}
-    else:
-        sw.add_bridge("brc")
-        sw.add_bridge("brb")
-        sw.add_address("brc", "10.200.0.254/24")
-        sw.add_address("brc", "fd00:200::254/64")
-        sw.add_address("brb", "10.200.2.254/24")
-        sw.add_address("brb", "fd00:202::254/64")
-        segs = {"c": "brc", "b": "brb"}
-
-    # client
-    N.add_veth("c0", client, "sw-c", sw)
-    sw.set_link("sw-c", master=segs["c"], up=True)
-    client.add_address("c0", f"{h['client'].v4}/24")
-    client.add_address("c0", f"{h['client'].v6}/64")
-    client.set_tx_checksum("c0", False)
-    client.add_route("10.200.1.0/24", via=h["lb"].v4)
-    client.add_route("fd00:201::/64", via=h["lb"].v6)
-    if variant != "tx":
-        client.add_route("default", via="10.200.0.254")
-        client.add_route("default", via="fd00:200::254")
-
-    # load balancer
-    N.add_veth("lb0", lb, "sw-lb0", sw)
-    sw.set_link("sw-lb0", master=segs["c"], up=True)
-    lb.add_address("lb0", f"{h['lb'].v4}/24")
-    lb.add_address("lb0", f"{h['lb'].v6}/64")
-    _attach_pass(sw, "sw-lb0")
-    if variant != "tx":
-        N.add_veth("lb1", lb, "sw-lb1", sw)
-        sw.set_link("sw-lb1", master=segs["b"], up=True)
-        lb.add_address("lb1", "10.200.2.2/24")
-        lb.add_address("lb1", "fd00:202::2/64")
-        _attach_pass(sw, "sw-lb1")
-
-    # backends
-    for i, name in enumerate(BACKENDS, start=1):
-        ns = N.Netns(name, owned=False)
-        N.add_veth("eth0", ns, f"sw-be{i}", sw)
-        sw.set_link(f"sw-be{i}", master=segs["b"], up=True)
-        gw = (None, None) if variant == "tx" else ("10.200.2.254", "fd00:202::254")
-        _backend(ns, "eth0", h[name], *gw)
-        _start_server(ns, name)
+    lab = Lab(variant=variant).up()
+    h = lab.hosts()
     print(f"lab up ({variant}): client {h['client'].v4}, LB {h['lb'].v4}, backends "
-          f"{', '.join(h[b].v4 for b in BACKENDS)}; VIPs {VIP4} and {VIP6} "
+          f"{', '.join(h[b].v4 for b in lab.backends)}; VIPs {VIP4} and {VIP6} "
           f"(tcp {HTTP_PORT}, udp {UDP_PORT})")
     return 0
 
 
-def _start_server(ns: N.Netns, name: str) -> None:
-    os.makedirs(PIDDIR, exist_ok=True)
-    log = open(os.path.join(PIDDIR, f"{name}.log"), "ab")
-    p = ns.spawn([sys.executable, "-m", "lb.labserver", name, "--http", str(HTTP_PORT),
-                  "--udp", str(UDP_PORT), "--vip", VIP4, "--vip", VIP6],
-                 stdout=log, stderr=log, start_new_session=True)
-    with open(os.path.join(PIDDIR, f"{name}.pid"), "w") as f:
-        f.write(str(p.pid))
-
-
-def stop_server(name: str) -> bool:
-    path = os.path.join(PIDDIR, f"{name}.pid")
-    try:
-        pid = int(open(path).read())
-        os.killpg(pid, signal.SIGTERM)
-    except (OSError, ValueError):
-        return False
-    finally:
-        if os.path.exists(path):
-            os.unlink(path)
-    return True
-
-
-def start_server(name: str) -> None:
-    _start_server(N.Netns(name, create=False, owned=False), name)
-
-
-def down(quiet: bool = False) -> int:
-    """Remove everything `up` made, whatever state it is in."""
-    for name in BACKENDS:
-        stop_server(name)
-    for name in N.list_namespaces():
-        if name.startswith(PREFIX):
-            N.remove(name)
-    if not quiet:
-        print("lab down")
+def down() -> int:
+    Lab().down(quiet=False)
     return 0
-
-
-def client_http(host: str, n: int) -> tuple[collections.Counter, int]:
-    """n HTTP GETs from the client namespace: (answers per backend name, failures)."""
-    def work(host: str, n: int):
-        got, failed = collections.Counter(), 0
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        for _ in range(n):
-            try:
-                with socket.socket(fam, socket.SOCK_STREAM) as s:
-                    s.settimeout(2)
-                    s.connect((host, HTTP_PORT))
-                    s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
-                    data = b""
-                    while chunk := s.recv(4096):
-                        data += chunk
-                got[data.split(b"\r\n\r\n", 1)[1].strip().decode()] += 1
-            except (OSError, IndexError):
-                failed += 1
-        return got, failed
-    return N.run_in(CLIENT, work, host, n, timeout=120)
-
-
-def client_udp(host: str, n: int) -> tuple[collections.Counter, int]:
-    """n UDP echo requests from the client namespace, likewise."""
-    def work(host: str, n: int):
-        got, failed = collections.Counter(), 0
-        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        for i in range(n):
-            with socket.socket(fam, socket.SOCK_DGRAM) as s:
-                s.settimeout(1)
-                try:
-                    s.sendto(f"ping {i}".encode(), (host, UDP_PORT))
-                    data, _ = s.recvfrom(2048)
-                    got[data.split()[0].decode()] += 1
-                except OSError:
-                    failed += 1
-        return got, failed
-    return N.run_in(CLIENT, work, host, n, timeout=120)

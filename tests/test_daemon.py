@@ -22,6 +22,7 @@ from lb import netns as N
 from lb.native import Map, lib
 from lb.programmer import backend_key
 
+LAB = lab.Lab(prefix="xt-")
 PIN = "/sys/fs/bpf/xdplb-test"
 SOCK = "/run/xdplb/test.sock"
 STATE = "/run/xdplb/test-state.json"
@@ -48,7 +49,7 @@ SPAWNED: list = []
 class Daemon:
     def __init__(self, config: str, log):
         self.config, self.logpath = config, log
-        self.proc = N.spawn_in(lab.LB, [sys.executable, "-m", "lb.cli", "--config", config],
+        self.proc = LAB.spawn_lb([sys.executable, "-m", "lb.cli", "--config", config],
                                stdout=open(log, "a"), stderr=subprocess.STDOUT)
         SPAWNED.append(self.proc)
 
@@ -102,7 +103,7 @@ def wait_all_active(config: str, timeout: float = 20) -> None:
 
 
 def http(n: int, host: str = lab.VIP4) -> tuple[collections.Counter, int]:
-    return lab.client_http(host, n)
+    return LAB.client_http(host, n)
 
 
 def udp_from_ports(ports: list[int]) -> dict[int, str]:
@@ -115,7 +116,7 @@ def udp_from_ports(ports: list[int]) -> dict[int, str]:
                 s.sendto(b"x", (lab.VIP4, lab.UDP_PORT))
                 out[p] = s.recvfrom(100)[0].split()[0].decode()
         return out
-    return N.run_in(lab.CLIENT, work, ports, timeout=60)
+    return N.run_in(LAB.client, work, ports, timeout=60)
 
 
 def ring_addresses(vip_addr: str, port: int, proto: int) -> list[str]:
@@ -152,7 +153,7 @@ def env(tmp_path_factory):
     for f in (STATE,):
         if os.path.exists(f):
             os.unlink(f)
-    lab.up("tx")
+    LAB.up()
     cfg = _config(tmp)
     d = Daemon(cfg, str(tmp / "daemon.log"))
     try:
@@ -167,7 +168,7 @@ def env(tmp_path_factory):
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
-        subprocess.run([sys.executable, "-m", "lb.cli", "lab", "down"], capture_output=True)
+        LAB.down()
         # a daemon killed with SIGKILL leaves the program attached and pins behind
         for name in os.listdir(PIN) if os.path.isdir(PIN) else []:
             os.unlink(os.path.join(PIN, name))
@@ -202,7 +203,7 @@ def test_explain_agrees_with_datapath(env):
     tmp, cfg, d = env
     ports = list(range(41000, 41060))
     seen = udp_from_ports(ports)
-    names = {h.v4: n for n, h in lab.hosts("tx").items()}
+    names = LAB.name_of()
     for p in ports:
         r = cli("explain", "--config", cfg, "udp", "10.200.0.1", str(p), lab.VIP4,
                 str(lab.UDP_PORT))
@@ -221,7 +222,7 @@ def test_admin_state_survives_reload(env):
     assert json.load(open(STATE))["backends"] == [
         {"vip": "web", "backend": "10.200.0.11", "state": "drain"}]
     got, _ = http(30)
-    assert got.get("xl-be1", 0) == 0
+    assert got.get("xt-be1", 0) == 0
     n = len(d.events())
     d.proc.send_signal(signal.SIGHUP)
     d.wait_event("config_reloaded", after=n)
@@ -258,7 +259,7 @@ def test_reload_changes_only_expected_slots(env):
     assert "name" in ev["error"]
     assert ring_addresses(lab.VIP4, 80, 6) == after
     got, failed = http(20)
-    assert failed == 0 and got.get("xl-be3", 0) == 0
+    assert failed == 0 and got.get("xt-be3", 0) == 0
 
     # add it back
     os.replace(_config(tmp), cfg)

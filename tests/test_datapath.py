@@ -427,6 +427,9 @@ AGREE_SPECS = [
     ("v4-src-hash", vip("203.0.113.20", 80, TCP_P,
                         [be(f"10.3.0.{i}") for i in range(1, 5)], hash_src_only=True,
                         ring_size=65537)),
+    ("v6-udp-src-hash-v4-backends", vip("2001:db8:5::20", 53, UDP_P,
+                                        [be(f"10.3.1.{i}") for i in range(1, 4)],
+                                        hash_src_only=True, ring_size=65537)),
 ]
 
 
