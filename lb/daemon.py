@@ -23,6 +23,7 @@ from .config import Config, load_config
 from .control import ControlServer
 from .datapath import Datapath, EgressConfig, Limits
 from .errors import ConfigError, XdplbError
+from .metrics import MetricsServer
 from .health import Probe, ProbeResult, Scheduler, Verdict
 from .nexthop import Interface, Netlink
 from .native import xdp_attach, xdp_detach, xdp_query, lib as nlib
@@ -314,6 +315,16 @@ class Daemon:
         self._configure_health()
         self.control = ControlServer(self, self.cfg.lb.control_socket)
         await self.control.start()
+        metrics = None
+        if self.cfg.lb.metrics_address:
+            host, port = self.cfg.lb.metrics_address
+            metrics = MetricsServer(self.stats, host, port)
+            try:
+                await metrics.start()
+            except OSError as e:
+                await self.control.close()
+                raise XdplbError(f"cannot listen on metrics_listen {host}:{port}: "
+                                 f"{e.strerror}; pick a free address") from None
         refresher = loop.create_task(self._refresh_loop())
         try:
             await stop.wait()
@@ -321,6 +332,8 @@ class Daemon:
             refresher.cancel()
             self.scheduler.stop()
             await self.control.close()
+            if metrics:
+                await metrics.close()
             self.shutdown()
         return 0
 

@@ -34,7 +34,8 @@ def _config(tmp_path, web_backends=("10.200.0.11", "10.200.0.12", "10.200.0.13")
     text = text.replace('bpf_pin_path = "/sys/fs/bpf/xdplb-lab"', f'bpf_pin_path = "{PIN}"')
     text = text.replace('control_socket = "/run/xdplb/lab.sock"', f'control_socket = "{SOCK}"')
     text = text.replace('state_file = "/run/xdplb/lab-state.json"', f'state_file = "{STATE}"')
-    text = text.replace('log_format = "console"', 'log_format = "json"')
+    text = text.replace('log_format = "console"',
+                        'log_format = "json"\nmetrics_listen = "127.0.0.1:19733"')
     web = "".join(f'[[vip.backend]]\naddress = "{a}"\n' for a in web_backends)
     text = re.sub(r'(name = "web"\n.*?protocol = "tcp"\n)(\[\[vip.backend\]\]\naddress = "[^"]+"\n)+',
                   lambda m: m.group(1) + web, text, count=1, flags=re.S)
@@ -294,3 +295,19 @@ def test_sigkill_keeps_forwarding_and_restart_adopts(env):
     wait_all_active(cfg)
     got, failed = http(20)
     assert failed == 0
+
+
+def test_prometheus_metrics(env):
+    tmp, cfg, d = env
+    http(5)
+
+    def scrape():
+        import urllib.request
+        return urllib.request.urlopen("http://127.0.0.1:19733/metrics", timeout=5).read()
+    text = N.run_in(LAB.lb, scrape).decode()
+    assert '# TYPE xdplb_packets_total counter' in text
+    m = re.search(r'xdplb_vip_packets_total\{vip="web",address="10.200.1.10",port="80",'
+                  r'protocol="tcp"\} (\d+)', text)
+    assert m and int(m.group(1)) > 0
+    assert re.search(r'xdplb_backend_healthy\{vip="web",backend="10.200.0.11"\} 1', text)
+    assert 'xdplb_drops_total{reason="no_backend"}' in text
