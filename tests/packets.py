@@ -18,10 +18,9 @@ import array
 import contextlib
 import ctypes
 import ipaddress
-import random
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from scapy.layers.inet import IP, TCP, UDP

@@ -14,7 +14,6 @@ import random
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
 
 import pytest
 from scapy.layers.inet import ICMP, IP, IPOption_NOP, TCP, UDP
@@ -28,7 +27,8 @@ from lb.errors import BpfError
 from lb.programmer import VipSpec
 
 from packets import (A, TCP_P, UDP_P, Flow, LbEnv, assert_globals, be, check_encap, eth,
-                     fast_frame, frame, mac_for, outer_dst, parse_input, pkt, prefilter_collider)
+                     fast_frame, frame, mac_for, ones_sum, outer_dst, parse_input, pkt,
+                     prefilter_collider, pseudo_header)
 
 RING = 1009
 GUE_PORT = 6635
@@ -530,3 +530,29 @@ def test_check_encap_catches_every_byte(env, rid):
     if exp.backend.address.version == 6 or row.cfg.get("encap") == L.ENCAP_GUE:
         with pytest.raises(AssertionError):
             check_encap(out, data, **dict(kw, hash_=kw["hash_"] ^ 1))
+
+
+@pytest.mark.parametrize("dst", [V6, V6_4], ids=["gue-v6-outer", "gue-v4-outer"])
+def test_gue_checksum_that_computes_to_zero_is_sent_as_ffff(env, dst):
+    """A UDP checksum that computes to 0 must go out as 0xFFFF (0 means "none"). The inner
+    IPv6 flow label is summed into the GUE checksum but is in neither the flow hash nor the
+    inner L4 checksum, so it can be chosen to make the computed checksum exactly 0."""
+    env.configure(**GUE)
+    env.flush_flows()
+    base = u6(dst, ip={"fl": 0})
+    flow, inner, _, _ = parse_input(base)
+    exp = env.expect(flow)
+    outer_v6 = exp.backend.address.version == 6
+    osrc = env.cfg["source_v6"] if outer_v6 else env.cfg["source_v4"]
+    ulen = 8 + len(inner)
+    sport = 0xC000 | (exp.hash & 0x3FFF)
+    s0 = ones_sum(pseudo_header(osrc, exp.backend.address, UDP_P, ulen) +
+                  struct.pack("!HHHH", sport, GUE_PORT, ulen, 0) + inner)
+    label = (0xFFFF - s0) & 0xFFFF  # low 16 bits of the label: one more 16-bit word
+    data = u6(dst, ip={"fl": label})
+    r = env.run(data)
+    assert r.verdict == "tx"
+    ipl = 40 if outer_v6 else 20
+    assert r.data[14 + ipl + 6:14 + ipl + 8] == b"\xff\xff"
+    check_encap(r.data, data, backend_addr=exp.backend.address,
+                nh_mac=env.macs[exp.backend.nexthop], hash_=exp.hash, cfg=env.cfg)
