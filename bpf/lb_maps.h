@@ -36,7 +36,8 @@ struct {
  * backend ids. A ring is never edited in place: user space fills a new inner map
  * completely and swaps it into this outer slot with one update, so a packet sees the
  * whole old ring or the whole new one. BPF_F_INNER_MAP lets rings of any size share
- * the outer map (a restart with another ring_size can still adopt it); BPF_F_MMAPABLE
+ * the outer map; a VIP whose ring changes size gets a new slot, and its vip_meta switches
+ * ring id and size in one update. BPF_F_MMAPABLE
  * lets user space write a new ring with one memcpy instead of 65537 element updates. */
 struct ring_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -48,7 +49,7 @@ struct ring_inner {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
-	__uint(max_entries, LB_MAX_VIPS);
+	__uint(max_entries, 2 * LB_MAX_VIPS); /* a VIP changing ring size briefly holds two */
 	__type(key, __u32);
 	__array(values, struct ring_inner);
 } rings SEC(".maps");

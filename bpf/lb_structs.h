@@ -25,13 +25,15 @@ struct vip_key {
 
 #define VIP_F_HASH_SRC_ONLY (1u << 0)
 
-/* Value of `vips`. vip_id indexes `rings` and `vip_stats`; ids start at 1, and a zero
- * value (no id, ring size 0) drops the VIP's traffic as "no backend". */
+/* Value of `vips`. vip_id indexes `vip_stats` and owns backends; ring_id indexes `rings`,
+ * and ring_size is that ring's size: both change in one update of this value, so a VIP
+ * whose ring changes size never indexes a ring with the other size. Ids start at 1; a
+ * zero value (no ring, size 0) drops the VIP's traffic as "no backend". */
 struct vip_meta {
 	__u32 vip_id;
 	__u32 flags;
 	__u32 ring_size;
-	__u32 pad;
+	__u32 ring_id;
 };
 
 /* Key of `vip_addrs`: every address that carries at least one VIP. Used only on the rare

@@ -71,7 +71,7 @@ static __always_inline struct backend *pick_backend(const struct flow_key *fk,
 		g->c[ST_FLOW_MISS]++;
 	}
 
-	ring = bpf_map_lookup_elem(&rings, &vid);
+	ring = bpf_map_lookup_elem(&rings, &vm->ring_id);
 	if (!ring || !vm->ring_size)
 		return NULL;
 	slot = hash % vm->ring_size;

@@ -137,12 +137,12 @@ class Daemon:
         if 6 in fams and src6 is None:
             raise XdplbError(f"IPv6 backends need an outer source: set lb.source_v6 or add an "
                              f"IPv6 address to {eg.name}")
+        if cfg.lb.egress_interface:  # the port first: never a redirect to an empty slot
+            self.dp.set_tx_port(eg.index)
         self.dp.set_config(EgressConfig(
             smac=eg.mac, encap=L.ENCAP_GUE if cfg.lb.encap == "gue" else L.ENCAP_IPIP,
             tx_mode=L.TX_REDIRECT if cfg.lb.egress_interface else L.TX_XDP_TX,
             source_v4=src4, source_v6=src6, gue_port=cfg.lb.gue_port, mtu=eg.mtu))
-        if cfg.lb.egress_interface:
-            self.dp.set_tx_port(eg.index)
 
     # --- state -> maps -------------------------------------------------------------
     @property

@@ -66,7 +66,7 @@ class Datapath:
         try:
             self.skel.set_max_entries("vips", limits.max_vips)
             self.skel.set_max_entries("vip_addrs", limits.max_vips)
-            self.skel.set_max_entries("rings", limits.max_vips)
+            self.skel.set_max_entries("rings", 2 * limits.max_vips)
             self.skel.set_max_entries("vip_stats", limits.max_vips)
             self.skel.set_max_entries("backends", limits.max_backends)
             self.skel.set_max_entries("backend_stats", limits.max_backends)
@@ -170,21 +170,21 @@ class Datapath:
         return L.Backend.unpack(self.maps["backends"].lookup(_u32(bid)))
 
     # --- rings ---------------------------------------------------------------------
-    def install_ring(self, vip_id: int, ids: array.array) -> None:
-        self.install_rings([(vip_id, ids)])
+    def install_ring(self, ring_id: int, ids: array.array) -> None:
+        self.install_rings([(ring_id, ids)])
 
     def install_rings(self, rings: list[tuple[int, array.array]], chunk: int = 256) -> None:
         """Fill a new inner map per ring completely (one memcpy into its mmap), then swap
-        them into their rings[vip_id] slots: packets see a VIP's whole old ring or its
+        them into their rings[ring_id] slots: packets see a VIP's whole old ring or its
         whole new one, never a mix. The swaps go in batches, since the kernel waits for
         an RCU grace period after each map-in-map update call (~14 ms here)."""
         for start in range(0, len(rings), chunk):
             part = rings[start:start + chunk]
             inners: list[Map] = []
             try:
-                for vip_id, ids in part:
+                for ring_id, ids in part:
                     m = len(ids)
-                    inner = create_map(BPF_MAP_TYPE_ARRAY, f"ring_{vip_id}", 4, 4, m,
+                    inner = create_map(BPF_MAP_TYPE_ARRAY, f"ring_{ring_id}", 4, 4, m,
                                        map_flags=lib.BPF_F_INNER_MAP | lib.BPF_F_MMAPABLE)
                     inners.append(inner)
                     # array elements are 8-byte aligned: a u32 ring is a stride-8 image
@@ -201,14 +201,14 @@ class Datapath:
                 for inner in inners:
                     inner.close()
 
-    def remove_ring(self, vip_id: int) -> None:
-        self.maps["rings"].delete(_u32(vip_id))
+    def remove_ring(self, ring_id: int) -> None:
+        self.maps["rings"].delete(_u32(ring_id))
 
-    def read_ring(self, vip_id: int) -> Optional[array.array]:
-        """The ring currently installed for vip_id (for tests and `explain`)."""
+    def read_ring(self, ring_id: int) -> Optional[array.array]:
+        """The ring installed in rings[ring_id] (for tests and `explain`)."""
         from .native import lib as nlib
 
-        raw = self.maps["rings"].lookup(_u32(vip_id))
+        raw = self.maps["rings"].lookup(_u32(ring_id))
         if raw is None:
             return None
         inner_id = ctypes.c_uint32.from_buffer_copy(raw).value
@@ -223,8 +223,9 @@ class Datapath:
         return out
 
     # --- VIPs ----------------------------------------------------------------------
-    def set_vip(self, key: L.VipKey, vip_id: int, flags: int, ring_size: int) -> None:
-        meta = L.VipMeta(vip_id=vip_id, flags=flags, ring_size=ring_size)
+    def set_vip(self, key: L.VipKey, vip_id: int, flags: int, ring_size: int,
+                ring_id: int) -> None:
+        meta = L.VipMeta(vip_id=vip_id, flags=flags, ring_size=ring_size, ring_id=ring_id)
         self.maps["vips"].update(key, meta)
 
     def delete_vip(self, key: L.VipKey) -> None:

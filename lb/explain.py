@@ -33,7 +33,7 @@ def explain_running(d, proto_name: str, src: str, sport: int, dst: str, dport: i
     if vip is None:
         raise KeyError(f"{dst}:{dport}/{proto_name} is not a VIP")
     cur = d.prog.vips[(vip.address, vip.port, proto)]
-    ring = cur.ring if cur.ring is not None else d.dp.read_ring(cur.vip_id)
+    ring = cur.ring if cur.ring is not None else d.dp.read_ring(cur.ring_id)
     src_only = vip.hash == "src_ip"
     h = flow_hash(proto, srca, sport, dsta, dport, src_only)
     slot = h % len(ring)

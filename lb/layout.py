@@ -62,7 +62,7 @@ class VipKey(_S):
 
 
 class VipMeta(_S):
-    _fields_ = [("vip_id", u32), ("flags", u32), ("ring_size", u32), ("pad", u32)]
+    _fields_ = [("vip_id", u32), ("flags", u32), ("ring_size", u32), ("ring_id", u32)]
 
 
 class AddrKey(_S):

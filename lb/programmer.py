@@ -63,6 +63,8 @@ class _Vip:
     digest: Optional[bytes] = None      # of the installed ring
     bids: dict = field(default_factory=dict)  # backend address -> backend id
     flags: dict = field(default_factory=dict)  # backend id -> written BE flags
+    ring_id: int = 0                    # slot in `rings` of the installed ring
+    ring_size: int = 0
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Programmer:
         self.keep_rings = keep_rings
         self.vips: dict[tuple, _Vip] = {}
         self._free_vip = collections.deque(range(1, dp.limits.max_vips))
+        self._free_ring = collections.deque(range(1, 2 * dp.limits.max_vips))
         self._free_be = collections.deque(range(1, dp.limits.max_backends))
         self._free_nh = collections.deque(range(1, dp.limits.max_nexthops))
         self.nexthops: dict[str, int] = {}
@@ -136,7 +139,7 @@ class Programmer:
         wanted = {v.ident: v for v in vips}
         old_addrs = {ident[0] for ident in self.vips}
         later: list = []  # releases, run after every swap
-        self._rings: list = []  # (vip_id, ring) to swap in, in one batch
+        self._rings: list = []  # (ring_id, ring) to swap in, in one batch
         self._after_rings: list = []  # VIP entries, written once their ring is in
         for ident, spec in wanted.items():
             cur = self.vips.get(ident)
@@ -187,18 +190,24 @@ class Programmer:
             cur.flags[bid] = entry
         ring = ring_for(spec, new_bids)
         digest = _digest(ring)
+        old_ring_id = cur.ring_id
         if digest != cur.digest:
-            self._rings.append((cur.vip_id, ring))
+            if not cur.ring_id or len(ring) != cur.ring_size:
+                # a new size goes to a new slot; the VIP entry switches id and size at once
+                cur.ring_id, cur.ring_size = self._take(self._free_ring, "ring"), len(ring)
+                if old_ring_id:
+                    later.append(lambda r=old_ring_id: self._release_ring(r))
+            self._rings.append((cur.ring_id, ring))
             if len(self._rings) >= RING_BATCH:
                 self._flush_rings()
             cur.digest = digest
             cur.ring = ring if self.keep_rings else None
             rep.rings_swapped += 1
         vflags = L.VIP_F_HASH_SRC_ONLY if spec.hash_src_only else 0
-        if first or cur.spec is None or (vflags, spec.ring_size) != (self._vflags(cur.spec),
-                                                                     cur.spec.ring_size):
+        if (first or cur.spec is None or cur.ring_id != old_ring_id
+                or vflags != self._vflags(cur.spec)):
             self._after_rings.append(lambda k=L.vip_key(*spec.ident), v=cur.vip_id, f=vflags,
-                                     m=spec.ring_size: dp.set_vip(k, v, f, m))
+                                     m=cur.ring_size, r=cur.ring_id: dp.set_vip(k, v, f, m, r))
         gone = [bid for addr, bid in cur.bids.items() if addr not in new_bids]
         for b, bid, flags, nid in demote:
             later.append(lambda b=b, bid=bid, f=flags, n=nid, v=cur.vip_id:
@@ -227,8 +236,13 @@ class Programmer:
         self.dp.clear_backend(bid)
         self._free_be.append(bid)
 
+    def _release_ring(self, ring_id: int) -> None:
+        self.dp.remove_ring(ring_id)
+        self._free_ring.append(ring_id)
+
     def _release_vip(self, cur: _Vip) -> None:
-        self.dp.remove_ring(cur.vip_id)
+        if cur.ring_id:
+            self._release_ring(cur.ring_id)
         for bid in cur.bids.values():
             self._release_backend(bid)
         self._free_vip.append(cur.vip_id)
@@ -241,9 +255,11 @@ class Programmer:
         for k, v in dp.maps["vips"].items():
             key, meta = L.VipKey.unpack(k), L.VipMeta.unpack(v)
             ident = (L.words_addr(key.addr, key.family), socket.ntohs(key.port), key.proto)
-            ring = dp.read_ring(meta.vip_id)
+            ring = dp.read_ring(meta.ring_id) if meta.ring_id else None
             cur = _Vip(meta.vip_id, None, ring if self.keep_rings else None,
-                       _digest(ring) if ring is not None else None)
+                       _digest(ring) if ring is not None else None,
+                       ring_id=meta.ring_id if ring is not None else 0,
+                       ring_size=len(ring) if ring is not None else 0)
             self.vips[ident] = by_id[meta.vip_id] = cur
         used_be, used_nh = set(), set()
         for bid in range(1, dp.limits.max_backends):
@@ -257,6 +273,8 @@ class Programmer:
             used_be.add(bid)
             used_nh.add(b.nexthop_id)
         self._free_vip = collections.deque(i for i in self._free_vip if i not in by_id)
+        rings = {v.ring_id for v in by_id.values()}
+        self._free_ring = collections.deque(i for i in self._free_ring if i not in rings)
         self._free_be = collections.deque(i for i in self._free_be if i not in used_be)
         self._free_nh = collections.deque(i for i in self._free_nh if i not in used_nh)
         return len(by_id)

@@ -253,10 +253,10 @@ class LbEnv:
         API, as the BPF program sees it), cross-checked against the spec's Maglev ring, the
         programmer's copy and Datapath.read_ring (what `explain` uses)."""
         v = self.vip_state(spec)
-        got = installed_ring(self.dp, v.vip_id, self._ring_cache)
+        got = installed_ring(self.dp, v.ring_id, self._ring_cache)
         assert got is not None, f"no ring installed for {spec.ident}"
         assert len(got) == spec.ring_size
-        assert self.dp.read_ring(v.vip_id) == got, "Datapath.read_ring differs from the map"
+        assert self.dp.read_ring(v.ring_id) == got, "Datapath.read_ring differs from the map"
         assert got == ring_for(spec, v.bids), "installed ring is not the spec's Maglev ring"
         if v.ring is not None:
             assert got == v.ring, "installed ring differs from the programmer's copy"
@@ -324,10 +324,10 @@ class LbEnv:
         return Snapshot(g, vd, bd)
 
 
-def installed_ring(dp: Datapath, vip_id: int, cache: Optional[dict] = None):
-    """rings[vip_id] as array('I'), via BPF_MAP_LOOKUP_BATCH on the inner map (cached by
+def installed_ring(dp: Datapath, ring_id: int, cache: Optional[dict] = None):
+    """rings[ring_id] as array('I'), via BPF_MAP_LOOKUP_BATCH on the inner map (cached by
     inner map id: a ring is never edited in place, only replaced)."""
-    raw = dp.maps["rings"].lookup(ctypes.c_uint32(vip_id))
+    raw = dp.maps["rings"].lookup(ctypes.c_uint32(ring_id))
     if raw is None:
         return None
     inner_id = ctypes.c_uint32.from_buffer_copy(raw).value

@@ -127,7 +127,7 @@ def ring_addresses(vip_addr: str, port: int, proto: int) -> list[str]:
             vip_addr), port, proto)))
     with Map.from_pin(f"{PIN}/rings") as rings:
         inner_id = ctypes.c_uint32.from_buffer_copy(
-            rings.lookup(ctypes.c_uint32(meta.vip_id))).value
+            rings.lookup(ctypes.c_uint32(meta.ring_id))).value
     fd = lib.bpf_map_get_fd_by_id(inner_id)
     addrs = {}
     with Map.from_fd(fd) as inner, Map.from_pin(f"{PIN}/backends") as bes:

@@ -278,7 +278,7 @@ def _burst(lab: Lab, vip, n: int, *, no_check: bool = False, reply: bool = True)
 def _expected_backends(lab: Lab, vip, seen: dict) -> collections.Counter:
     """Backend id per flow, computed in Python from the installed ring and the hash."""
     v = lab.prog.vips[(vip, VIP_PORT, socket.IPPROTO_UDP)]
-    ring = lab.dp.read_ring(v.vip_id)
+    ring = lab.dp.read_ring(v.ring_id)
     assert ring is not None and len(ring) == RING
     want = collections.Counter()
     for src, sport in seen:
