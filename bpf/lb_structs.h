@@ -78,8 +78,12 @@ struct flow_key {
 	__u16 pad;
 };
 
+/* A connection-table entry: the backend, the VIP it was chosen for (a hit needs the
+ * backend to still belong to it), and the flow hash (GUE source port, IPv6 flow label). */
 struct flow_val {
 	__u32 backend_id;
+	__u32 vip_id;
+	__u32 hash;
 	__u32 pad;
 };
 

@@ -35,22 +35,17 @@ static __always_inline int drop_if_vip(struct lb_global *g, const __u32 *addr, _
 	return verdict_pass(g);
 }
 
+/* Encapsulate toward `be` and send. The VIP was found by the caller. */
 static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
-				   const struct vip_meta *vm, const struct flow_key *fk,
+				   struct backend *be, __u32 backend_id, __u32 hash,
 				   const struct encap_info *ei, __u32 frame_len)
 {
-	__u32 zero = 0, backend_id = 0, zero_csum = 0, hash;
+	__u32 zero = 0, zero_csum = 0;
 	struct lb_config *cfg = bpf_map_lookup_elem(&config, &zero);
-	struct backend *be;
 	struct nexthop *nh;
 	int err, act = XDP_TX;
 
-	count(&vip_stats, vm->vip_id, frame_len);
 	if (!cfg)
-		return verdict_drop(g, ST_DROP_NO_BACKEND);
-	hash = flow_hash(fk, fk->family == LB_AF_INET6, vm->flags & VIP_F_HASH_SRC_ONLY);
-	be = pick_backend(fk, vm, hash, g, &backend_id);
-	if (!be)
 		return verdict_drop(g, ST_DROP_NO_BACKEND);
 	nh = bpf_map_lookup_elem(&nexthops, &be->nexthop_id);
 	if (!nh || !be->nexthop_id || !(nh->dmac[0] | nh->dmac[1] | nh->dmac[2] | nh->dmac[3] |
@@ -80,6 +75,53 @@ static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
 	return act;
 }
 
+/* A TCP/UDP packet whose destination passed the prefilter. The connection table comes
+ * first: an entry whose backend still takes existing flows and still belongs to the
+ * entry's VIP forwards at once (one hash lookup; the hash was stored with the entry).
+ * Otherwise the VIP decides: no VIP -> pass; else the ring picks a backend and the entry
+ * is (re)written. */
+static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
+				   const struct flow_key *fk, const struct encap_info *ei,
+				   __u32 frame_len)
+{
+	struct flow_val *fv = bpf_map_lookup_elem(&flows, fk);
+	struct flow_val nv = {};
+	struct vip_key vk = {};
+	struct vip_meta *vm;
+	struct backend *be;
+	__u32 id, hash;
+
+	if (fv) {
+		id = fv->backend_id;
+		be = bpf_map_lookup_elem(&backends, &id);
+		if (be && (be->flags & BE_F_FLOWS_STAY) && be->vip_id == fv->vip_id &&
+		    fv->vip_id) {
+			g->c[ST_FLOW_HIT]++;
+			count(&vip_stats, fv->vip_id, frame_len);
+			return forward(ctx, g, be, id, fv->hash, ei, frame_len);
+		}
+	}
+
+	__builtin_memcpy(vk.addr, fk->dst, 16);
+	vk.port = fk->dport;
+	vk.proto = fk->proto;
+	vk.family = fk->family;
+	vm = vip_lookup(&vk);
+	if (!vm)
+		return verdict_pass(g);
+	g->c[fv ? ST_FLOW_MOVED : ST_FLOW_MISS]++;
+	count(&vip_stats, vm->vip_id, frame_len);
+	hash = flow_hash(fk, fk->family == LB_AF_INET6, vm->flags & VIP_F_HASH_SRC_ONLY);
+	be = ring_pick(vm, hash, &id);
+	if (!be)
+		return verdict_drop(g, ST_DROP_NO_BACKEND);
+	nv.backend_id = id;
+	nv.vip_id = vm->vip_id;
+	nv.hash = hash;
+	bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
+	return forward(ctx, g, be, id, hash, ei, frame_len);
+}
+
 static __always_inline int l4_hdr_len(int proto)
 {
 	return proto == IPPROTO_TCP ? 20 : 8;
@@ -90,9 +132,7 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *c
 {
 	struct encap_info ei = {};
 	struct flow_key fk = {};
-	struct vip_key vk = {};
 	struct l4_ports *ports;
-	struct vip_meta *vm;
 	struct iphdr *ip;
 	__u32 tot_len;
 	int proto;
@@ -114,14 +154,6 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *c
 	    parse_ports(c, end, proto, &ports) < 0)
 		return drop_if_vip(g, &ip->daddr, LB_AF_INET, ST_DROP_MALFORMED);
 
-	vk.addr[0] = ip->daddr;
-	vk.port = ports->dest;
-	vk.proto = proto;
-	vk.family = LB_AF_INET;
-	vm = vip_lookup(&vk);
-	if (!vm)
-		return verdict_pass(g);
-
 	fk.src[0] = ip->saddr;
 	fk.dst[0] = ip->daddr;
 	fk.sport = ports->source;
@@ -132,7 +164,7 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *c
 	ei.tos = ip->tos;
 	ei.df = !!(ip->frag_off & bpf_htons(IP_DF));
 	ei.l4proto = proto;
-	return forward(ctx, g, vm, &fk, &ei, frame_len);
+	return lb_flow(ctx, g, &fk, &ei, frame_len);
 }
 
 static __always_inline int ipv6_is_ext_header(int nh)
@@ -155,10 +187,8 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *c
 {
 	struct encap_info ei = {};
 	struct flow_key fk = {};
-	struct vip_key vk = {};
 	struct l4_ports *ports;
 	struct ipv6hdr *ip6;
-	struct vip_meta *vm;
 	__u32 *dst, *src;
 	__u32 plen;
 	int proto;
@@ -180,14 +210,6 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *c
 	    (void *)(ip6 + 1) + plen > end || parse_ports(c, end, proto, &ports) < 0)
 		return drop_if_vip(g, dst, LB_AF_INET6, ST_DROP_MALFORMED);
 
-	__builtin_memcpy(vk.addr, dst, 16);
-	vk.port = ports->dest;
-	vk.proto = proto;
-	vk.family = LB_AF_INET6;
-	vm = vip_lookup(&vk);
-	if (!vm)
-		return verdict_pass(g);
-
 	src = ip6->saddr.in6_u.u6_addr32;
 	__builtin_memcpy(fk.src, src, 16);
 	__builtin_memcpy(fk.dst, dst, 16);
@@ -199,7 +221,7 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *c
 	ei.inner_v6 = 1;
 	ei.tos = (bpf_ntohl(*(__be32 *)ip6) >> 20) & 0xFF;
 	ei.l4proto = proto;
-	return forward(ctx, g, vm, &fk, &ei, frame_len);
+	return lb_flow(ctx, g, &fk, &ei, frame_len);
 }
 
 #endif

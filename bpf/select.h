@@ -44,32 +44,14 @@ static __always_inline struct vip_meta *vip_lookup(struct vip_key *k)
 	return m;
 }
 
-/* Returns the backend the flow goes to, or NULL when the VIP has none usable. An entry
- * in the connection table wins while its backend still takes existing flows and still
- * belongs to this VIP; otherwise the ring decides and the entry is (re)written. */
-static __always_inline struct backend *pick_backend(const struct flow_key *fk,
-						    const struct vip_meta *vm, __u32 hash,
-						    struct lb_global *g, __u32 *backend_id)
+/* The ring's backend for a new (or moved) flow, or NULL when the VIP has none usable. */
+static __always_inline struct backend *ring_pick(const struct vip_meta *vm, __u32 hash,
+						 __u32 *backend_id)
 {
-	struct flow_val *fv = bpf_map_lookup_elem(&flows, fk);
-	struct flow_val nv = {};
-	struct backend *be;
 	__u32 vid = vm->vip_id, slot, id;
+	struct backend *be;
 	__u32 *idp;
 	void *ring;
-
-	if (fv) {
-		id = fv->backend_id;
-		be = bpf_map_lookup_elem(&backends, &id);
-		if (be && (be->flags & BE_F_FLOWS_STAY) && be->vip_id == vid && vid) {
-			g->c[ST_FLOW_HIT]++;
-			*backend_id = id;
-			return be;
-		}
-		g->c[ST_FLOW_MOVED]++;
-	} else {
-		g->c[ST_FLOW_MISS]++;
-	}
 
 	ring = bpf_map_lookup_elem(&rings, &vm->ring_id);
 	if (!ring || !vm->ring_size)
@@ -82,8 +64,6 @@ static __always_inline struct backend *pick_backend(const struct flow_key *fk,
 	be = bpf_map_lookup_elem(&backends, &id);
 	if (!be || be->family == LB_AF_NONE || be->vip_id != vid)
 		return NULL;
-	nv.backend_id = id;
-	bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
 	*backend_id = id;
 	return be;
 }

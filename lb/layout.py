@@ -84,7 +84,7 @@ class FlowKey(_S):
 
 
 class FlowVal(_S):
-    _fields_ = [("backend_id", u32), ("pad", u32)]
+    _fields_ = [("backend_id", u32), ("vip_id", u32), ("hash", u32), ("pad", u32)]
 
 
 class LbConfig(_S):
