@@ -6,6 +6,10 @@
  *                 without this a rewriting program measures its own output.
  *  bench_floor    MAC swap + XDP_TX: the cheapest forwarding program, the floor.
  *  bench_gen      live-frames traffic generator: template + varied flow, XDP_TX.
+ *                 With map `bench_gen_cfg` set (frame_len != 0) it writes frames of
+ *                 any length, varies up to 4 big-endian 16-bit fields per frame
+ *                 (base + (run / div) % mod [+ cpu * cpu_step]) and keeps the IPv4
+ *                 header and TCP/UDP checksums valid (bench/pktgen.py).
  *  bench_sink     counts what arrives and drops it.
  *  xdp_pass       XDP_PASS only: lets a veth peer receive XDP_TX/REDIRECT frames.
  *  bench_ops      calibration: `count` repetitions of one primitive (helper call, hash
@@ -15,6 +19,7 @@
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 #include "lb_consts.h"
 
 #define TMPL_MAX 256
@@ -128,11 +133,126 @@ int bench_floor(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
+/* --- flow generator (bench/pktgen.py) -------------------------------------------
+ * Live-frame pages are recycled without their contents being restored, and the program
+ * under test rewrites the frames it receives, so every frame gets the whole template. */
+#define GEN_FIELDS 4
+
+struct bench_gen_field {
+	__u16 off;        /* even offset of a big-endian 16-bit field inside the template */
+	__u8 in_ip;       /* covered by the IPv4 header checksum */
+	__u8 in_l4;       /* covered by the TCP/UDP checksum (pseudo header or segment) */
+	__u32 div;        /* value = base + (run / div) % mod + cpu * cpu_step */
+	__u32 mod;
+	__u32 base;
+	__u32 cpu_step;
+};
+
+struct bench_gen_cfg {
+	__u32 frame_len;  /* 0: bench_gen keeps its template-only behaviour */
+	__u16 ip_csum_off;  /* offset of the IPv4 header checksum, 0: none */
+	__u16 l4_csum_off;  /* offset of the TCP/UDP checksum, 0: none */
+	__u8 l4_udp;      /* UDP: a computed checksum of 0 is sent as 0xffff */
+	__u8 nfields;
+	__u16 pad;
+	struct bench_gen_field f[GEN_FIELDS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bench_gen_cfg);
+} bench_gen_cfg SEC(".maps");
+
+static __always_inline __u32 csum_fold32(__u32 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return s;
+}
+
+/* RFC 1624: HC' = ~(~HC + sum of (~m + m')) over the changed words. */
+static __always_inline void csum_apply(void *data, void *end, __u32 off, __u32 acc, int udp)
+{
+	__u16 *p;
+	__u32 s;
+
+	off &= TMPL_MAX - 2;
+	p = data + off;
+	if ((void *)(p + 1) > end)
+		return;
+	s = csum_fold32((__u16)~*p + acc);
+	s = (__u16)~s;
+	if (udp && !s)
+		s = 0xffff;
+	*p = (__u16)s;
+}
+
+static __always_inline int write_flows(struct xdp_md *ctx, struct bench_gen_cfg *cfg,
+				       __u64 run)
+{
+	__u32 zero = 0, acc_ip = 0, acc_l4 = 0, cpu = 0;
+	struct bench_tmpl *t = bpf_map_lookup_elem(&bench_template, &zero);
+	void *data, *end;
+	long delta;
+
+	if (!t)
+		return -1;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	delta = (long)(end - data) - (long)cfg->frame_len;
+	if (delta && bpf_xdp_adjust_head(ctx, (int)delta))
+		return -1;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+#pragma unroll
+	for (int i = 0; i < TMPL_MAX / 8; i++) {
+		if (i * 8 >= t->len || data + i * 8 + 8 > end)
+			break;
+		*(__u64 *)(data + i * 8) = *(__u64 *)(t->data + i * 8);
+	}
+	if (cfg->f[0].cpu_step | cfg->f[1].cpu_step | cfg->f[2].cpu_step | cfg->f[3].cpu_step)
+		cpu = bpf_get_smp_processor_id();
+#pragma unroll
+	for (int i = 0; i < GEN_FIELDS; i++) {
+		struct bench_gen_field *f = &cfg->f[i];
+		__u32 off, v, m = f->mod ? f->mod : 1;
+		__u16 old, new;
+
+		if (i >= cfg->nfields)
+			break;
+		off = f->off & (TMPL_MAX - 2);
+		if (data + off + 2 > end)
+			return -1;
+		v = f->base + (__u32)((run / (f->div ? f->div : 1)) % m) + cpu * f->cpu_step;
+		old = *(__u16 *)(t->data + off);
+		new = bpf_htons((__u16)v);
+		*(__u16 *)(data + off) = new;
+		if (f->in_ip)
+			acc_ip += (__u16)~old + new;
+		if (f->in_l4)
+			acc_l4 += (__u16)~old + new;
+	}
+	if (cfg->ip_csum_off && acc_ip)
+		csum_apply(data, end, cfg->ip_csum_off, acc_ip, 0);
+	if (cfg->l4_csum_off && acc_l4)
+		csum_apply(data, end, cfg->l4_csum_off, acc_l4, cfg->l4_udp);
+	return 0;
+}
+
 SEC("xdp")
 int bench_gen(struct xdp_md *ctx)
 {
 	__u64 run = bump(B_GEN, 1);
+	__u32 zero = 0;
+	struct bench_gen_cfg *cfg = bpf_map_lookup_elem(&bench_gen_cfg, &zero);
 
+	if (cfg && cfg->frame_len) {
+		if (write_flows(ctx, cfg, run))
+			return XDP_ABORTED;
+		return XDP_TX;
+	}
 	if (write_template(ctx, run))
 		return XDP_ABORTED;
 	return XDP_TX;

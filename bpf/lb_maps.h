@@ -77,6 +77,18 @@ struct {
 	__type(value, struct flow_val);
 } flows SEC(".maps");
 
+/* Per-CPU direct-mapped cache in front of `flows` (see struct flow_cache_slot). Not
+ * pinned: a new instance starts with it empty. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_FLOW_CACHE_SLOTS);
+	__type(key, __u32);
+	__type(value, struct flow_cache_slot);
+} flow_cache SEC(".maps");
+
+/* flow_cache max_entries - 1, set between open and load. */
+const volatile __u32 flow_cache_mask = LB_FLOW_CACHE_SLOTS - 1;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);

@@ -87,6 +87,16 @@ struct flow_val {
 	__u32 pad;
 };
 
+/* One slot of the per-CPU `flow_cache`, a direct-mapped cache of `flows` entries indexed
+ * by the 5-tuple hash. A slot is honoured only if its key equals the packet's and its
+ * entry passes the same checks as a `flows` entry; vip_id 0 marks an empty slot. */
+struct flow_cache_slot {
+	struct flow_key key;
+	struct flow_val val;
+	__u32 touch; /* hits since the `flows` entry was last looked up (keeps it warm) */
+	__u32 pad;
+};
+
 enum lb_encap {
 	LB_ENCAP_IPIP = 0, /* IPIP, IP6IP6, IPv4-in-IPv6, IPv6-in-IPv4 by families */
 	LB_ENCAP_GUE = 1,  /* direct IP in UDP to gue_port */
@@ -133,6 +143,7 @@ enum lb_stat {
 			      * in tx_port (redirect mode) */
 	ST_DROP_ADJUST_FAIL, /* bpf_xdp_adjust_head refused the headroom */
 	ST_GUE_ZERO_CSUM,    /* GUE sent with UDP checksum 0: inner IPv4 UDP had none */
+	ST_FLOW_CACHE_HIT,   /* flow hits served by the per-CPU flow cache (also in FLOW_HIT) */
 	ST__MAX,
 };
 

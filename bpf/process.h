@@ -79,26 +79,73 @@ static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
  * first: an entry whose backend still takes existing flows and still belongs to the
  * entry's VIP forwards at once (one hash lookup; the hash was stored with the entry).
  * Otherwise the VIP decides: no VIP -> pass; else the ring picks a backend and the entry
- * is (re)written. */
+ * is (re)written. A per-CPU direct-mapped cache of entries is asked before the table: a
+ * slot with this flow's key and a still-valid entry saves the hash-table lookup. It only
+ * ever holds what `flows` held for that key, and is checked like a `flows` entry, so a
+ * moved flow (maint/down) is never kept on its old backend by the cache. */
+static __always_inline int flow_key_eq(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const void *)a, *y = (const void *)b;
+
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) |
+		(x[4] ^ y[4])) == 0;
+}
+
+/* The backend of a flow-table entry, if the entry may still be honoured. */
+static __always_inline struct backend *entry_backend(const struct flow_val *fv)
+{
+	__u32 id = fv->backend_id;
+	struct backend *be = bpf_map_lookup_elem(&backends, &id);
+
+	if (be && (be->flags & BE_F_FLOWS_STAY) && be->vip_id == fv->vip_id && fv->vip_id)
+		return be;
+	return NULL;
+}
+
+static __always_inline void cache_fill(struct flow_cache_slot *cs, const struct flow_key *fk,
+				       const struct flow_val *fv)
+{
+	if (cs) {
+		__builtin_memcpy(&cs->key, fk, sizeof(*fk));
+		cs->val = *fv;
+		cs->touch = 0;
+	}
+}
+
 static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 				   const struct flow_key *fk, const struct encap_info *ei,
 				   __u32 frame_len)
 {
-	struct flow_val *fv = bpf_map_lookup_elem(&flows, fk);
-	struct flow_val nv = {};
+	__u32 slot = flow_cache_index(fk) & flow_cache_mask;
+	struct flow_cache_slot *cs = bpf_map_lookup_elem(&flow_cache, &slot);
+	struct flow_val *fv, nv = {};
 	struct vip_key vk = {};
 	struct vip_meta *vm;
 	struct backend *be;
 	__u32 id, hash;
 
+	if (cs && cs->val.vip_id && flow_key_eq(&cs->key, fk)) {
+		be = entry_backend(&cs->val);
+		if (be) {
+			if (++cs->touch >= FLOW_CACHE_TOUCH_EVERY) {
+				cs->touch = 0;
+				bpf_map_lookup_elem(&flows, fk); /* marks the LRU entry used */
+			}
+			g->c[ST_FLOW_HIT]++;
+			g->c[ST_FLOW_CACHE_HIT]++;
+			count(&vip_stats, cs->val.vip_id, frame_len);
+			return forward(ctx, g, be, cs->val.backend_id, cs->val.hash, ei, frame_len);
+		}
+	}
+
+	fv = bpf_map_lookup_elem(&flows, fk);
 	if (fv) {
-		id = fv->backend_id;
-		be = bpf_map_lookup_elem(&backends, &id);
-		if (be && (be->flags & BE_F_FLOWS_STAY) && be->vip_id == fv->vip_id &&
-		    fv->vip_id) {
+		be = entry_backend(fv);
+		if (be) {
+			cache_fill(cs, fk, fv);
 			g->c[ST_FLOW_HIT]++;
 			count(&vip_stats, fv->vip_id, frame_len);
-			return forward(ctx, g, be, id, fv->hash, ei, frame_len);
+			return forward(ctx, g, be, fv->backend_id, fv->hash, ei, frame_len);
 		}
 	}
 
@@ -119,6 +166,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 	nv.vip_id = vm->vip_id;
 	nv.hash = hash;
 	bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
+	cache_fill(cs, fk, &nv);
 	return forward(ctx, g, be, id, hash, ei, frame_len);
 }
 

@@ -34,6 +34,7 @@ class Limits:
     max_backends: int = 65536
     max_nexthops: int = 4096
     flow_table_size: int = 65536
+    flow_cache_slots: int = 16384  # per CPU, a power of two (64 bytes each)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class Datapath:
             self.skel.set_max_entries("backend_stats", limits.max_backends)
             self.skel.set_max_entries("nexthops", limits.max_nexthops)
             self.skel.set_max_entries("flows", limits.flow_table_size)
+            slots = limits.flow_cache_slots
+            if slots < 1 or slots & (slots - 1):
+                raise ValueError(f"flow_cache_slots must be a power of two, not {slots}")
+            self.skel.set_max_entries("flow_cache", slots)
+            lib.xdplb_lb_set_flow_cache_mask(self.skel.raw, slots - 1)
             if pin_dir:
                 self._adopt_pins(pin_dir)
             self.skel.load()
@@ -275,6 +281,13 @@ class Datapath:
 
     def reset_counters(self, map_name: str, idx: int) -> None:
         self.maps[map_name].update(_u32(idx), L.Counters())
+
+    def clear_flow_cache(self) -> None:
+        """Empty every CPU's flow cache (after editing `flows` from user space)."""
+        m = self.skel.map("flow_cache")
+        zero = bytes(m._slot * m.ncpus)
+        keys = array.array("I", range(m.max_entries))
+        m.update_batch(keys.tobytes(), zero * m.max_entries, m.max_entries)
 
     def flow_backend(self, fk: L.FlowKey) -> Optional[int]:
         raw = self.maps["flows"].lookup(fk)

@@ -46,6 +46,7 @@ class Stat(enum.IntEnum):
     DROP_NO_NEXTHOP = 13
     DROP_ADJUST_FAIL = 14
     GUE_ZERO_CSUM = 15
+    FLOW_CACHE_HIT = 16
 
 
 class _S(ctypes.Structure):
@@ -87,6 +88,10 @@ class FlowVal(_S):
     _fields_ = [("backend_id", u32), ("vip_id", u32), ("hash", u32), ("pad", u32)]
 
 
+class FlowCacheSlot(_S):
+    _fields_ = [("key", FlowKey), ("val", FlowVal), ("touch", u32), ("pad", u32)]
+
+
 class LbConfig(_S):
     _fields_ = [("smac", u8 * 6), ("encap", u8), ("tx_mode", u8), ("src_v4", u32),
                 ("src_v6", u32 * 4), ("gue_port", u16), ("mtu", u16)]
@@ -108,7 +113,8 @@ class BenchTemplate(_S):
 # name in BTF -> mirror; checked by tests/test_layout.py
 MIRRORS = {
     "vip_key": VipKey, "vip_meta": VipMeta, "addr_key": AddrKey, "backend": Backend,
-    "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal, "lb_config": LbConfig,
+    "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal,
+    "flow_cache_slot": FlowCacheSlot, "lb_config": LbConfig,
     "lb_counters": Counters, "lb_global": Global,
 }
 

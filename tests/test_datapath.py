@@ -323,14 +323,18 @@ def test_row(env, row, request):
         assert env.flow_count() == 0, "flow-table entry created for a packet not forwarded"
 
     if row.check == "encap" and row.verdict != "drop":
-        # the same flow again: a flow-table hit, byte-identical output
-        before = env.snapshot()
-        r2 = env.run(data)
-        d2 = env.delta(before)
-        assert r2.verdict == row.verdict and r2.data == r.data
-        c = dict(row.counters, flow_miss=0, flow_hit=1)
-        assert_globals(d2.glob, c)
-        assert d2.backends == {exp.backend_id: (1, len(data))}
+        # the same flow again: a flow-table hit (from this CPU's flow cache, filled by the
+        # insert), byte-identical output; then from the table itself, cache emptied
+        for cached in (1, 0):
+            if not cached:
+                env.dp.clear_flow_cache()
+            before = env.snapshot()
+            r2 = env.run(data)
+            d2 = env.delta(before)
+            assert r2.verdict == row.verdict and r2.data == r.data
+            c = dict(row.counters, flow_miss=0, flow_hit=1, flow_cache_hit=cached)
+            assert_globals(d2.glob, c)
+            assert d2.backends == {exp.backend_id: (1, len(data))}
 
 
 def test_rows_cover_every_backend_family_and_encap(env):
