@@ -306,8 +306,11 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGHUP,
-                                lambda: self._tasks.add(loop.create_task(self.reload_async())))
+        def on_hup() -> None:
+            task = loop.create_task(self.reload_async())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         self._tasks: set = set()
