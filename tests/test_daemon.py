@@ -311,3 +311,33 @@ def test_prometheus_metrics(env):
     assert m and int(m.group(1)) > 0
     assert re.search(r'xdplb_backend_healthy\{vip="web",backend="10.200.0.11"\} 1', text)
     assert 'xdplb_drops_total{reason="no_backend"}' in text
+
+
+def test_nexthop_mac_change_is_followed(env):
+    """A next hop's MAC changes (as when a gateway is replaced): within seconds the
+    nexthops map carries the new one, and back again."""
+    tmp, cfg, d = env
+    lbns = N.Netns(LAB.lb, create=False, owned=False)
+    real = N.Netns(LAB.backends[1], create=False, owned=False).mac("eth0")
+    fake = bytes.fromhex("02aabbccddee")
+
+    def macs() -> set[bytes]:
+        with Map.from_pin(f"{PIN}/nexthops") as m:
+            return {bytes(L.Nexthop.unpack(v).dmac) for _, v in m.items()}
+
+    def wait_for(mac: bytes) -> float:
+        t0 = time.monotonic()
+        while mac not in macs():
+            assert time.monotonic() - t0 < 10, f"{mac.hex()} never reached the nexthops map"
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    assert real in macs()
+    lbns.add_neighbor("lb0", "10.200.0.12", fake)
+    try:
+        assert wait_for(fake) < 10
+    finally:
+        lbns.add_neighbor("lb0", "10.200.0.12", real)
+    wait_for(real)
+    got, failed = http(20)
+    assert failed == 0
