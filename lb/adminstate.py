@@ -1,6 +1,7 @@
 """Admin states set at run time (`xdplb backend drain|maint|activate`), persisted to
 `state_file` with an atomic write, so they survive SIGHUP and restarts. A runtime state
-overrides the config's `state` for that VIP/backend until set back to active."""
+overrides the config's `state` for that VIP/backend, `activate` included (an operator's
+last word wins over the file), until the next runtime command for that pair."""
 
 from __future__ import annotations
 

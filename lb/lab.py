@@ -11,7 +11,8 @@ variant "redirect" (XDP_REDIRECT, two LB interfaces), config/lab-redirect.toml:
     xl-client -- brc (xl-sw, 10.200.0.254) -- lb0 [xl-lb] lb1 -- brb (xl-sw, 10.200.2.254) -- xl-be1..3
 
 xl-sw routes between the two segments, so backends answer clients directly (DSR).
-VIPs: 10.200.1.10 and fd00:201::10, HTTP on 80 and a UDP echo on 5353; the client routes
+VIPs: 10.200.1.10 and fd00:201::10, HTTP on 80, a UDP echo on 5353 and a TCP line echo on
+7000 (long-lived connections); the client routes
 them via the LB. Veth traps handled: every peer that receives XDP_TX/REDIRECT frames has
 an XDP program; TX checksum offload is off on the client.
 """
@@ -33,8 +34,10 @@ from .native import Skeleton
 
 VIP4, VIP6 = "10.200.1.10", "fd00:201::10"
 HTTP_PORT, UDP_PORT = 80, 5353
+ECHO_PORT = 7000  # TCP line echo on every backend, for long-lived connections
 GUE_PORT = 6080
 DEFAULT_PREFIX = "xl-"
+CONFIGS = {"tx": "config/lab.toml", "redirect": "config/lab-redirect.toml"}  # per variant
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,17 @@ class Host:
     ns: str
     v4: str
     v6: str
+
+
+def _netns(name: str) -> N.Netns:
+    """A lab namespace whose interfaces skip IPv6 duplicate address detection: while
+    an interface's link-local address is tentative (about a second after it comes up),
+    the kernel cannot resolve neighbours from it, so a backend's first IPv6 answers
+    to the client were lost."""
+    ns = N.Netns(name, owned=False)
+    for conf in ("all", "default"):
+        ns.sysctl(f"net.ipv6.conf.{conf}.accept_dad", 0)
+    return ns
 
 
 def _attach_pass(ns: N.Netns, ifname: str) -> None:
@@ -86,12 +100,12 @@ class Lab:
 
     def up(self) -> "Lab":
         self.down(quiet=True)
-        sw = N.Netns(self.sw, owned=False)
+        sw = _netns(self.sw)
         sw.set_link("lo", up=True)
         sw.router()
         h = self.hosts()
-        client = N.Netns(self.client, owned=False)
-        lb = N.Netns(self.lb, owned=False)
+        client = _netns(self.client)
+        lb = _netns(self.lb)
         for ns in (client, lb):
             ns.set_link("lo", up=True)
         if self.variant == "tx":
@@ -129,7 +143,7 @@ class Lab:
             _attach_pass(sw, "sw-lb1")
 
         for i, name in enumerate(self.backends, start=1):
-            ns = N.Netns(name, owned=False)
+            ns = _netns(name)
             N.add_veth("eth0", ns, f"sw-be{i}", sw)
             sw.set_link(f"sw-be{i}", master=seg_b, up=True)
             b = h[name]
@@ -150,12 +164,15 @@ class Lab:
         os.makedirs(self.piddir, exist_ok=True)
         log = open(os.path.join(self.piddir, f"{name}.log"), "ab")
         p = N.spawn_in(name, [sys.executable, "-m", "lb.labserver", name, "--http",
-                              str(HTTP_PORT), "--udp", str(UDP_PORT), "--vip", VIP4,
+                              str(HTTP_PORT), "--udp", str(UDP_PORT), "--echo",
+                              str(ECHO_PORT), "--vip", VIP4,
                               "--vip", VIP6], stdout=log, stderr=log, start_new_session=True)
         with open(os.path.join(self.piddir, f"{name}.pid"), "w") as f:
             f.write(str(p.pid))
 
-    def stop_server(self, name: str) -> bool:
+    def stop_server(self, name: str, timeout: float = 5.0) -> bool:
+        """Stop a backend's server and wait (up to `timeout` s) until it has exited, so
+        its ports are closed and free when this returns. False if none was running."""
         path = os.path.join(self.piddir, f"{name}.pid")
         try:
             pid = int(open(path).read())
@@ -165,6 +182,9 @@ class Lab:
         finally:
             if os.path.exists(path):
                 os.unlink(path)
+        deadline = time.monotonic() + timeout
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return True
 
     def down(self, quiet: bool = True) -> None:
@@ -188,6 +208,15 @@ class Lab:
     def client_udp(self, host: str, n: int) -> tuple[collections.Counter, int]:
         """n UDP echo requests from the client namespace, likewise."""
         return N.run_in(self.client, _udp_work, host, n, timeout=120)
+
+
+def _running(pid: int) -> bool:
+    """pid exists and is not a zombie (an exited child nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _http_work(host: str, port: int, n: int):
@@ -228,7 +257,7 @@ def up(variant: str = "tx") -> int:
     h = lab.hosts()
     print(f"lab up ({variant}): client {h['client'].v4}, LB {h['lb'].v4}, backends "
           f"{', '.join(h[b].v4 for b in lab.backends)}; VIPs {VIP4} and {VIP6} "
-          f"(tcp {HTTP_PORT}, udp {UDP_PORT})")
+          f"(tcp {HTTP_PORT}, udp {UDP_PORT}); run xdplb in {lab.lb} with {CONFIGS[variant]}")
     return 0
 
 

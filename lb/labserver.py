@@ -1,6 +1,8 @@
 """A lab backend: an HTTP server that answers with its name and a UDP echo that prefixes
-its name, on every address of its namespace (the VIPs sit on its `lo`). Used by
-`xdplb lab up`; run as `python -m lb.labserver NAME --http PORT --udp PORT`."""
+its name, on every address of its namespace (the VIPs sit on its `lo`); optionally a
+line echo over TCP for long-lived connections (each line comes back as "NAME LINE").
+Used by `xdplb lab up`; run as
+`python -m lb.labserver NAME --http PORT --udp PORT [--echo PORT] [--vip ADDR ...]`."""
 
 from __future__ import annotations
 
@@ -37,9 +39,26 @@ def _http_handler(name: str, health: dict):
     return handle
 
 
-async def serve(name: str, http_port: int, udp_port: int, vips: list[str]) -> None:
-    """HTTP on every address; UDP echo bound to each VIP, so replies leave from the VIP
-    (a wildcard UDP socket would answer from the interface address)."""
+def _line_echo(name: str):
+    prefix = name.encode() + b" "
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                writer.write(prefix + line)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+    return handle
+
+
+async def serve(name: str, http_port: int, udp_port: int, vips: list[str],
+                echo_port: int = 0) -> None:
+    """HTTP (and the TCP line echo) on every address; UDP echo bound to each VIP, so
+    replies leave from the VIP (a wildcard UDP socket would answer from the interface
+    address)."""
     loop = asyncio.get_running_loop()
     health = {"status": 200}
     servers = []
@@ -47,6 +66,10 @@ async def serve(name: str, http_port: int, udp_port: int, vips: list[str]) -> No
         servers.append(await asyncio.start_server(_http_handler(name, health), host=host,
                                                   port=http_port, family=fam,
                                                   reuse_address=True))
+        if echo_port:
+            servers.append(await asyncio.start_server(_line_echo(name), host=host,
+                                                      port=echo_port, family=fam,
+                                                      reuse_address=True))
     for vip in vips:
         fam = socket.AF_INET6 if ":" in vip else socket.AF_INET
         sock = socket.socket(fam, socket.SOCK_DGRAM)
@@ -60,10 +83,12 @@ def main() -> None:
     p.add_argument("name")
     p.add_argument("--http", type=int, default=80)
     p.add_argument("--udp", type=int, default=5353)
+    p.add_argument("--echo", type=int, default=0,
+                   help="TCP port of a line echo (long-lived connections); 0: none")
     p.add_argument("--vip", action="append", default=[], help="VIP address for the UDP echo")
     a = p.parse_args()
     try:
-        asyncio.run(serve(a.name, a.http, a.udp, a.vip))
+        asyncio.run(serve(a.name, a.http, a.udp, a.vip, a.echo))
     except KeyboardInterrupt:
         pass
 
