@@ -41,11 +41,20 @@ def stats_snapshot(d) -> dict:
                                                         else "health checks off"),
                 "last_check_ok": last.ok if last else None,
                 "latency_ms": round(last.latency_s * 1e3, 3) if last else None,
+                "last_check_at": round(last.at, 3) if last else None,
+                "checks": verdict.checks if verdict else 0,
             })
         vips.append({"name": v.name, "address": str(v.address), "port": v.port,
                      "protocol": v.protocol, "packets": packets, "bytes": nbytes,
                      "backends": backends})
-    return {"vips": vips, "global": global_section(dp.global_counters())}
+    doc = {"vips": vips, "global": global_section(dp.global_counters())}
+    s = getattr(d, "scheduler", None)
+    if s is not None:
+        # the Scheduler's own figures (extra keys: the spec's top level stays vips/global)
+        doc["global"]["health_checks"] = {
+            "probes": len(s.intervals), "checks_run": s.probes_run, "in_flight": s.in_flight,
+            "max_lag_s": round(s.lag_max, 6), "callback_errors": s.errors}
+    return doc
 
 
 def render_table(doc: dict, rates: dict | None = None) -> str:
@@ -62,7 +71,10 @@ def render_table(doc: dict, rates: dict | None = None) -> str:
                      f"packets {v['packets']}  bytes {v['bytes']}{rate}")
         for b in v["backends"]:
             lat = f"{b['latency_ms']:.1f} ms" if b.get("latency_ms") is not None else "-"
-            lines.append(f"  {b['address']:<24} {b['state']:<7} w={b['weight']:<3} "
+            health = "up" if b.get("healthy") else "down"
+            admin = b.get("admin_state", "-")
+            lines.append(f"  {b['address']:<24} {b['state']:<7} admin={admin:<6} "
+                         f"health={health:<4} w={b['weight']:<3} "
                          f"packets {b['packets']:<10} bytes {b['bytes']:<12} "
                          f"check: {b.get('last_check', '-')} ({lat})")
     return "\n".join(lines)
