@@ -55,7 +55,8 @@ struct addr_key {
 struct backend {
 	__u32 addr[4];
 	__u8 family;
-	__u8 pad0[3];
+	__u8 pad0;
+	__u16 gen;        /* bumped each time the backend stops keeping flows */
 	__u32 flags;
 	__u32 vip_id;
 	__u32 nexthop_id; /* into `nexthops`; 0 (or an all-zero MAC) = unresolved: drop */
@@ -78,13 +79,16 @@ struct flow_key {
 	__u16 pad;
 };
 
-/* A connection-table entry: the backend, the VIP it was chosen for (a hit needs the
- * backend to still belong to it), and the flow hash (GUE source port, IPv6 flow label). */
+/* A connection-table entry: the backend, the VIP it was chosen for and the backend's
+ * generation then (a hit needs the backend to still belong to that VIP and to be in the
+ * same generation: a flow moved away while its backend was in maint or down is never
+ * sent back to it, whatever stale copy another CPU's flow cache holds), and the flow hash
+ * (GUE source port, IPv6 flow label). */
 struct flow_val {
 	__u32 backend_id;
 	__u32 vip_id;
 	__u32 hash;
-	__u32 pad;
+	__u32 gen;
 };
 
 /* One slot of the per-CPU `flow_cache`, a direct-mapped cache of `flows` entries indexed

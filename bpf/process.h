@@ -97,7 +97,8 @@ static __always_inline struct backend *entry_backend(const struct flow_val *fv)
 	__u32 id = fv->backend_id;
 	struct backend *be = bpf_map_lookup_elem(&backends, &id);
 
-	if (be && (be->flags & BE_F_FLOWS_STAY) && be->vip_id == fv->vip_id && fv->vip_id)
+	if (be && (be->flags & BE_F_FLOWS_STAY) && be->vip_id == fv->vip_id && fv->vip_id &&
+	    be->gen == fv->gen)
 		return be;
 	return NULL;
 }
@@ -165,6 +166,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 	nv.backend_id = id;
 	nv.vip_id = vm->vip_id;
 	nv.hash = hash;
+	nv.gen = be->gen;
 	bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
 	cache_fill(cs, fk, &nv);
 	return forward(ctx, g, be, id, hash, ei, frame_len);

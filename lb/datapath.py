@@ -159,8 +159,9 @@ class Datapath:
         self.maps["nexthops"].update(_u32(nid), nh)
 
     def set_backend(self, bid: int, addr: IPAddress, vip_id: int, nexthop_id: int,
-                    flags: int) -> None:
+                    flags: int, gen: int = 0) -> None:
         b = L.Backend()
+        b.gen = gen & 0xFFFF
         b.addr[:] = L.addr_words(addr)
         b.family = L.family_of(addr)
         b.flags = flags

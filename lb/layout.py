@@ -71,8 +71,8 @@ class AddrKey(_S):
 
 
 class Backend(_S):
-    _fields_ = [("addr", u32 * 4), ("family", u8), ("pad0", u8 * 3), ("flags", u32),
-                ("vip_id", u32), ("nexthop_id", u32)]
+    _fields_ = [("addr", u32 * 4), ("family", u8), ("pad0", u8), ("gen", u16),
+                ("flags", u32), ("vip_id", u32), ("nexthop_id", u32)]
 
 
 class Nexthop(_S):
@@ -85,7 +85,7 @@ class FlowKey(_S):
 
 
 class FlowVal(_S):
-    _fields_ = [("backend_id", u32), ("vip_id", u32), ("hash", u32), ("pad", u32)]
+    _fields_ = [("backend_id", u32), ("vip_id", u32), ("hash", u32), ("gen", u32)]
 
 
 class FlowCacheSlot(_S):

@@ -106,6 +106,7 @@ class Programmer:
         self._free_be = collections.deque(range(1, dp.limits.max_backends))
         self._free_nh = collections.deque(range(1, dp.limits.max_nexthops))
         self.nexthops: dict[str, int] = {}
+        self._gen: dict[int, int] = {}  # backend id -> generation (see struct backend)
         self._macs: dict[int, bytes] = {}
 
     # --- ids -----------------------------------------------------------------------
@@ -184,9 +185,11 @@ class Programmer:
                 continue
             old = cur.flags.get(bid)
             if old is not None and old[0] & ~flags:
-                demote.append((b, bid, flags, nid))  # loses FLOWS_STAY: after the swap
+                # loses FLOWS_STAY: after the swap, and in a new generation, so no stale
+                # copy of one of its flow entries (another CPU's cache) is honoured again
+                demote.append((b, bid, flags, nid))
             else:
-                dp.set_backend(bid, b.address, cur.vip_id, nid, flags)
+                dp.set_backend(bid, b.address, cur.vip_id, nid, flags, self._gen.get(bid, 0))
             cur.flags[bid] = entry
         ring = ring_for(spec, new_bids)
         digest = _digest(ring)
@@ -210,8 +213,9 @@ class Programmer:
                                      m=cur.ring_size, r=cur.ring_id: dp.set_vip(k, v, f, m, r))
         gone = [bid for addr, bid in cur.bids.items() if addr not in new_bids]
         for b, bid, flags, nid in demote:
-            later.append(lambda b=b, bid=bid, f=flags, n=nid, v=cur.vip_id:
-                         dp.set_backend(bid, b.address, v, n, f))
+            gen = self._gen[bid] = (self._gen.get(bid, 0) + 1) & 0xFFFF
+            later.append(lambda b=b, bid=bid, f=flags, n=nid, v=cur.vip_id, g=gen:
+                         dp.set_backend(bid, b.address, v, n, f, g))
         for bid in gone:
             rep.backends_removed += 1
             cur.flags.pop(bid, None)
@@ -234,6 +238,7 @@ class Programmer:
 
     def _release_backend(self, bid: int) -> None:
         self.dp.clear_backend(bid)
+        self._gen[bid] = (self._gen.get(bid, 0) + 1) & 0xFFFF  # its reuse starts anew
         self._free_be.append(bid)
 
     def _release_ring(self, ring_id: int) -> None:
@@ -270,6 +275,7 @@ class Programmer:
             cur = by_id[b.vip_id]
             cur.bids[L.words_addr(b.addr, b.family)] = bid
             cur.flags[bid] = (b.flags, b.nexthop_id)
+            self._gen[bid] = b.gen
             used_be.add(bid)
             used_nh.add(b.nexthop_id)
         self._free_vip = collections.deque(i for i in self._free_vip if i not in by_id)

@@ -387,10 +387,6 @@ def test_scheduler_survives_callback_errors_and_reconfigures(unit):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-@pytest.mark.xfail(strict=True, reason=(
-    "data-path bug: the per-CPU flow cache (bpf/process.h lb_flow) checks only that the "
-    "cached backend may keep flows; a flow moved off a maint/down backend on one CPU is "
-    "sent back to it by another CPU's stale cache slot once it is usable again"))
 def test_moved_flow_stays_moved_on_every_cpu():
     """maint moves a flow; after `activate` the flow must stay where it was moved, on
     every CPU (else one connection is split between two backends)."""
