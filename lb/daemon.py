@@ -82,6 +82,7 @@ class Daemon:
         self.attached: Optional[tuple[int, str]] = None
         self.macs: dict[str, bytes] = {}
         self.seed_up: set[tuple[str, str]] = set()
+        self.applied: dict[tuple[str, str], str] = {}  # effective state the maps hold
         self.nexthop_keys: dict[str, str] = {}
         self.started = time.time()
         self._route_cache: dict = {}  # backend -> (next hop, oif) under _route_digest
@@ -256,7 +257,11 @@ class Daemon:
         if resolved is not None:
             self.macs, self.nexthop_keys = resolved
         specs = policy.vip_specs(self.cfg, self._admin_of, self._up_of, self._nexthop_of)
-        return self.prog.apply(specs, self.macs)
+        rep = self.prog.apply(specs, self.macs)
+        # what the maps now say, for `stats` (health flips reach the maps in batches)
+        self.applied = {(v.name, str(b.address)): self._effective(v.name, str(b.address))
+                        for v in self.cfg.vips for b in v.backends}
+        return rep
 
     # --- health --------------------------------------------------------------------
     def _configure_health(self) -> None:

@@ -35,7 +35,11 @@ def stats_snapshot(d) -> dict:
             verdict = d.verdicts.get((v.name, addr))
             last = verdict.last if verdict else None
             backends.append({
-                "address": addr, "state": effective(admin, up).state, "healthy": up,
+                # the state the data path applies (a health flip is in `healthy` at once
+                # and in `state` once the maps have it, within HEALTH_BATCH_S)
+                "address": addr,
+                "state": d.applied.get((v.name, addr), effective(admin, up).state),
+                "healthy": up,
                 "weight": b.weight, "packets": bp, "bytes": bb, "admin_state": admin,
                 "last_check": last.reason if last else ("not checked" if v.health.type != "none"
                                                         else "health checks off"),
