@@ -7,7 +7,17 @@ Commands (see ``python -m bench --help``):
              -> results/cost.json
 * ``maglev`` Maglev table quality: balance, disruption on removal, build time
              (bench/maglev.py) -> results/maglev.json, results/maglev.png
-* ``all``    every benchmark above.
+* ``reload`` reload latency and memory (bench/reload.py) -> results/reload.json
+* ``pktgen`` packet rates through veths in namespaces: offered / forwarded Mpps, loss and
+             Mpps per core for hit, new-flow, non-VIP, IPv6, GUE and redirect traffic,
+             each against the floor of the same run (bench/pktgen.py)
+             -> results/pktgen.json, results/pktgen.png
+* ``iptables`` xdplb vs kube-proxy-style iptables DNAT over 1..10,000 services, and
+             xdplb's cost against its VIP count (bench/iptables.py)
+             -> results/iptables.json, results/iptables.png
+* ``summary`` headline figures with their targets (bench/summary.py)
+             -> results/summary.json, results/summary.md
+* ``all``    every benchmark above, then the summary.
 
 Everything loads real BPF programs, so it runs as root, like the tests.
 """

@@ -1,4 +1,5 @@
-"""python -m bench {cost,maglev,reload,all} [options]: see bench/__init__.py."""
+"""python -m bench {cost,maglev,reload,health,pktgen,iptables,summary,all} [options]: see
+bench/__init__.py."""
 
 from __future__ import annotations
 
@@ -32,18 +33,63 @@ def main(argv=None) -> int:
         sp.add_argument("--builds", type=int, default=5, help="timed builds per setting")
         sp.add_argument("--no-plot", action="store_true")
 
+    def pktgen_args(sp, prefix=""):
+        sp.add_argument(f"--{prefix}rounds", type=int, default=7,
+                        help="interleaved floor/case rounds; medians are reported")
+        sp.add_argument(f"--{prefix}duration", type=float, default=0.5,
+                        help="seconds of traffic per measurement (sizes the count)")
+        sp.add_argument("--size", type=int, default=64, help="frame bytes (IPv6: >= 80)")
+        sp.add_argument("--flows", type=int, default=1024, help="flows of the hit cases")
+        sp.add_argument("--threads", type=int, default=1,
+                        help="generator threads, one per CPU (the data path follows them)")
+        sp.add_argument("--rate", type=float, default=0.0,
+                        help="offered packets per second in total (0: as fast as it goes)")
+        sp.add_argument("--count", type=int, default=0,
+                        help="frames per measurement per thread (0: from --duration)")
+        sp.add_argument("--pktgen-case", action="append", dest="pktgen_cases",
+                        help="only this pktgen case (repeatable)")
+        sp.add_argument("--generator", choices=("auto", "live", "pktgen"), default="auto",
+                        help="kernel pktgen (/proc/net/pktgen) or live frames")
+
+    def sweep_args(sp, prefix=""):
+        sp.add_argument(f"--{prefix}services", default="1,10,100,1000,10000",
+                        help="comma-separated service counts")
+        sp.add_argument(f"--{prefix}rounds", type=int, default=5)
+        sp.add_argument(f"--{prefix}duration", type=float, default=0.4)
+        sp.add_argument("--endpoints", type=int, default=2, help="endpoints per service")
+        sp.add_argument("--iptables", choices=("nft", "legacy"), default="nft",
+                        help="preferred iptables backend (the other if it fails)")
+        sp.add_argument("--scaling-rounds", type=int, default=11,
+                        help="rounds of the side-by-side 1 vs max-services VIP scaling")
+
     cost_args(sub.add_parser("cost", help="per-packet cost vs the floor -> cost.json"))
     maglev_args(sub.add_parser("maglev", help="Maglev table quality -> maglev.json, .png"))
     sub.add_parser("reload", help="reload latency and memory -> reload.json")
-    a = sub.add_parser("all", help="every benchmark")
+    h = sub.add_parser("health", help="1,000 backends checked every second -> health.json")
+    h.add_argument("--backends", dest="health_backends", type=int, default=1000)
+    h.add_argument("--window", type=float, default=8.0,
+                   help="seconds per CPU measurement window")
+    h.add_argument("--rounds", dest="health_rounds", type=int, default=3,
+                   help="windows per daemon run (the median is reported)")
+    h.add_argument("--type", dest="health_types", action="append", choices=["tcp", "http"],
+                   help="check type (repeatable; default both)")
+    pktgen_args(sub.add_parser("pktgen", help="packet rates through veths vs the floor "
+                               "-> pktgen.json, .png"))
+    sweep_args(sub.add_parser("iptables", help="xdplb vs kube-proxy-style iptables DNAT "
+                              "over 1..10,000 services -> iptables.json, .png"))
+    sub.add_parser("summary", help="headline figures from the JSON files -> summary.json, "
+                   "summary.md")
+    a = sub.add_parser("all", help="every benchmark, then the summary")
     cost_args(a)
     maglev_args(a)
+    pktgen_args(a, "pktgen-")
+    sweep_args(a, "sweep-")
     for sp in sub.choices.values():
         sp.add_argument("--out", dest="out_sub", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     out = args.out_sub or args.out
 
-    if os.geteuid() != 0 and args.cmd in ("cost", "all"):
+    if os.geteuid() != 0 and args.cmd in ("cost", "health", "pktgen", "iptables", "all"):
         print("bench: loads BPF programs: run as root", file=sys.stderr)
         return 2
     if args.cmd in ("cost", "all"):
@@ -64,7 +110,56 @@ def main(argv=None) -> int:
         from .reload import run_reload
 
         run_reload(out)
-    return 0
+    rc = 0
+    if args.cmd in ("health", "all"):
+        from .health import run_health
+
+        if args.cmd == "all":
+            print()
+        doc = run_health(out, n=getattr(args, "health_backends", 1000),
+                         window=getattr(args, "window", 8.0),
+                         rounds=getattr(args, "health_rounds", 3),
+                         kinds=tuple(getattr(args, "health_types", None) or ("tcp", "http")))
+        if not doc["every_backend_probed_within_interval"]:
+            print("bench: some backend was not probed within its interval", file=sys.stderr)
+            rc = 1
+    if args.cmd in ("pktgen", "all"):
+        from .pktgen import run_pktgen
+
+        if args.cmd == "all":
+            print()
+        rounds = args.pktgen_rounds if args.cmd == "all" else args.rounds
+        duration = args.pktgen_duration if args.cmd == "all" else args.duration
+        r = run_pktgen(out, rounds=rounds, duration=duration, size=args.size,
+                       flows=args.flows, threads=args.threads, rate=args.rate,
+                       count=args.count, cases=args.pktgen_cases, generator=args.generator)
+        if not all(c["ok"] and c["floor_ok"] for c in r["cases"].values()):
+            print("bench: a pktgen case did not take the path it names", file=sys.stderr)
+            rc = 1
+    if args.cmd in ("iptables", "all"):
+        from .iptables import run_sweep
+
+        if args.cmd == "all":
+            print()
+        services = args.sweep_services if args.cmd == "all" else args.services
+        try:
+            counts = tuple(int(x) for x in services.split(","))
+        except ValueError:
+            print(f"bench: --services {services!r}: comma-separated integers",
+                  file=sys.stderr)
+            return 2
+        run_sweep(out, services=counts,
+                  rounds=args.sweep_rounds if args.cmd == "all" else args.rounds,
+                  duration=args.sweep_duration if args.cmd == "all" else args.duration,
+                  endpoints=args.endpoints, variant=args.iptables,
+                  scaling_rounds=args.scaling_rounds)
+    if args.cmd in ("summary", "all"):
+        from .summary import run_summary
+
+        if args.cmd == "all":
+            print()
+        run_summary(out)
+    return rc
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .datapath import Datapath, EgressConfig, Limits
 from .errors import ConfigError, XdplbError
 from .metrics import MetricsServer
 from .health import Probe, ProbeResult, Scheduler, Verdict
-from .nexthop import Interface, Netlink
+from .nexthop import Netlink
 from .native import xdp_attach, xdp_detach, xdp_query, lib as nlib
 from . import policy, preflight
 from .programmer import Programmer

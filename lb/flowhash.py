@@ -6,7 +6,6 @@ network-order fields, so `xdplb explain` predicts exactly what the data path pic
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 import sys

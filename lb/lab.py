@@ -23,7 +23,6 @@ import collections
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass

@@ -204,6 +204,7 @@ def test_run(prog_fd: int, data: bytes, *, repeat: int = 1, flags: int = 0,
     ctx = None
     if ingress_ifindex or live:
         ctx = ffi.new("__u32[6]")  # struct xdp_md: data, data_end, data_meta, ingress_ifindex, ...
+        ctx[1] = len(data)  # the kernel checks data_end against the frame it builds
         ctx[3] = ingress_ifindex
         opts.ctx_in = ctx
         opts.ctx_size_in = 24

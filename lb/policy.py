@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from .flowhash import proto_number
 from .programmer import BackendSpec, VipSpec

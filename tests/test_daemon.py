@@ -4,14 +4,12 @@ SIGKILL and restart with adoption of pinned maps."""
 from __future__ import annotations
 
 import collections
-import ctypes
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -19,8 +17,10 @@ import pytest
 from lb import lab, maglev
 from lb import layout as L
 from lb import netns as N
-from lb.native import Map, lib
+from lb.native import Map
 from lb.programmer import backend_key
+
+import daemonctl
 
 LAB = lab.Lab(prefix="xt-")
 PIN = "/sys/fs/bpf/xdplb-test"
@@ -45,44 +45,13 @@ def _config(tmp_path, web_backends=("10.200.0.11", "10.200.0.12", "10.200.0.13")
 
 
 SPAWNED: list = []
+cli, stats = daemonctl.cli, daemonctl.stats
 
 
-class Daemon:
-    def __init__(self, config: str, log):
-        self.config, self.logpath = config, log
-        self.proc = LAB.spawn_lb([sys.executable, "-m", "lb.cli", "--config", config],
-                               stdout=open(log, "a"), stderr=subprocess.STDOUT)
+class Daemon(daemonctl.Daemon):
+    def __init__(self, config: str, log: str):
+        super().__init__(LAB, config, log)
         SPAWNED.append(self.proc)
-
-    def events(self) -> list[dict]:
-        out = []
-        for line in open(self.logpath):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def wait_event(self, name: str, after: int = 0, timeout: float = 15) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ev = [e for e in self.events()[after:] if e.get("event") == name]
-            if ev:
-                return ev[0]
-            assert self.proc.poll() is None, f"daemon exited: {open(self.logpath).read()[-2000:]}"
-            time.sleep(0.05)
-        raise AssertionError(f"no {name} event; log: {open(self.logpath).read()[-2000:]}")
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lb.cli", *args], capture_output=True,
-                          text=True, timeout=60)
-
-
-def stats(config: str) -> dict:
-    r = cli("stats", "--json", "--config", config)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def states(doc: dict, vip: str) -> dict[str, str]:
@@ -120,25 +89,8 @@ def udp_from_ports(ports: list[int]) -> dict[int, str]:
     return N.run_in(LAB.client, work, ports, timeout=60)
 
 
-def ring_addresses(vip_addr: str, port: int, proto: int) -> list[str]:
-    """The ring the data path uses now, as backend addresses, read from the pins."""
-    with Map.from_pin(f"{PIN}/vips") as vips:
-        meta = L.VipMeta.unpack(vips.lookup(L.vip_key(__import__("ipaddress").ip_address(
-            vip_addr), port, proto)))
-    with Map.from_pin(f"{PIN}/rings") as rings:
-        inner_id = ctypes.c_uint32.from_buffer_copy(
-            rings.lookup(ctypes.c_uint32(meta.ring_id))).value
-    fd = lib.bpf_map_get_fd_by_id(inner_id)
-    addrs = {}
-    with Map.from_fd(fd) as inner, Map.from_pin(f"{PIN}/backends") as bes:
-        out = []
-        for i in range(inner.max_entries):
-            bid = ctypes.c_uint32.from_buffer_copy(inner.lookup(ctypes.c_uint32(i))).value
-            if bid not in addrs:
-                b = L.Backend.unpack(bes.lookup(ctypes.c_uint32(bid)))
-                addrs[bid] = str(L.words_addr(b.addr, b.family))
-            out.append(addrs[bid])
-    return out
+def ring_addresses(vip_addr: str, port: int, proto: int) -> list:
+    return daemonctl.pinned_ring(PIN, vip_addr, port, proto)
 
 
 def expected_ring(addresses: list[str], m: int = 65537) -> list[str]:
@@ -158,7 +110,7 @@ def env(tmp_path_factory):
     cfg = _config(tmp)
     d = Daemon(cfg, str(tmp / "daemon.log"))
     try:
-        d.wait_event("datapath_attached")
+        d.wait("datapath_attached")
         wait_all_active(cfg)
         yield tmp, cfg, d
     finally:
@@ -226,7 +178,7 @@ def test_admin_state_survives_reload(env):
     assert got.get("xt-be1", 0) == 0
     n = len(d.events())
     d.proc.send_signal(signal.SIGHUP)
-    d.wait_event("config_reloaded", after=n)
+    d.wait("config_reloaded", after=n)
     assert states(stats(cfg), "web")["10.200.0.11"] == "drain"
     assert cli("backend", "drain", "web", "10.9.9.9", "--config", cfg).returncode == 1
     assert cli("backend", "activate", "web", "10.200.0.11", "--config", cfg).returncode == 0
@@ -245,7 +197,7 @@ def test_reload_changes_only_expected_slots(env):
     os.replace(two, cfg)
     n = len(d.events())
     d.proc.send_signal(signal.SIGHUP)
-    ev = d.wait_event("config_reloaded", after=n)
+    ev = d.wait("config_reloaded", after=n)
     assert ev["backends_removed"] == 1 and ev["rings_swapped"] == 1
     after = ring_addresses(lab.VIP4, 80, 6)
     assert after == expected_ring(all3[:2])
@@ -256,7 +208,7 @@ def test_reload_changes_only_expected_slots(env):
     open(cfg, "w").write(good + "\n[[vip]]\nname = 1\n")
     n = len(d.events())
     d.proc.send_signal(signal.SIGHUP)
-    ev = d.wait_event("config_rejected", after=n)
+    ev = d.wait("config_rejected", after=n)
     assert "name" in ev["error"]
     assert ring_addresses(lab.VIP4, 80, 6) == after
     got, failed = http(20)
@@ -266,7 +218,7 @@ def test_reload_changes_only_expected_slots(env):
     os.replace(_config(tmp), cfg)
     n = len(d.events())
     d.proc.send_signal(signal.SIGHUP)
-    ev = d.wait_event("config_reloaded", after=n)
+    ev = d.wait("config_reloaded", after=n)
     assert ev["backends_added"] == 1
     # a backend new to the VIP starts down: no slots until it passes `rise` checks
     assert ring_addresses(lab.VIP4, 80, 6) == expected_ring(all3[:2])
@@ -286,7 +238,7 @@ def test_sigkill_keeps_forwarding_and_restart_adopts(env):
     assert failed == 0 and sum(got.values()) == 20
     d2 = Daemon(cfg, d.logpath)
     n = len(d.events())
-    ev = d2.wait_event("datapath_attached", after=n - 1 if n else 0)
+    ev = d2.wait("datapath_attached", after=n - 1 if n else 0)
     ev = [e for e in d2.events() if e.get("event") == "datapath_attached"][-1]
     assert ev["adopted_maps"] == 12 and ev["adopted_vips"] == 4
     with Map.from_pin(f"{PIN}/flows") as flows:

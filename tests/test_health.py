@@ -22,8 +22,6 @@ import os
 import select
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -33,8 +31,10 @@ from lb import health as H
 from lb import lab, maglev
 from lb import layout as L
 from lb import netns as N
-from lb.native import Map, lib
+from lb.native import Map
 from lb.programmer import backend_key
+
+import daemonctl
 
 UNIT_NS = "xh-unit"
 
@@ -517,59 +517,11 @@ port = 9
 """
 
 
-class Daemon:
-    def __init__(self, config: str, log: str):
-        self.config, self.logpath = config, log
-        self.proc = LAB.spawn_lb([sys.executable, "-m", "lb.cli", "--config", config],
-                                 stdout=open(log, "a"), stderr=subprocess.STDOUT)
-
-    def events(self, name: str | None = None, after: int = 0, **match) -> list[dict]:
-        out = []
-        with open(self.logpath) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    out.append({})
-        out = out[after:]
-        return [e for e in out if (name is None or e.get("event") == name)
-                and all(e.get(k) == v for k, v in match.items())]
-
-    def mark(self) -> int:
-        return len(self.events())
-
-    def wait(self, name: str, after: int = 0, timeout: float = 20, **match) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ev = self.events(name, after, **match)
-            if ev:
-                return ev[0]
-            assert self.proc.poll() is None, f"daemon exited: {self.tail()}"
-            time.sleep(0.03)
-        raise AssertionError(f"no {name} {match}; log: {self.tail()}")
-
-    def tail(self) -> str:
-        return open(self.logpath).read()[-3000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+def Daemon(config: str, log: str) -> daemonctl.Daemon:
+    return daemonctl.Daemon(LAB, config, log)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lb.cli", *args], capture_output=True,
-                          text=True, timeout=60)
-
-
-def stats(config: str) -> dict:
-    r = cli("stats", "--json", "--config", config)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+cli, stats = daemonctl.cli, daemonctl.stats
 
 
 def backend_rows(doc: dict, vip: str) -> dict[str, dict]:
@@ -578,29 +530,7 @@ def backend_rows(doc: dict, vip: str) -> dict[str, dict]:
 
 
 def ring_addresses(vip_addr: str, port: int, proto: int) -> list:
-    """The ring the data path uses now, as backend addresses (None: empty slot)."""
-    with Map.from_pin(f"{PIN}/vips") as vips:
-        raw = vips.lookup(L.vip_key(ipaddress.ip_address(vip_addr), port, proto))
-    assert raw is not None, "VIP not in the map"
-    meta = L.VipMeta.unpack(raw)
-    rid = getattr(meta, "ring_id", 0) or meta.vip_id
-    with Map.from_pin(f"{PIN}/rings") as rings:
-        slot = rings.lookup(ctypes.c_uint32(rid))
-    if slot is None:
-        return []
-    inner_id = ctypes.c_uint32.from_buffer_copy(slot).value
-    names: dict[int, object] = {}
-    out = []
-    with Map.from_fd(lib.bpf_map_get_fd_by_id(inner_id)) as inner, \
-            Map.from_pin(f"{PIN}/backends") as bes:
-        for i in range(inner.max_entries):
-            bid = ctypes.c_uint32.from_buffer_copy(inner.lookup(ctypes.c_uint32(i))).value
-            if bid not in names:
-                b = L.Backend.unpack(bes.lookup(ctypes.c_uint32(bid))) if bid else None
-                names[bid] = (str(L.words_addr(b.addr, b.family))
-                              if b is not None and b.family != L.AF_NONE else None)
-            out.append(names[bid])
-    return out
+    return daemonctl.pinned_ring(PIN, vip_addr, port, proto)
 
 
 def expected_ring(addresses) -> list:

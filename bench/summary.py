@@ -1,0 +1,239 @@
+"""The headline figures of the last runs, from the JSON files in the results directory
+-> summary.json, summary.md (a Markdown fragment for the README), and a table printed.
+
+summary.json carries, each with the raw numbers it is made of and its target:
+  forward_ratio_hit     xdplb Mpps per core / floor Mpps per core, flow-table hit traffic
+                        (pktgen.json, case hit)
+  iptables_ratio_1000   xdplb pps / iptables DNAT pps at 1,000 services, new connections
+                        (the traffic that walks iptables' chains); the ratio with
+                        established flows beside it (iptables.json)
+  vip_scaling_10000     xdplb cost per packet beyond the floor at 10,000 VIPs / at 1 VIP,
+                        established flows (flow-table hits), two instances measured side
+                        by side in the same rounds; new connections beside it
+  maglev_max_mean_1000  Maglev max slots / mean slots, N=1,000, M=65,537 (maglev.json)
+A figure whose input file is missing is null, with the file named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from . import results_dir
+from .cost import machine_info
+
+TARGETS = {"forward_ratio_hit": (">=", 0.85), "iptables_ratio_1000": (">=", 5.0),
+           "vip_scaling_10000": ("<=", 1.10), "maglev_max_mean_1000": ("<=", 1.01)}
+
+
+def _load(d: Path, name: str) -> Optional[dict]:
+    try:
+        with open(d / name) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _meets(key: str, value) -> Optional[bool]:
+    if value is None:
+        return None
+    op, t = TARGETS[key]
+    return value >= t if op == ">=" else value <= t
+
+
+def _entry(key: str, value, **raw) -> dict:
+    op, t = TARGETS[key]
+    return {"value": value, "target": f"{op} {t}", "meets_target": _meets(key, value), **raw}
+
+
+def _point(sweep: dict, n: int) -> Optional[dict]:
+    for p in sweep.get("points", []):
+        if p["services"] == n:
+            return p
+    return None
+
+
+def build(d: Path) -> tuple:
+    pk, sw = _load(d, "pktgen.json"), _load(d, "iptables.json")
+    mg, co, rl = _load(d, "maglev.json"), _load(d, "cost.json"), _load(d, "reload.json")
+    out: dict = {"machine": (pk or sw or co or {}).get("machine") or machine_info()}
+
+    hit = (pk or {}).get("cases", {}).get("hit")
+    if hit:
+        out["forward_ratio_hit"] = _entry(
+            "forward_ratio_hit", hit["ratio"], xdplb_per_core_mpps=hit["per_core_mpps"],
+            floor_per_core_mpps=hit["floor_per_core_mpps"], ratio_all=hit["ratio_all"],
+            xdplb_ns_per_pkt=hit["ns_per_pkt"], floor_ns_per_pkt=hit["floor_ns_per_pkt"],
+            ns_over_floor=hit["ns_over_floor"], loss=hit["loss"],
+            note="one core runs generator + data path + sink in both (pktgen.json)")
+    else:
+        out["forward_ratio_hit"] = _entry("forward_ratio_hit", None, missing="pktgen.json")
+
+    p1000 = _point(sw, 1000) if sw else None
+    if p1000:
+        n, e = p1000["new"], p1000["est"]
+        out["iptables_ratio_1000"] = _entry(
+            "iptables_ratio_1000", n["xdplb_over_iptables"],
+            traffic="new connections (TCP SYN, one per packet)",
+            xdplb_per_core_mpps=n["xdplb"]["per_core_mpps"],
+            iptables_per_core_mpps=n["iptables"]["per_core_mpps"],
+            floor_per_core_mpps=n["floor_per_core_mpps"],
+            established_ratio=e["xdplb_over_iptables"],
+            established_xdplb_per_core_mpps=e["xdplb"]["per_core_mpps"],
+            established_iptables_per_core_mpps=e["iptables"]["per_core_mpps"],
+            iptables=sw["iptables"], endpoints_per_service=p1000["endpoints_per_service"])
+    else:
+        out["iptables_ratio_1000"] = _entry("iptables_ratio_1000", None,
+                                            missing="iptables.json (1,000 services)")
+
+    vs = (sw or {}).get("vip_scaling")
+    if vs and vs["est"]["services"] == [1, 10000]:
+        est, new = vs["est"], vs["new"]
+        out["vip_scaling_10000"] = _entry(
+            "vip_scaling_10000", est["ratio_ns_over_floor"],
+            traffic=f"established flows (flow-table hits), "
+                    f"{sw['params'].get('est_flows', 20000):,} flows over the VIPs",
+            ns_over_floor_1=est["ns_over_floor"][0], ns_over_floor_10000=est["ns_over_floor"][1],
+            ns_per_pkt_1=est["ns_per_pkt"][0], ns_per_pkt_10000=est["ns_per_pkt"][1],
+            total_ns_ratio=est["ratio_ns_per_pkt"],
+            ratio_all=est.get("ratio_ns_over_floor_all"), path_ok=est.get("path_ok"),
+            idle_vips_ratio=est.get("ratio_idle_vips"),
+            idle_vips_note="10,000 VIPs configured, all traffic to 1 of them",
+            new_connections_ratio=new["ratio_ns_over_floor"],
+            new_connections_ns_over_floor=new["ns_over_floor"],
+            method=vs.get("method"))
+    else:
+        out["vip_scaling_10000"] = _entry("vip_scaling_10000", None,
+                                          missing="iptables.json (1 and 10,000 services)")
+
+    row = None
+    for r in (mg or {}).get("rows", []):
+        if r["n"] == 1000 and r["m"] == 65537:
+            row = r
+    if row:
+        out["maglev_max_mean_1000"] = _entry(
+            "maglev_max_mean_1000", row["max_over_mean"], n=1000, m=65537,
+            max_slots=row["max_slots"], mean_slots=row["mean_slots"],
+            min_over_mean=row["min_over_mean"], build_ms=row["build_ms"])
+    else:
+        out["maglev_max_mean_1000"] = _entry("maglev_max_mean_1000", None,
+                                             missing="maglev.json (N=1000, M=65537)")
+    out["sources"] = {"pktgen": pk is not None, "iptables": sw is not None,
+                      "maglev": mg is not None, "cost": co is not None,
+                      "reload": rl is not None}
+    if co:
+        out["cost_test_run"] = {"floor_ns": co["floor_ns"],
+                                **{k: {"ns": c["ns"], "ratio": c["ratio"]}
+                                   for k, c in co["cases"].items()}}
+    if rl:
+        out["reload"] = {k: rl[k] for k in ("one_backend_ms", "full_load_s", "rss_mb")
+                         if k in rl}
+    return out, pk, sw
+
+
+def _fmt(v, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(s: dict, pk: Optional[dict], sw: Optional[dict]) -> str:
+    m = s["machine"]
+    lines = [f"Taken on: {m.get('cpu_model')} ({m.get('cores')} cores), kernel "
+             f"{m.get('kernel')}, {m.get('date')}.", "",
+             "| figure | value | target | raw |", "|---|---|---|---|"]
+    f = s["forward_ratio_hit"]
+    lines.append(f"| forward_ratio_hit (xdplb / floor, flow-table hits) | {_fmt(f['value'])} | "
+                 f"{f['target']} | {_fmt(f.get('xdplb_per_core_mpps'))} vs "
+                 f"{_fmt(f.get('floor_per_core_mpps'))} Mpps/core; +"
+                 f"{_fmt(f.get('ns_over_floor'), '.0f')} ns/pkt |")
+    f = s["iptables_ratio_1000"]
+    lines.append(f"| iptables_ratio_1000 (xdplb / iptables DNAT, 1,000 services, new "
+                 f"connections) | {_fmt(f['value'], '.1f')} | {f['target']} | "
+                 f"{_fmt(f.get('xdplb_per_core_mpps'))} vs "
+                 f"{_fmt(f.get('iptables_per_core_mpps'), '.3f')} Mpps/core; established "
+                 f"flows: {_fmt(f.get('established_ratio'), '.1f')}x |")
+    f = s["vip_scaling_10000"]
+    lines.append(f"| vip_scaling_10000 (cost at 10,000 VIPs / 1 VIP, flow-table hits) | "
+                 f"{_fmt(f['value'], '.3f')} | {f['target']} | "
+                 f"{_fmt(f.get('ns_over_floor_10000'), '.0f')} vs "
+                 f"{_fmt(f.get('ns_over_floor_1'), '.0f')} ns/pkt beyond the floor; new "
+                 f"connections: {_fmt(f.get('new_connections_ratio'), '.3f')}; 10,000 "
+                 f"configured, all traffic to 1: {_fmt(f.get('idle_vips_ratio'), '.3f')} |")
+    f = s["maglev_max_mean_1000"]
+    lines.append(f"| maglev_max_mean_1000 (N=1,000, M=65,537) | {_fmt(f['value'], '.4f')} | "
+                 f"{f['target']} | max {f.get('max_slots')} slots, mean "
+                 f"{f.get('mean_slots')} |")
+    if pk:
+        lines += ["", "Packet rates (`pktgen.json`): Mpps per core; the core runs the "
+                  "generator, the data path and the sink; floor = MAC-swap XDP_TX on the "
+                  "same interface with the same traffic, measured in the same round.", "",
+                  "| case | Mpps/core | floor | ratio | ns/pkt beyond floor | offered Mpps | "
+                  "forwarded Mpps | loss |", "|---|---|---|---|---|---|---|---|"]
+        for name, c in pk["cases"].items():
+            extra = ""
+            if c.get("ratio_to_stack") is not None:
+                extra = (f" (kernel stack alone {c['stack_per_core_mpps']:.2f}, "
+                         f"{c['ratio_to_stack']:.2f}x)")
+            lines.append(f"| {name}: {c['desc']} | {c['per_core_mpps']:.2f}{extra} | "
+                         f"{c['floor_per_core_mpps']:.2f} | {c['ratio']:.2f} | "
+                         f"{c['ns_over_floor']:.0f} | {c['offered_mpps']:.2f} | "
+                         f"{c['forwarded_mpps']:.2f} | {c['loss'] * 100:.2f}% |")
+    if sw:
+        lines += ["", f"Services sweep (`iptables.json`, {sw['iptables']}, "
+                  f"{sw['params']['endpoints_per_service']} endpoints per service): Mpps per "
+                  "core; ns = per packet beyond the floor of the same point.", "",
+                  "| services | floor | xdplb new | ns | iptables new | ns | xdplb/iptables "
+                  "| xdplb est | ns | iptables est | ns | xdplb/iptables |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p in sw["points"]:
+            n, e = p["new"], p["est"]
+            lines.append(
+                f"| {p['services']:,} | {e['floor_per_core_mpps']:.2f} | "
+                f"{n['xdplb']['per_core_mpps']:.2f} | {n['xdplb']['ns_over_floor']:.0f} | "
+                f"{n['iptables']['per_core_mpps']:.3f} | {n['iptables']['ns_over_floor']:.0f} | "
+                f"{n['xdplb_over_iptables']:.1f} | {e['xdplb']['per_core_mpps']:.2f} | "
+                f"{e['xdplb']['ns_over_floor']:.0f} | {e['iptables']['per_core_mpps']:.3f} | "
+                f"{e['iptables']['ns_over_floor']:.0f} | {e['xdplb_over_iptables']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_summary(out: Optional[str] = None, quiet: bool = False) -> dict:
+    d = results_dir(out)
+    s, pk, sw = build(d)
+    with open(d / "summary.json", "w") as f:
+        json.dump(s, f, indent=2)
+        f.write("\n")
+    md = markdown(s, pk, sw)
+    with open(d / "summary.md", "w") as f:
+        f.write(md)
+    if not quiet:
+        print_summary(s, d)
+    return s
+
+
+def print_summary(s: dict, d: Path | str = "") -> None:
+    m = s["machine"]
+    print(f"summary ({m.get('cpu_model')}, {m.get('cores')} cores, kernel {m.get('kernel')})")
+    print(f"{'figure':22} {'value':>8} {'target':>8}  {'':7} raw")
+    rows = (("forward_ratio_hit", ".3f",
+             lambda f: f"xdplb {_fmt(f.get('xdplb_per_core_mpps'))} vs floor "
+                       f"{_fmt(f.get('floor_per_core_mpps'))} Mpps/core, +"
+                       f"{_fmt(f.get('ns_over_floor'), '.0f')} ns/pkt"),
+            ("iptables_ratio_1000", ".2f",
+             lambda f: f"new conns: xdplb {_fmt(f.get('xdplb_per_core_mpps'))} vs iptables "
+                       f"{_fmt(f.get('iptables_per_core_mpps'), '.3f')} Mpps/core; "
+                       f"established: {_fmt(f.get('established_ratio'))}x"),
+            ("vip_scaling_10000", ".3f",
+             lambda f: f"hits: {_fmt(f.get('ns_over_floor_10000'), '.0f')} vs "
+                       f"{_fmt(f.get('ns_over_floor_1'), '.0f')} ns beyond floor; new "
+                       f"conns: {_fmt(f.get('new_connections_ratio'), '.3f')}; 10,000 "
+                       f"configured, traffic to 1: {_fmt(f.get('idle_vips_ratio'), '.3f')}"),
+            ("maglev_max_mean_1000", ".4f",
+             lambda f: f"max {f.get('max_slots')} / mean {f.get('mean_slots')} slots"))
+    for key, spec, raw in rows:
+        f = s[key]
+        mark = {True: "ok", False: "MISSED", None: "n/a"}[f["meets_target"]]
+        print(f"{key:22} {_fmt(f['value'], spec):>8} {f['target']:>8}  {mark:7} "
+              f"{raw(f) if f['value'] is not None else 'missing: ' + f.get('missing', '')}")
+    if d:
+        print(f"-> {Path(d) / 'summary.json'}, {Path(d) / 'summary.md'}")
