@@ -63,7 +63,7 @@ def cmd_check(path: str) -> int:
 
     ok, lines = check(path)
     for line in lines:
-        print(line if ok else f"{path}: {line}")
+        print(line if ok or line.startswith(f"{path}:") else f"{path}: {line}")
     return 0 if ok else 1
 
 
