@@ -855,7 +855,7 @@ def test_drain_keeps_flows_maint_and_down_move_them(env):
 
 
 def test_admin_states_survive_sighup_and_restart(env):
-    d, cfg, tmp = env["d"], env["cfg"], env["tmp"]
+    d, cfg = env["d"], env["cfg"]
     wait_all_up(env)
     # maint from the control socket, drain from the config
     n = d.mark()
