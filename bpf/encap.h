@@ -93,22 +93,6 @@ static __always_inline void write_udp(struct udphdr *udp, const struct lb_config
 	udp->check = 0;
 }
 
-/* Make room for `ol` bytes of outer headers after the Ethernet header, if the result
- * fits the egress MTU. Returns 0 (data/end then point at the grown frame) or a negative
- * lb_stat index. */
-static __always_inline int push_outer(struct xdp_md *ctx, const struct lb_config *cfg,
-				      const struct encap_info *ei, __u32 ol, void **data,
-				      void **end)
-{
-	if (ei->inner_len + ol > cfg->mtu)
-		return -ST_DROP_TOO_BIG;
-	if (bpf_xdp_adjust_head(ctx, -(int)ol))
-		return -ST_DROP_ADJUST_FAIL;
-	*data = (void *)(long)ctx->data;
-	*end = (void *)(long)ctx->data_end;
-	return 0;
-}
-
 /* Returns 0, or a negative lb_stat index naming why the packet must be dropped.
  * *zero_csum is set when a GUE checksum had to be sent as 0. */
 static __always_inline int encap_v4(struct xdp_md *ctx, const struct lb_config *cfg,
@@ -119,10 +103,13 @@ static __always_inline int encap_v4(struct xdp_md *ctx, const struct lb_config *
 	__u32 ol = IPV4_HLEN + (gue ? UDP_HLEN : 0);
 	void *data, *end;
 	struct iphdr *ip;
-	int err = push_outer(ctx, cfg, ei, ol, &data, &end);
 
-	if (err)
-		return err;
+	if (ei->inner_len + ol > cfg->mtu)
+		return -ST_DROP_TOO_BIG;
+	if (bpf_xdp_adjust_head(ctx, -(int)ol))
+		return -ST_DROP_ADJUST_FAIL;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
 	ip = data + ETH_HLEN;
 	/* every inner packet is at least 20 bytes, so outer IP + 8 bytes always fit */
 	if ((void *)(ip + 1) + UDP_HLEN > end)
@@ -160,10 +147,13 @@ static __always_inline int encap_v6(struct xdp_md *ctx, const struct lb_config *
 	__u32 ol = IPV6_HLEN + (gue ? UDP_HLEN : 0);
 	void *data, *end;
 	struct ipv6hdr *ip6;
-	int err = push_outer(ctx, cfg, ei, ol, &data, &end);
 
-	if (err)
-		return err;
+	if (ei->inner_len + ol > cfg->mtu)
+		return -ST_DROP_TOO_BIG;
+	if (bpf_xdp_adjust_head(ctx, -(int)ol))
+		return -ST_DROP_ADJUST_FAIL;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
 	ip6 = data + ETH_HLEN;
 	if ((void *)(ip6 + 1) + UDP_HLEN > end)
 		return -ST_DROP_MALFORMED;
