@@ -56,4 +56,3 @@ def ensure_bpffs(pin_path: str) -> None:
     if _fs_magic(parent) != "bpf":
         raise XdplbError(f"bpf_pin_path {pin_path} is not on a bpf filesystem: use a path "
                          f"under /sys/fs/bpf")
-    os.makedirs(pin_path, exist_ok=True)

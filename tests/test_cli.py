@@ -51,6 +51,7 @@ def test_missing_interface_is_an_environment_error(cfg):
     r = run("--config", cfg("eth9"))
     assert r.returncode == 2
     assert one_line(r).startswith("xdplb: interface eth9 not found (ip link shows: ")
+    assert not os.path.exists("/sys/fs/bpf/xdplb-clitest"), "a failed start left a pin dir"
 
 
 def test_bad_config_exits_1_naming_the_key(cfg, tmp_path):
