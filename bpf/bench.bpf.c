@@ -67,19 +67,15 @@ static __always_inline __u64 bump(__u32 idx, __u64 by)
 	return *v;
 }
 
-/* Copy the template over the frame; returns 0 on success. */
-static __always_inline int write_template(struct xdp_md *ctx, __u64 run)
+/* Move the head so the frame is `len` bytes (undoing whatever the program under test
+ * did to it), then copy the template over it. Returns 0 on success. */
+static __always_inline int put_template(struct xdp_md *ctx, const struct bench_tmpl *t,
+					__u32 len)
 {
-	__u32 zero = 0;
-	struct bench_tmpl *t = bpf_map_lookup_elem(&bench_template, &zero);
-	void *data, *end;
-	long delta;
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	long delta = (long)(end - data) - (long)len;
 
-	if (!t)
-		return -1;
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-	delta = (long)(end - data) - (long)t->len;
 	if (delta && bpf_xdp_adjust_head(ctx, (int)delta))
 		return -1;
 	data = (void *)(long)ctx->data;
@@ -90,6 +86,20 @@ static __always_inline int write_template(struct xdp_md *ctx, __u64 run)
 			break;
 		*(__u64 *)(data + i * 8) = *(__u64 *)(t->data + i * 8);
 	}
+	return 0;
+}
+
+/* Copy the template over the frame; returns 0 on success. */
+static __always_inline int write_template(struct xdp_md *ctx, __u64 run)
+{
+	__u32 zero = 0;
+	struct bench_tmpl *t = bpf_map_lookup_elem(&bench_template, &zero);
+	void *data, *end;
+
+	if (!t || put_template(ctx, t, t->len))
+		return -1;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
 	if (t->vary) {
 		__u32 off = t->vary_off & (TMPL_MAX - 2);
 
@@ -195,23 +205,11 @@ static __always_inline int write_flows(struct xdp_md *ctx, struct bench_gen_cfg 
 	__u32 zero = 0, acc_ip = 0, acc_l4 = 0, cpu = 0;
 	struct bench_tmpl *t = bpf_map_lookup_elem(&bench_template, &zero);
 	void *data, *end;
-	long delta;
 
-	if (!t)
+	if (!t || put_template(ctx, t, cfg->frame_len))
 		return -1;
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
-	delta = (long)(end - data) - (long)cfg->frame_len;
-	if (delta && bpf_xdp_adjust_head(ctx, (int)delta))
-		return -1;
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
-#pragma unroll
-	for (int i = 0; i < TMPL_MAX / 8; i++) {
-		if (i * 8 >= t->len || data + i * 8 + 8 > end)
-			break;
-		*(__u64 *)(data + i * 8) = *(__u64 *)(t->data + i * 8);
-	}
 	if (cfg->f[0].cpu_step | cfg->f[1].cpu_step | cfg->f[2].cpu_step | cfg->f[3].cpu_step)
 		cpu = bpf_get_smp_processor_id();
 #pragma unroll
