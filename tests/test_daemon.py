@@ -236,10 +236,9 @@ def test_sigkill_keeps_forwarding_and_restart_adopts(env):
     d.proc.wait(10)
     got, failed = http(20)  # no daemon: the attached program still forwards
     assert failed == 0 and sum(got.values()) == 20
+    n = d.mark()
     d2 = Daemon(cfg, d.logpath)
-    n = len(d.events())
-    ev = d2.wait("datapath_attached", after=n - 1 if n else 0)
-    ev = [e for e in d2.events() if e.get("event") == "datapath_attached"][-1]
+    ev = d2.wait("datapath_attached", after=n)
     assert ev["adopted_maps"] == 12 and ev["adopted_vips"] == 4
     with Map.from_pin(f"{PIN}/flows") as flows:
         assert before <= set(flows.keys())
@@ -293,3 +292,28 @@ def test_nexthop_mac_change_is_followed(env):
     wait_for(real)
     got, failed = http(20)
     assert failed == 0
+
+
+def test_keep_datapath_on_exit(env):
+    """keep_datapath_on_exit = true: SIGTERM leaves the program attached, forwarding and
+    pinned; the next start adopts it."""
+    tmp, cfg, d = env
+    text = open(cfg).read().replace("[lb]\n", "[lb]\nkeep_datapath_on_exit = true\n", 1)
+    open(cfg, "w").write(text)
+    n = d.mark()
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait("config_reloaded", after=n)
+    n = d.mark()
+    d.stop()
+    assert d.events("stopped", after=n)[0]["datapath_kept"] is True
+    lbns = N.Netns(LAB.lb, create=False, owned=False)
+    assert lbns.xdp_query("lb0")["prog_id"] != 0
+    assert os.path.exists(f"{PIN}/prog") and os.path.exists(f"{PIN}/flows")
+    got, failed = http(10)
+    assert failed == 0 and sum(got.values()) == 10
+    n = d.mark()
+    d2 = Daemon(cfg, d.logpath)
+    ev = d2.wait("datapath_attached", after=n)
+    assert ev["adopted_maps"] == 12
+    d.proc = d2.proc
+    wait_all_active(cfg)
