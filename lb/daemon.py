@@ -352,6 +352,12 @@ class Daemon:
 
     # --- reload --------------------------------------------------------------------
     async def reload_async(self) -> None:
+        """SIGHUP. Reloads run one at a time, each reading the file when its turn comes,
+        so two quick SIGHUPs can never apply an older file after a newer one."""
+        async with self._reload_lock:
+            await self._reload()
+
+    async def _reload(self) -> None:
         t0 = time.perf_counter()
         try:
             new = load_config(self.path)
@@ -409,6 +415,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         self._tasks: set = set()
+        self._reload_lock = asyncio.Lock()
         self.scheduler = Scheduler(self._on_probe, on_error=self._on_health_error)
         self._configure_health()
         # adopted health seeds the first verdicts only: a backend a later reload adds

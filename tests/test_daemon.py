@@ -29,7 +29,9 @@ STATE = "/run/xdplb/test-state.json"
 
 
 def _config(tmp_path, web_backends=("10.200.0.11", "10.200.0.12", "10.200.0.13"),
-            extra="") -> str:
+            extra="", name: str = "lb.toml") -> str:
+    """The lab config for this test; write it under another `name` and os.replace() it
+    over the running one, as an operator should (the daemon may read at any moment)."""
     text = open("config/lab.toml").read()
     text = text.replace('bpf_pin_path = "/sys/fs/bpf/xdplb-lab"', f'bpf_pin_path = "{PIN}"')
     text = text.replace('control_socket = "/run/xdplb/lab.sock"', f'control_socket = "{SOCK}"')
@@ -39,7 +41,7 @@ def _config(tmp_path, web_backends=("10.200.0.11", "10.200.0.12", "10.200.0.13")
     web = "".join(f'[[vip.backend]]\naddress = "{a}"\n' for a in web_backends)
     text = re.sub(r'(name = "web"\n.*?protocol = "tcp"\n)(\[\[vip.backend\]\]\naddress = "[^"]+"\n)+',
                   lambda m: m.group(1) + web, text, count=1, flags=re.S)
-    path = tmp_path / "lb.toml"
+    path = tmp_path / name
     path.write_text(text + extra)
     return str(path)
 
@@ -193,8 +195,7 @@ def test_reload_changes_only_expected_slots(env):
 
     # remove one backend: the ring equals the reference for the two others, and only
     # slots of the removed backend (plus Maglev's small extra) moved
-    two = _config(tmp, web_backends=all3[:2])
-    os.replace(two, cfg)
+    os.replace(_config(tmp, web_backends=all3[:2], name="next.toml"), cfg)
     n = len(d.events())
     d.proc.send_signal(signal.SIGHUP)
     ev = d.wait("config_reloaded", after=n)
@@ -215,7 +216,7 @@ def test_reload_changes_only_expected_slots(env):
     assert failed == 0 and got.get("xt-be3", 0) == 0
 
     # add it back
-    os.replace(_config(tmp), cfg)
+    os.replace(_config(tmp, name="next.toml"), cfg)
     n = len(d.events())
     d.proc.send_signal(signal.SIGHUP)
     ev = d.wait("config_reloaded", after=n)
@@ -316,4 +317,27 @@ def test_keep_datapath_on_exit(env):
     ev = d2.wait("datapath_attached", after=n)
     assert ev["adopted_maps"] == 12
     d.proc = d2.proc
+    wait_all_active(cfg)
+
+
+def test_burst_of_sighups_ends_on_the_last_file(env):
+    """Five SIGHUPs in a row, the file changing in between: reloads run in order and the
+    rings end as the last file says."""
+    tmp, cfg, d = env
+    all3 = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
+    n = d.mark()
+    for web in (all3[:2], all3[:1], all3[:2], all3[1:], all3[:2]):
+        os.replace(_config(tmp, web_backends=web, name="next.toml"), cfg)
+        d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while len(d.events("config_reloaded", after=n)) < 5:
+        assert time.monotonic() < deadline, d.tail()
+        time.sleep(0.05)
+    assert not d.events("config_rejected", after=n)
+    wait_all_active(cfg)  # backends the burst re-added pass their checks first
+    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring(all3[:2])
+    os.replace(_config(tmp, name="next.toml"), cfg)
+    n = d.mark()
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait("config_reloaded", after=n)
     wait_all_active(cfg)
