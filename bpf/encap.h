@@ -23,7 +23,6 @@ struct encap_info {
 	__u8 inner_v6;
 	__u8 tos;        /* IPv4 ToS or IPv6 traffic class */
 	__u8 df;         /* inner IPv4 had DF */
-	__u8 l4proto;
 };
 
 /* One's complement sum of the whole inner packet, without reading its payload: a valid

@@ -213,7 +213,6 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *c
 	ei.inner_len = tot_len;
 	ei.tos = ip->tos;
 	ei.df = !!(ip->frag_off & bpf_htons(IP_DF));
-	ei.l4proto = proto;
 	return lb_flow(ctx, g, &fk, &ei, frame_len);
 }
 
@@ -270,7 +269,6 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *c
 	ei.inner_len = IPV6_HLEN + plen;
 	ei.inner_v6 = 1;
 	ei.tos = (bpf_ntohl(*(__be32 *)ip6) >> 20) & 0xFF;
-	ei.l4proto = proto;
 	return lb_flow(ctx, g, &fk, &ei, frame_len);
 }
 

@@ -213,13 +213,11 @@ class Datapath:
 
     def read_ring(self, ring_id: int) -> Optional[array.array]:
         """The ring installed in rings[ring_id] (for tests and `explain`)."""
-        from .native import lib as nlib
-
         raw = self.maps["rings"].lookup(_u32(ring_id))
         if raw is None:
             return None
         inner_id = ctypes.c_uint32.from_buffer_copy(raw).value
-        fd = nlib.bpf_map_get_fd_by_id(inner_id)
+        fd = lib.bpf_map_get_fd_by_id(inner_id)
         if fd < 0:
             return None
         with Map.from_fd(fd) as inner:

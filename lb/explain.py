@@ -8,13 +8,14 @@ from __future__ import annotations
 import ipaddress
 
 from . import layout as L
-from .flowhash import flow_hash, proto_number
+from .config import PROTO_NUMBERS
+from .flowhash import flow_hash
 
 
 def _find_vip(vips, proto: int, dst, dport: int):
     for port in (dport, 0):
         v = next((v for v in vips if v.address == dst and v.port == port and
-                  proto_number(v.protocol) == proto), None)
+                  v.proto == proto), None)
         if v is not None:
             return v
     return None
@@ -27,7 +28,7 @@ def _result(vip, backend, slot, m, h, src_only, existing=None) -> dict:
 
 
 def explain_running(d, proto_name: str, src: str, sport: int, dst: str, dport: int) -> dict:
-    proto = proto_number(proto_name)
+    proto = PROTO_NUMBERS[proto_name]
     srca, dsta = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     vip = _find_vip(d.cfg.vips, proto, dsta, dport)
     if vip is None:
@@ -49,7 +50,7 @@ def explain_offline(cfg, admin_of, proto_name: str, src: str, sport: int, dst: s
     from . import policy
     from .programmer import ring_for
 
-    proto = proto_number(proto_name)
+    proto = PROTO_NUMBERS[proto_name]
     srca, dsta = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     vip = _find_vip(cfg.vips, proto, dsta, dport)
     if vip is None:

@@ -6,9 +6,7 @@ network-order fields, so `xdplb explain` predicts exactly what the data path pic
 
 from __future__ import annotations
 
-import socket
 import struct
-import sys
 
 from .layout import IPAddress, addr_words
 
@@ -66,10 +64,3 @@ def prefilter_index(addr: IPAddress) -> int:
     w = addr_words(addr)
     folded = w[0] ^ w[1] ^ w[2] ^ w[3] if addr.version == 6 else w[0]
     return ((folded * PREFILTER_MULT) & MASK) >> 16
-
-
-def proto_number(name: str) -> int:
-    return {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}[name]
-
-
-assert sys.byteorder in ("little", "big")

@@ -14,7 +14,6 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Callable
 
-from .flowhash import proto_number
 from .programmer import BackendSpec, VipSpec
 
 
@@ -50,6 +49,6 @@ def vip_specs(cfg, admin_of: Callable[[str, str], str], up_of: Callable[[str, st
                 in_ring = keep = True
             backends.append(BackendSpec(b.address, b.weight, in_ring, keep,
                                         nexthop_of(b.address)))
-        specs.append(VipSpec(vip.address, vip.port, proto_number(vip.protocol), tuple(backends),
+        specs.append(VipSpec(vip.address, vip.port, vip.proto, tuple(backends),
                              vip.hash == "src_ip", cfg.lb.ring_size))
     return specs

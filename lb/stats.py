@@ -17,13 +17,12 @@ def global_section(c: dict[str, int]) -> dict:
 
 def stats_snapshot(d) -> dict:
     """d: a running Daemon."""
-    from .flowhash import proto_number
     from .policy import effective
 
     dp, prog = d.dp, d.prog
     vips = []
     for v in d.cfg.vips:
-        cur = prog.vips.get((v.address, v.port, proto_number(v.protocol)))
+        cur = prog.vips.get(v.ident)
         packets, nbytes = dp.vip_counters(cur.vip_id) if cur else (0, 0)
         backends = []
         for b in v.backends:
