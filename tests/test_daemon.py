@@ -322,17 +322,22 @@ def test_keep_datapath_on_exit(env):
 
 def test_burst_of_sighups_ends_on_the_last_file(env):
     """Five SIGHUPs in a row, the file changing in between: reloads run in order and the
-    rings end as the last file says."""
+    rings end as the last file says. (Pending SIGHUPs coalesce, so there may be fewer
+    than five reloads; whichever run last must have read the last file.)"""
     tmp, cfg, d = env
     all3 = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
     n = d.mark()
     for web in (all3[:2], all3[:1], all3[:2], all3[1:], all3[:2]):
         os.replace(_config(tmp, web_backends=web, name="next.toml"), cfg)
         d.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 30
-    while len(d.events("config_reloaded", after=n)) < 5:
+    deadline, seen, quiet_since = time.monotonic() + 30, -1, time.monotonic()
+    while time.monotonic() - quiet_since < 1.0:  # until reloads stop for a second
         assert time.monotonic() < deadline, d.tail()
+        now = len(d.events("config_reloaded", after=n))
+        if now != seen:
+            seen, quiet_since = now, time.monotonic()
         time.sleep(0.05)
+    assert seen >= 1
     assert not d.events("config_rejected", after=n)
     wait_all_active(cfg)  # backends the burst re-added pass their checks first
     assert ring_addresses(lab.VIP4, 80, 6) == expected_ring(all3[:2])
