@@ -76,7 +76,7 @@ FRAME_SIZE_V6 = 80
 
 VERDICT_KEYS = ("rx", "tx", "redirect", "pass", "drop", "flow_hit", "flow_miss", "flow_moved",
                 "drop_no_backend", "drop_malformed", "drop_too_big", "drop_no_nexthop",
-                "drop_adjust_fail", "gue_zero_csum")
+                "drop_adjust_fail", "gue_zero_csum", "flow_insert_limited")
 
 
 @dataclass
@@ -89,6 +89,8 @@ class Case:
     syn: bool = False      # vary source port + low half of the source address per run
     zero: tuple = ()       # counters that must stay 0
     note: str = ""
+    insert_limit: int = 0  # lb_config.flow_insert_limit during the case
+    slack: int = 0         # `expect` counters may fall this short of runs (window edges)
 
 
 @dataclass
@@ -133,7 +135,14 @@ def make_cases() -> list[Case]:
         Case("tcp_hit", F.frame(6, "192.168.1.1", 40001, str(VIP4), 80, FRAME_SIZE),
              fwd + ("flow_hit",), prewarm=True, zero=("flow_miss", "flow_moved")),
         Case("tcp_syn", F.frame(6, "172.16.0.0", 1, str(VIP4), 80, FRAME_SIZE, F.TCP_SYN),
-             fwd + ("flow_miss",), syn=True, zero=("flow_hit", "flow_moved")),
+             fwd + ("flow_miss",), syn=True,
+             zero=("flow_hit", "flow_moved", "flow_insert_limited")),
+        Case("tcp_syn_limited", F.frame(6, "172.16.0.0", 1, str(VIP4), 80, FRAME_SIZE,
+                                        F.TCP_SYN),
+             fwd + ("flow_miss", "flow_insert_limited"), syn=True, insert_limit=1, slack=16,
+             zero=("flow_hit", "flow_moved"),
+             note="over flow_insert_limit: forwarded by the ring, not inserted (what "
+                  "Katran does beyond MAX_CONN_RATE)"),
         Case("udp_hit", F.frame(17, "192.168.1.2", 40002, str(VIP4), 53, FRAME_SIZE),
              fwd + ("flow_hit",), prewarm=True, zero=("flow_miss", "flow_moved")),
         Case("ipv6_hit", F.frame(6, "fd02::1", 40003, str(VIP6), 80, FRAME_SIZE_V6),
@@ -192,11 +201,12 @@ class CostBench:
         self.close()
 
     # --- plumbing ------------------------------------------------------------------
-    def set_encap(self, encap: int) -> None:
-        if encap != self._encap:
-            cfg = EgressConfig(**{**self.egress.__dict__, "encap": encap})
+    def set_encap(self, encap: int, insert_limit: int = 0) -> None:
+        if (encap, insert_limit) != self._encap:
+            cfg = EgressConfig(**{**self.egress.__dict__, "encap": encap,
+                                  "flow_insert_limit": insert_limit})
             self.dp.set_config(cfg)
-            self._encap = encap
+            self._encap = (encap, insert_limit)
 
     def set_template(self, frame: bytes, syn: bool = False) -> None:
         if len(frame) % 8 or len(frame) > F.TMPL_MAX:
@@ -244,9 +254,10 @@ def _add(acc: dict, d: dict) -> None:
         acc[k] = acc.get(k, 0) + v
 
 
-def _check(name: str, v: dict, expect: Sequence[str], zero: Sequence[str]) -> bool:
+def _check(name: str, v: dict, expect: Sequence[str], zero: Sequence[str],
+           slack: int = 0) -> bool:
     runs = v.get("runs", 0)
-    return runs > 0 and all(v.get(k) == runs for k in expect) and \
+    return runs > 0 and all(runs - slack <= v.get(k, -1) <= runs for k in expect) and \
         all(v.get(k, 0) == 0 for k in zero)
 
 
@@ -384,7 +395,7 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
     with CostBench(backends, ring_size, table) as cb:
         # warm-up: JIT images, caches, and the flows the hit cases need
         for c in todo:
-            cb.set_encap(c.encap)
+            cb.set_encap(c.encap, c.insert_limit)
             cb.set_template(_syn_round(c.frame, -1) if c.syn else c.frame, c.syn)
             if c.prewarm:
                 cb.run("lb", c.frame, 1)
@@ -395,7 +406,7 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
         for rnd in range(rounds):
             for c in todo:
                 n = syn_repeat if c.syn else repeat
-                cb.set_encap(c.encap)
+                cb.set_encap(c.encap, c.insert_limit)
                 frame = _syn_round(c.frame, rnd) if c.syn else c.frame
                 # floor with the same template (same copy cost), right before the case
                 cb.set_template(frame, c.syn)
@@ -427,7 +438,7 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
                  "ratio": round(statistics.median(m.ratios), 3),
                  "verdicts": v,
                  "expect": list(c.expect),
-                 "ok": _check(c.name, v, c.expect, c.zero),
+                 "ok": _check(c.name, v, c.expect, c.zero, c.slack * len(m.ns)),
                  "target_ratio": TARGETS.get(c.name),
                  "ns_all": [round(x, 1) for x in m.ns],
                  "ratio_all": [round(x, 3) for x in m.ratios]}

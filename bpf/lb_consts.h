@@ -17,6 +17,8 @@
 #define IPPROTO_IPV6_ENC 41 /* IPv6-in-IP (IPPROTO_IPV6) */
 #define NEXTHDR_FRAGMENT 44
 
+#define LB_TCP_SYN 0x02 /* in byte 13 of the TCP header */
+#define LB_TCP_ACK 0x10
 #define IP_MF 0x2000
 #define IP_DF 0x4000
 #define IP_OFFMASK 0x1FFF
@@ -40,6 +42,7 @@
 #define LB_DEFAULT_RING_SIZE 65537
 #define LB_PREFILTER_WORDS 1024 /* 65536 bits */
 #define LB_FLOW_CACHE_SLOTS 16384 /* per CPU, a power of two */
+#define ONE_SEC_NS 1000000000ULL
 #define FLOW_CACHE_TOUCH_EVERY 64 /* cache hits between lookups that keep `flows` warm */
 
 #endif

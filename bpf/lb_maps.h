@@ -77,16 +77,28 @@ struct {
 	__type(value, struct flow_val);
 } flows SEC(".maps");
 
-/* Per-CPU direct-mapped cache in front of `flows` (see struct flow_cache_slot). Not
- * pinned: a new instance starts with it empty. */
+/* Per-CPU direct-mapped cache in front of `flows` (see struct flow_cache_slot): one
+ * flat array, CPU c owning slots [c * n, (c + 1) * n) with n = flow_cache_mask + 1. Flat
+ * rather than PERCPU_ARRAY: a slot is one load from a page-aligned (mmapable) array, so
+ * 64-byte slots sit on cache lines, instead of a load of the element's per-CPU pointer
+ * and then a slot that may straddle two lines. Not pinned: a new instance starts empty. */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, LB_FLOW_CACHE_SLOTS);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, struct flow_cache_slot);
 } flow_cache SEC(".maps");
 
-/* flow_cache max_entries - 1, set between open and load. */
+/* Per-CPU window of flow-table inserts, for lb_config.flow_insert_limit. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flow_rate);
+} flow_rate SEC(".maps");
+
+/* Slots per CPU - 1 (a power of two - 1), set between open and load. */
 const volatile __u32 flow_cache_mask = LB_FLOW_CACHE_SLOTS - 1;
 
 struct {

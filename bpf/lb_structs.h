@@ -121,6 +121,16 @@ struct lb_config {
 	__u32 src_v6[4];
 	__u16 gue_port; /* network byte order */
 	__u16 mtu;
+	/* New connection-table entries allowed per second per CPU; beyond it a new flow is
+	 * forwarded by the ring but not remembered (SYN-flood guard). 0: no limit. */
+	__u32 flow_insert_limit;
+	__u32 pad;
+};
+
+/* The one per-CPU entry of `flow_rate`: inserts in the current one-second window. */
+struct flow_rate {
+	__u64 window_start_ns; /* bpf_ktime_get_coarse_ns() when the window began */
+	__u64 inserts;
 };
 
 struct lb_counters {
@@ -148,6 +158,8 @@ enum lb_stat {
 	ST_DROP_ADJUST_FAIL, /* bpf_xdp_adjust_head refused the headroom */
 	ST_GUE_ZERO_CSUM,    /* GUE sent with UDP checksum 0: inner IPv4 UDP had none */
 	ST_FLOW_CACHE_HIT,   /* flow hits served by the per-CPU flow cache (also in FLOW_HIT) */
+	ST_FLOW_INSERT_LIMITED, /* new flows forwarded but not remembered: over
+				 * lb_config.flow_insert_limit in this second (also in MISS/MOVED) */
 	ST__MAX,
 };
 

@@ -113,18 +113,56 @@ static __always_inline void cache_fill(struct flow_cache_slot *cs, const struct 
 	}
 }
 
+/* May this CPU add one more entry to the connection table now? With a limit set, at
+ * most lb_config.flow_insert_limit per one-second window (coarse clock; the window
+ * restarts on the first new flow after it ends). Beyond that a new flow still goes
+ * where the ring says, it is just not remembered, so a SYN flood cannot push the
+ * established flows out of the LRU. */
+static __always_inline int flow_insert_allowed(struct lb_global *g)
+{
+	__u32 zero = 0;
+	struct lb_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	struct flow_rate *r;
+	__u64 now;
+
+	if (!cfg || !cfg->flow_insert_limit)
+		return 1;
+	r = bpf_map_lookup_elem(&flow_rate, &zero);
+	if (!r)
+		return 1;
+	now = bpf_ktime_get_coarse_ns();
+	if (now - r->window_start_ns >= ONE_SEC_NS) {
+		r->window_start_ns = now;
+		r->inserts = 0;
+	}
+	if (r->inserts >= cfg->flow_insert_limit) {
+		g->c[ST_FLOW_INSERT_LIMITED]++;
+		return 0;
+	}
+	r->inserts++;
+	return 1;
+}
+
 static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 				   const struct flow_key *fk, const struct encap_info *ei,
-				   __u32 frame_len)
+				   __u32 frame_len, int syn)
 {
-	__u32 slot = flow_cache_index(fk) & flow_cache_mask;
+	__u32 slot = bpf_get_smp_processor_id() * (flow_cache_mask + 1) +
+		     (flow_cache_index(fk) & flow_cache_mask);
 	struct flow_cache_slot *cs = bpf_map_lookup_elem(&flow_cache, &slot);
-	struct flow_val *fv, nv = {};
+	struct flow_val *fv = NULL, nv = {};
 	struct vip_key vk = {};
 	struct vip_meta *vm;
 	struct backend *be;
 	__u32 id, hash;
 
+	/* A SYN opens a connection: it goes where the ring says now, so it skips the cache
+	 * and the table (two cache misses on a new flow) and overwrites whatever entry an
+	 * earlier connection with the same 5-tuple left. Its retransmissions land on the
+	 * same backend unless the ring changed in between; then the newer entry wins, and
+	 * the rest of the connection follows it. */
+	if (syn)
+		goto new_flow;
 	if (cs && cs->val.vip_id && flow_key_eq(&cs->key, fk)) {
 		be = entry_backend(&cs->val);
 		if (be) {
@@ -150,6 +188,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 		}
 	}
 
+new_flow:
 	__builtin_memcpy(vk.addr, fk->dst, 16);
 	vk.port = fk->dport;
 	vk.proto = fk->proto;
@@ -167,9 +206,21 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 	nv.vip_id = vm->vip_id;
 	nv.hash = hash;
 	nv.gen = be->gen;
-	bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
-	cache_fill(cs, fk, &nv);
+	if (flow_insert_allowed(g)) {
+		bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
+		cache_fill(cs, fk, &nv);
+	}
 	return forward(ctx, g, be, id, hash, ei, frame_len);
+}
+
+/* SYN without ACK: the first packet of a TCP connection. (parse_ports() checked the
+ * whole TCP header; the verifier only tracks the shorter UDP length, so check again.) */
+static __always_inline int tcp_is_syn(const struct l4_ports *ports, int proto, void *end)
+{
+	const __u8 *flags = (const __u8 *)ports + 13;
+
+	return proto == IPPROTO_TCP && (void *)(flags + 1) <= end &&
+	       (*flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN;
 }
 
 static __always_inline int l4_hdr_len(int proto)
@@ -213,7 +264,7 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *c
 	ei.inner_len = tot_len;
 	ei.tos = ip->tos;
 	ei.df = !!(ip->frag_off & bpf_htons(IP_DF));
-	return lb_flow(ctx, g, &fk, &ei, frame_len);
+	return lb_flow(ctx, g, &fk, &ei, frame_len, tcp_is_syn(ports, proto, end));
 }
 
 static __always_inline int ipv6_is_ext_header(int nh)
@@ -269,7 +320,7 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *c
 	ei.inner_len = IPV6_HLEN + plen;
 	ei.inner_v6 = 1;
 	ei.tos = (bpf_ntohl(*(__be32 *)ip6) >> 20) & 0xFF;
-	return lb_flow(ctx, g, &fk, &ei, frame_len);
+	return lb_flow(ctx, g, &fk, &ei, frame_len, tcp_is_syn(ports, proto, end));
 }
 
 #endif

@@ -72,6 +72,7 @@ class LbSection:
     source_v6: Optional[ipaddress.IPv6Address] = None
     ring_size: int = 65537
     flow_table_size: int = 1000000
+    flow_insert_limit: int = 0
     bpf_pin_path: str = "/sys/fs/bpf/xdplb"
     control_socket: str = "/run/xdplb/control.sock"
     state_file: str = "/var/lib/xdplb/state.json"
@@ -510,6 +511,7 @@ def _parse_lb(t: _Table) -> LbSection:
         source_v6=t.address("source_v6", version=6),
         ring_size=_ring_size(t, d.ring_size),
         flow_table_size=t.integer("flow_table_size", d.flow_table_size, 1, U32_MAX),
+        flow_insert_limit=t.integer("flow_insert_limit", d.flow_insert_limit, 0, U32_MAX),
         bpf_pin_path=_bpf_pin_path(t, d.bpf_pin_path),
         control_socket=_socket_path(t, "control_socket", d.control_socket),
         state_file=_path(t, "state_file", d.state_file),

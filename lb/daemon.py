@@ -175,7 +175,8 @@ class Daemon:
         self.dp.set_config(EgressConfig(
             smac=eg.mac, encap=L.ENCAP_GUE if cfg.lb.encap == "gue" else L.ENCAP_IPIP,
             tx_mode=L.TX_REDIRECT if cfg.lb.egress_interface else L.TX_XDP_TX,
-            source_v4=src4, source_v6=src6, gue_port=cfg.lb.gue_port, mtu=eg.mtu))
+            source_v4=src4, source_v6=src6, gue_port=cfg.lb.gue_port, mtu=eg.mtu,
+            flow_insert_limit=cfg.lb.flow_insert_limit))
 
     # --- state -> maps -------------------------------------------------------------
     @property

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 from . import layout as L
 from .layout import IPAddress
-from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, obj_pin
+from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, num_cpus, obj_pin
 
 MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", "flows",
              "config", "tx_port", "stats", "vip_stats", "backend_stats")
@@ -46,6 +46,7 @@ class EgressConfig:
     source_v6: Optional[ipaddress.IPv6Address] = None
     gue_port: int = 6080
     mtu: int = 1500
+    flow_insert_limit: int = 0  # new flow-table entries per second per CPU; 0: no limit
 
 
 def _u32(v: int) -> ctypes.c_uint32:
@@ -76,7 +77,7 @@ class Datapath:
             slots = limits.flow_cache_slots
             if slots < 1 or slots & (slots - 1):
                 raise ValueError(f"flow_cache_slots must be a power of two, not {slots}")
-            self.skel.set_max_entries("flow_cache", slots)
+            self.skel.set_max_entries("flow_cache", slots * num_cpus())  # a range per CPU
             lib.xdplb_lb_set_flow_cache_mask(self.skel.raw, slots - 1)
             if pin_dir:
                 self._adopt_pins(pin_dir)
@@ -148,6 +149,7 @@ class Datapath:
             c.src_v6[:] = L.addr_words(cfg.source_v6)
         c.gue_port = L.port_be(cfg.gue_port)
         c.mtu = min(cfg.mtu, 0xFFFF)
+        c.flow_insert_limit = cfg.flow_insert_limit
         self.maps["config"].update(_u32(0), c)
 
     def set_tx_port(self, ifindex: int) -> None:
@@ -284,9 +286,8 @@ class Datapath:
     def clear_flow_cache(self) -> None:
         """Empty every CPU's flow cache (after editing `flows` from user space)."""
         m = self.skel.map("flow_cache")
-        zero = bytes(m._slot * m.ncpus)
         keys = array.array("I", range(m.max_entries))
-        m.update_batch(keys.tobytes(), zero * m.max_entries, m.max_entries)
+        m.update_batch(keys.tobytes(), bytes(m._slot * m.max_entries), m.max_entries)
 
     def flow_backend(self, fk: L.FlowKey) -> Optional[int]:
         raw = self.maps["flows"].lookup(fk)

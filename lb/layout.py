@@ -47,6 +47,7 @@ class Stat(enum.IntEnum):
     DROP_ADJUST_FAIL = 14
     GUE_ZERO_CSUM = 15
     FLOW_CACHE_HIT = 16
+    FLOW_INSERT_LIMITED = 17
 
 
 class _S(ctypes.Structure):
@@ -94,7 +95,12 @@ class FlowCacheSlot(_S):
 
 class LbConfig(_S):
     _fields_ = [("smac", u8 * 6), ("encap", u8), ("tx_mode", u8), ("src_v4", u32),
-                ("src_v6", u32 * 4), ("gue_port", u16), ("mtu", u16)]
+                ("src_v6", u32 * 4), ("gue_port", u16), ("mtu", u16),
+                ("flow_insert_limit", u32), ("pad", u32)]
+
+
+class FlowRate(_S):
+    _fields_ = [("window_start_ns", u64), ("inserts", u64)]
 
 
 class Counters(_S):
@@ -115,7 +121,7 @@ MIRRORS = {
     "vip_key": VipKey, "vip_meta": VipMeta, "addr_key": AddrKey, "backend": Backend,
     "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal,
     "flow_cache_slot": FlowCacheSlot, "lb_config": LbConfig,
-    "lb_counters": Counters, "lb_global": Global,
+    "lb_counters": Counters, "lb_global": Global, "flow_rate": FlowRate,
 }
 
 

@@ -11,6 +11,7 @@ def global_section(c: dict[str, int]) -> dict:
             "pass": c["pass"], "drop": c["drop"], "flow_hits": c["flow_hit"],
             "flow_misses": c["flow_miss"], "flow_moved": c["flow_moved"],
             "flow_cache_hits": c["flow_cache_hit"],
+            "flow_insert_limited": c["flow_insert_limited"],
             "gue_zero_csum": c["gue_zero_csum"],
             "drops": {r: c[f"drop_{r}"] for r in DROP_REASONS}}
 

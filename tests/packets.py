@@ -35,6 +35,7 @@ from lb.programmer import BackendSpec, Programmer, VipSpec, ring_for
 
 A = ipaddress.ip_address
 TCP_P, UDP_P = socket.IPPROTO_TCP, socket.IPPROTO_UDP
+TCP_SYN, TCP_ACK, TCP_SYN_ACK = 0x02, 0x10, 0x12
 
 SMAC = bytes.fromhex("020000000001")
 SOURCE_V4 = A("10.0.0.2")
@@ -49,7 +50,7 @@ DEFAULT_CONFIG = dict(smac=SMAC, encap=L.ENCAP_IPIP, tx_mode=L.TX_XDP_TX,
 COUNTER_NAMES = ("rx", "tx", "redirect", "pass", "drop", "flow_hit", "flow_miss",
                  "flow_moved", "drop_no_backend", "drop_malformed", "drop_too_big",
                  "drop_fragment", "drop_ip_options", "drop_no_nexthop", "drop_adjust_fail",
-                 "gue_zero_csum", "flow_cache_hit")
+                 "gue_zero_csum", "flow_cache_hit", "flow_insert_limited")
 
 
 def mac_for(key: str) -> bytes:
@@ -109,8 +110,11 @@ def ip_layer(src: str, dst: str, **kw):
 
 
 def l4(proto: str, sport: int, dport: int, **kw):
-    return TCP(sport=sport, dport=dport, **kw) if proto == "tcp" else UDP(sport=sport,
-                                                                          dport=dport, **kw)
+    """TCP segments are ACKs unless `flags` says otherwise: a SYN skips the connection
+    table (it opens a new connection), so repeat-and-hit checks need non-SYN packets."""
+    if proto == "tcp":
+        return TCP(sport=sport, dport=dport, **{"flags": "A", **kw})
+    return UDP(sport=sport, dport=dport, **kw)
 
 
 def pkt(proto: str, src: str, dst: str, sport: int, dport: int, payload: bytes = b"hello",
@@ -150,12 +154,12 @@ def parse_input(data: bytes) -> tuple[Flow, bytes, bytes, int]:
 
 
 def fast_frame(proto: int, src: ipaddress._BaseAddress, sport: int,
-               dst: ipaddress._BaseAddress, dport: int, payload: bytes = b"0123456789"
-               ) -> bytes:
+               dst: ipaddress._BaseAddress, dport: int, payload: bytes = b"0123456789",
+               tcp_flags: int = TCP_ACK) -> bytes:
     """A valid-enough TCP/UDP frame packed with struct (IPv4 header checksum set; L4
-    checksum left 0, which IPIP encapsulation never looks at)."""
+    checksum left 0, which IPIP encapsulation never looks at). TCP: an ACK by default."""
     if proto == TCP_P:
-        l4h = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+        l4h = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, tcp_flags, 65535, 0, 0)
     else:
         l4h = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)
     seg = l4h + payload

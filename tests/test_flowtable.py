@@ -9,7 +9,9 @@ captures the old VIP's flows.
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
+import time
 
 import pytest
 
@@ -17,7 +19,7 @@ from lb import layout as L
 from lb.datapath import Limits
 from lb.programmer import VipSpec
 
-from packets import (A, TCP_P, UDP_P, Flow, LbEnv, assert_globals, be, fast_frame,
+from packets import (A, TCP_P, TCP_SYN, UDP_P, Flow, LbEnv, assert_globals, be, fast_frame,
                      outer_dst)
 
 RING = 1009
@@ -301,3 +303,115 @@ def test_flow_entry_of_other_vip_id_is_not_honoured(env):
     before = env.snapshot()
     assert send(env, f) == ("tx", A("10.11.0.1"))
     assert_globals(env.delta(before).glob, {"rx": 1, "tx": 1, "flow_moved": 1})
+
+
+@pytest.fixture
+def one_cpu():
+    """The insert limit is per CPU: keep every test run on one CPU."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(old)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+def test_flow_insert_limit_forwards_but_does_not_remember(env, one_cpu):
+    """Over lb.flow_insert_limit new flows in one second, a new flow still goes where the
+    ring says, but is not written to the table (and counted); a second later the table
+    takes flows again."""
+    s0 = spec([be("10.12.0.1"), be("10.12.0.2"), be("10.12.0.3")])
+    env.apply([s0])
+    env.configure(flow_insert_limit=10)
+    flows = rand_flows(40, s0, 13)
+    before = env.snapshot()
+    for f in flows:
+        assert send(env, f) == ("tx", env.expect(f).backend.address)
+    assert_globals(env.delta(before).glob, {"rx": 40, "tx": 40, "flow_miss": 40,
+                                            "flow_insert_limited": 30})
+    assert [env.dp.flow_backend(f.key()) is not None for f in flows] == [True] * 10 + [False] * 30
+    assert env.flow_count() == 10
+
+    # the remembered ones hit; the others are new flows again, still over the limit
+    got, d = resend(env, flows)
+    assert all(v == ("tx", env.expect(f).backend.address) for f, v in got.items())
+    assert_globals(d.glob, {"rx": 40, "tx": 40, "flow_hit": 10, "flow_miss": 30,
+                            "flow_insert_limited": 30})
+
+    time.sleep(1.1)  # next window
+    _, d = resend(env, flows[10:15])
+    assert_globals(d.glob, {"rx": 5, "tx": 5, "flow_miss": 5})
+    assert all(env.dp.flow_backend(f.key()) is not None for f in flows[10:15])
+
+
+@pytest.mark.parametrize("limit", [0, 50])
+def test_flow_insert_limit_keeps_established_flows_through_a_flood(limit, one_cpu):
+    """A burst of new flows larger than this CPU's share of the table evicts established
+    flows when nothing limits inserts (limit 0: the control), and leaves them in the
+    table with a limit."""
+    e = LbEnv(Limits(max_vips=8, max_backends=16, max_nexthops=16, flow_table_size=1024))
+    try:
+        s0 = spec([be("10.13.0.1"), be("10.13.0.2")])
+        e.apply([s0])
+        established = rand_flows(100, s0, 14)
+        establish(e, s0, established)
+        e.configure(flow_insert_limit=limit)
+        before = e.snapshot()
+        flood = rand_flows(3000, s0, 15)
+        for f in flood:
+            assert send(e, f)[0] == "tx"
+        d = e.delta(before).glob
+        kept = sum(e.dp.flow_backend(f.key()) is not None for f in established)
+        if limit:
+            assert d["flow_insert_limited"] >= 3000 - 2 * limit, d
+            assert kept == 100
+        else:
+            assert d["flow_insert_limited"] == 0
+            assert kept < 50, f"the control flood should have evicted flows ({kept} kept)"
+    finally:
+        e.close()
+
+
+def syn(f: Flow) -> bytes:
+    return fast_frame(f.proto, f.src, f.sport, f.dst, f.dport, tcp_flags=TCP_SYN)
+
+
+def test_syn_takes_the_ring_and_replaces_the_entry(env):
+    """A SYN opens a connection: it goes where the ring says now (not where an old entry
+    with the same 5-tuple points), and the rest of that connection follows it."""
+    base = [be("10.14.0.1"), be("10.14.0.2")]
+    s0 = spec(base)
+    env.apply([s0])
+    flows = rand_flows(200, s0, 16)
+    placed = establish(env, s0, flows)
+    s1 = spec(base + [be(f"10.14.0.{i}") for i in range(3, 9)])
+    env.apply([s1])
+    ring1 = env.ring(s1)
+    now = {f: env.expect(f, ring1).backend.address for f in flows}
+    assert sum(now[f] != placed[f] for f in flows) > 100
+
+    before = env.snapshot()
+    for f in flows:
+        r = env.run(syn(f))
+        assert (r.verdict, outer_dst(r.data)) == ("tx", now[f])
+    assert_globals(env.delta(before).glob, {"rx": 200, "tx": 200, "flow_miss": 200})
+    got, d = resend(env, flows)  # the ACKs that follow
+    assert got == {f: ("tx", now[f]) for f in flows}
+    assert_globals(d.glob, {"rx": 200, "tx": 200, "flow_hit": 200})
+
+
+def test_syn_never_goes_to_a_draining_backend(env):
+    """Established flows stay on a draining backend; a new connection reusing one of
+    their 5-tuples does not."""
+    s0 = spec([be("10.15.0.1"), be("10.15.0.2")])
+    env.apply([s0])
+    flows = rand_flows(100, s0, 17)
+    placed = establish(env, s0, flows)
+    on_b = [f for f in flows if placed[f] == A("10.15.0.2")]
+    assert on_b
+    env.apply([spec([be("10.15.0.1"), be("10.15.0.2", state="drain")])])
+    got, _ = resend(env, on_b)
+    assert set(got.values()) == {("tx", A("10.15.0.2"))}
+    for f in on_b:
+        r = env.run(syn(f))
+        assert (r.verdict, outer_dst(r.data)) == ("tx", A("10.15.0.1"))
