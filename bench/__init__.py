@@ -15,6 +15,8 @@ Commands (see ``python -m bench --help``):
 * ``iptables`` xdplb vs kube-proxy-style iptables DNAT over 1..10,000 services, and
              xdplb's cost against its VIP count (bench/iptables.py)
              -> results/iptables.json, results/iptables.png
+* ``vipscale`` per-packet cost with 10,000 VIPs against 1 VIP, same flow count, measured
+             like ``cost`` (bench/vipscale.py) -> results/vipscale.json
 * ``summary`` headline figures with their targets (bench/summary.py)
              -> results/summary.json, results/summary.md
 * ``all``    every benchmark above, then the summary.

@@ -77,6 +77,8 @@ def main(argv=None) -> int:
                                "-> pktgen.json, .png"))
     sweep_args(sub.add_parser("iptables", help="xdplb vs kube-proxy-style iptables DNAT "
                               "over 1..10,000 services -> iptables.json, .png"))
+    v = sub.add_parser("vipscale", help="per-packet cost at 10,000 VIPs vs 1 -> vipscale.json")
+    v.add_argument("--vip-rounds", type=int, default=15)
     sub.add_parser("summary", help="headline figures from the JSON files -> summary.json, "
                    "summary.md")
     a = sub.add_parser("all", help="every benchmark, then the summary")
@@ -89,7 +91,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = args.out_sub or args.out
 
-    if os.geteuid() != 0 and args.cmd in ("cost", "health", "pktgen", "iptables", "all"):
+    if os.geteuid() != 0 and args.cmd in ("cost", "health", "pktgen", "iptables", "vipscale",
+                                          "all"):
         print("bench: loads BPF programs: run as root", file=sys.stderr)
         return 2
     if args.cmd in ("cost", "all"):
@@ -99,6 +102,15 @@ def main(argv=None) -> int:
                      args.ring_size, cases=args.cases, calib_repeat=args.calib_repeat)
         if not all(c["ok"] for c in r["cases"].values()) or not r["floor"]["ok"]:
             print("bench: a case did not take the path it names (see verdicts)", file=sys.stderr)
+            return 1
+    if args.cmd in ("vipscale", "all"):
+        from .vipscale import run_vipscale
+
+        if args.cmd == "all":
+            print()
+        r = run_vipscale(out, rounds=getattr(args, "vip_rounds", 7))
+        if not r["ok"]:
+            print("bench: a VIP-scaling run did not take the flow-hit path", file=sys.stderr)
             return 1
     if args.cmd in ("maglev", "all"):
         from .maglev import run_maglev

@@ -7,9 +7,10 @@ summary.json carries, each with the raw numbers it is made of and its target:
   iptables_ratio_1000   xdplb pps / iptables DNAT pps at 1,000 services, new connections
                         (the traffic that walks iptables' chains); the ratio with
                         established flows beside it (iptables.json)
-  vip_scaling_10000     xdplb cost per packet beyond the floor at 10,000 VIPs / at 1 VIP,
-                        established flows (flow-table hits), two instances measured side
-                        by side in the same rounds; new connections beside it
+  vip_scaling_10000     xdplb cost per packet at 10,000 VIPs / at 1 VIP, 20,000 established
+                        flows (flow-table hits) on both, two instances side by side,
+                        measured like the per-packet cost (vipscale.json); the live-frames
+                        figures of the iptables sweep beside it (iptables.json)
   maglev_max_mean_1000  Maglev max slots / mean slots, N=1,000, M=65,537 (maglev.json)
 A figure whose input file is missing is null, with the file named.
 """
@@ -56,6 +57,7 @@ def _point(sweep: dict, n: int) -> Optional[dict]:
 
 def build(d: Path) -> tuple:
     pk, sw = _load(d, "pktgen.json"), _load(d, "iptables.json")
+    vc = _load(d, "vipscale.json")
     mg, co, rl = _load(d, "maglev.json"), _load(d, "cost.json"), _load(d, "reload.json")
     out: dict = {"machine": (pk or sw or co or {}).get("machine") or machine_info()}
 
@@ -88,21 +90,29 @@ def build(d: Path) -> tuple:
                                             missing="iptables.json (1,000 services)")
 
     vs = (sw or {}).get("vip_scaling")
+    live = {}
     if vs and vs["est"]["services"] == [1, 10000]:
         est, new = vs["est"], vs["new"]
+        live = dict(
+            live_frames_ratio_over_floor=est["ratio_ns_over_floor"],
+            live_frames_ns_over_floor=est["ns_over_floor"],
+            live_frames_ratio_all=est.get("ratio_ns_over_floor_all"),
+            live_frames_total_ns_ratio=est["ratio_ns_per_pkt"],
+            live_frames_idle_vips_ratio=est.get("ratio_idle_vips"),
+            live_frames_new_connections_ratio=new["ratio_ns_over_floor"],
+            live_frames_method=vs.get("method"))
+    if vc and vc["services"] == [1, 10000]:
         out["vip_scaling_10000"] = _entry(
-            "vip_scaling_10000", est["ratio_ns_over_floor"],
-            traffic=f"established flows (flow-table hits), "
-                    f"{sw['params'].get('est_flows', 20000):,} flows over the VIPs",
-            ns_over_floor_1=est["ns_over_floor"][0], ns_over_floor_10000=est["ns_over_floor"][1],
-            ns_per_pkt_1=est["ns_per_pkt"][0], ns_per_pkt_10000=est["ns_per_pkt"][1],
-            total_ns_ratio=est["ratio_ns_per_pkt"],
-            ratio_all=est.get("ratio_ns_over_floor_all"), path_ok=est.get("path_ok"),
-            idle_vips_ratio=est.get("ratio_idle_vips"),
-            idle_vips_note="10,000 VIPs configured, all traffic to 1 of them",
-            new_connections_ratio=new["ratio_ns_over_floor"],
-            new_connections_ns_over_floor=new["ns_over_floor"],
-            method=vs.get("method"))
+            "vip_scaling_10000", vc["ratio"],
+            traffic=f"{vc['flows']:,} established flows (flow-table hits), spread over the "
+                    f"10,000 VIPs / all to the 1",
+            ns_1=vc["ns"][0], ns_10000=vc["ns"][1], floor_ns=vc["floor_ns"],
+            ratio_over_floor=vc["ratio_over_floor"], ratio_all=vc["ratio_all"],
+            path_ok=vc["ok"], method="BPF_PROG_TEST_RUN, restore wrapper (vipscale.json)",
+            **live)
+    elif live:
+        out["vip_scaling_10000"] = _entry(
+            "vip_scaling_10000", live["live_frames_ratio_over_floor"], **live)
     else:
         out["vip_scaling_10000"] = _entry("vip_scaling_10000", None,
                                           missing="iptables.json (1 and 10,000 services)")
@@ -120,6 +130,7 @@ def build(d: Path) -> tuple:
         out["maglev_max_mean_1000"] = _entry("maglev_max_mean_1000", None,
                                              missing="maglev.json (N=1000, M=65537)")
     out["sources"] = {"pktgen": pk is not None, "iptables": sw is not None,
+                      "vipscale": vc is not None,
                       "maglev": mg is not None, "cost": co is not None,
                       "reload": rl is not None}
     if co:
@@ -155,10 +166,11 @@ def markdown(s: dict, pk: Optional[dict], sw: Optional[dict]) -> str:
     f = s["vip_scaling_10000"]
     lines.append(f"| vip_scaling_10000 (cost at 10,000 VIPs / 1 VIP, flow-table hits) | "
                  f"{_fmt(f['value'], '.3f')} | {f['target']} | "
-                 f"{_fmt(f.get('ns_over_floor_10000'), '.0f')} vs "
-                 f"{_fmt(f.get('ns_over_floor_1'), '.0f')} ns/pkt beyond the floor; new "
-                 f"connections: {_fmt(f.get('new_connections_ratio'), '.3f')}; 10,000 "
-                 f"configured, all traffic to 1: {_fmt(f.get('idle_vips_ratio'), '.3f')} |")
+                 f"{_fmt(f.get('ns_10000'), '.0f')} vs {_fmt(f.get('ns_1'), '.0f')} ns/pkt "
+                 f"(floor {_fmt(f.get('floor_ns'), '.0f')}; beyond it "
+                 f"{_fmt(f.get('ratio_over_floor'), '.3f')}); live frames: "
+                 f"{_fmt(f.get('live_frames_ratio_over_floor'), '.3f')} beyond the floor, "
+                 f"new connections {_fmt(f.get('live_frames_new_connections_ratio'), '.3f')} |")
     f = s["maglev_max_mean_1000"]
     lines.append(f"| maglev_max_mean_1000 (N=1,000, M=65,537) | {_fmt(f['value'], '.4f')} | "
                  f"{f['target']} | max {f.get('max_slots')} slots, mean "
@@ -224,10 +236,10 @@ def print_summary(s: dict, d: Path | str = "") -> None:
                        f"{_fmt(f.get('iptables_per_core_mpps'), '.3f')} Mpps/core; "
                        f"established: {_fmt(f.get('established_ratio'))}x"),
             ("vip_scaling_10000", ".3f",
-             lambda f: f"hits: {_fmt(f.get('ns_over_floor_10000'), '.0f')} vs "
-                       f"{_fmt(f.get('ns_over_floor_1'), '.0f')} ns beyond floor; new "
-                       f"conns: {_fmt(f.get('new_connections_ratio'), '.3f')}; 10,000 "
-                       f"configured, traffic to 1: {_fmt(f.get('idle_vips_ratio'), '.3f')}"),
+             lambda f: f"hits: {_fmt(f.get('ns_10000'), '.0f')} vs "
+                       f"{_fmt(f.get('ns_1'), '.0f')} ns/pkt (beyond floor "
+                       f"{_fmt(f.get('ratio_over_floor'), '.3f')}); live frames "
+                       f"{_fmt(f.get('live_frames_ratio_over_floor'), '.3f')}"),
             ("maglev_max_mean_1000", ".4f",
              lambda f: f"max {f.get('max_slots')} / mean {f.get('mean_slots')} slots"))
     for key, spec, raw in rows:

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Programs for tests and benchmarks (not part of the data path):
  *  bench_restore  writes a template frame over the test-run buffer (restoring the data
- *                 pointer first), optionally varies the source port, and tail-calls the
+ *                 pointer first), optionally varies the source port (or, with
+ *                 bench_gen_cfg set, flows as bench_gen does), and tail-calls the
  *                 program under test. BPF_PROG_TEST_RUN's `repeat` re-runs one buffer, so
  *                 without this a rewriting program measures its own output.
  *  bench_floor    MAC swap + XDP_TX: the cheapest forwarding program, the floor.
@@ -115,16 +116,6 @@ static __always_inline int write_template(struct xdp_md *ctx, __u64 run)
 	return 0;
 }
 
-SEC("xdp")
-int bench_restore(struct xdp_md *ctx)
-{
-	__u64 run = bump(B_RUNS, 1);
-
-	if (write_template(ctx, run))
-		return XDP_ABORTED;
-	bpf_tail_call(ctx, &bench_target, 0);
-	return XDP_ABORTED;
-}
 
 SEC("xdp")
 int bench_floor(struct xdp_md *ctx)
@@ -237,6 +228,21 @@ static __always_inline int write_flows(struct xdp_md *ctx, struct bench_gen_cfg 
 	if (cfg->l4_csum_off && acc_l4)
 		csum_apply(data, end, cfg->l4_csum_off, acc_l4, cfg->l4_udp);
 	return 0;
+}
+
+/* With bench_gen_cfg set (frame_len != 0), the frames vary as the generator's do
+ * (many flows, many destinations); otherwise as the template says. */
+SEC("xdp")
+int bench_restore(struct xdp_md *ctx)
+{
+	__u64 run = bump(B_RUNS, 1);
+	__u32 zero = 0;
+	struct bench_gen_cfg *cfg = bpf_map_lookup_elem(&bench_gen_cfg, &zero);
+
+	if (cfg && cfg->frame_len ? write_flows(ctx, cfg, run) : write_template(ctx, run))
+		return XDP_ABORTED;
+	bpf_tail_call(ctx, &bench_target, 0);
+	return XDP_ABORTED;
 }
 
 SEC("xdp")

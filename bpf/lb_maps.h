@@ -122,18 +122,29 @@ struct {
 	__type(value, struct lb_global);
 } stats SEC(".maps");
 
+/* Per-VIP and per-backend counters, per CPU but laid out flat like flow_cache: CPU c's
+ * counter for id i is element c * stride + i (stride = max VIPs / max backends, set
+ * between open and load; user space sizes the maps stride x possible CPUs and sums).
+ * One load per update, where a PERCPU_ARRAY needs the element's per-CPU pointer first:
+ * with thousands of VIPs that pointer table is one more cache miss per packet. Only
+ * CPU c writes its range, so plain increments are exact. */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, LB_MAX_VIPS);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, struct lb_counters);
 } vip_stats SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, LB_MAX_BACKENDS);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, struct lb_counters);
 } backend_stats SEC(".maps");
+
+const volatile __u32 vip_stats_stride = LB_MAX_VIPS;
+const volatile __u32 backend_stats_stride = LB_MAX_BACKENDS;
 
 #endif

@@ -71,7 +71,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
 	}
 	if (zero_csum)
 		g->c[ST_GUE_ZERO_CSUM]++;
-	count(&backend_stats, backend_id, frame_len);
+	count(&backend_stats, backend_stats_stride, backend_id, frame_len);
 	return act;
 }
 
@@ -172,7 +172,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 			}
 			g->c[ST_FLOW_HIT]++;
 			g->c[ST_FLOW_CACHE_HIT]++;
-			count(&vip_stats, cs->val.vip_id, frame_len);
+			count(&vip_stats, vip_stats_stride, cs->val.vip_id, frame_len);
 			return forward(ctx, g, be, cs->val.backend_id, cs->val.hash, ei, frame_len);
 		}
 	}
@@ -183,7 +183,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 		if (be) {
 			cache_fill(cs, fk, fv);
 			g->c[ST_FLOW_HIT]++;
-			count(&vip_stats, fv->vip_id, frame_len);
+			count(&vip_stats, vip_stats_stride, fv->vip_id, frame_len);
 			return forward(ctx, g, be, fv->backend_id, fv->hash, ei, frame_len);
 		}
 	}
@@ -197,7 +197,7 @@ new_flow:
 	if (!vm)
 		return verdict_pass(g);
 	g->c[fv ? ST_FLOW_MOVED : ST_FLOW_MISS]++;
-	count(&vip_stats, vm->vip_id, frame_len);
+	count(&vip_stats, vip_stats_stride, vm->vip_id, frame_len);
 	hash = flow_hash(fk, fk->family == LB_AF_INET6, vm->flags & VIP_F_HASH_SRC_ONLY);
 	be = ring_pick(vm, hash, &id);
 	if (!be)

@@ -10,6 +10,7 @@ import array
 import ctypes
 import ipaddress
 import mmap
+import struct
 import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -49,6 +50,9 @@ class EgressConfig:
     flow_insert_limit: int = 0  # new flow-table entries per second per CPU; 0: no limit
 
 
+_COUNTERS = struct.Struct("=QQ")  # struct lb_counters
+
+
 def _u32(v: int) -> ctypes.c_uint32:
     return ctypes.c_uint32(v)
 
@@ -69,9 +73,13 @@ class Datapath:
             self.skel.set_max_entries("vips", limits.max_vips)
             self.skel.set_max_entries("vip_addrs", limits.max_vips)
             self.skel.set_max_entries("rings", 2 * limits.max_vips)
-            self.skel.set_max_entries("vip_stats", limits.max_vips)
             self.skel.set_max_entries("backends", limits.max_backends)
-            self.skel.set_max_entries("backend_stats", limits.max_backends)
+            # flat per-CPU counters: CPU c's counter i is element c * stride + i
+            self.ncpus = num_cpus()
+            self.skel.set_max_entries("vip_stats", limits.max_vips * self.ncpus)
+            self.skel.set_max_entries("backend_stats", limits.max_backends * self.ncpus)
+            lib.xdplb_lb_set_stats_strides(self.skel.raw, limits.max_vips,
+                                           limits.max_backends)
             self.skel.set_max_entries("nexthops", limits.max_nexthops)
             self.skel.set_max_entries("flows", limits.flow_table_size)
             slots = limits.flow_cache_slots
@@ -87,6 +95,17 @@ class Datapath:
             raise
         self.maps: dict[str, Map] = {n: self.skel.map(n) for n in MAP_NAMES}
         self.prog_fd = self.skel.prog_fd("xdplb")
+        self._stride = {"vip_stats": limits.max_vips, "backend_stats": limits.max_backends}
+        self._views: dict[str, mmap.mmap] = {}
+        try:
+            for name in self._stride:
+                m = self.maps[name]
+                size = -(-m.value_size * m.max_entries // mmap.PAGESIZE) * mmap.PAGESIZE
+                self._views[name] = mmap.mmap(m.fd, size, mmap.MAP_SHARED,
+                                              mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            self.close()
+            raise
         if pin_dir:
             for name in MAP_NAMES:
                 if name not in self.adopted:
@@ -130,6 +149,9 @@ class Datapath:
             pass
 
     def close(self) -> None:
+        for v in getattr(self, "_views", {}).values():
+            v.close()
+        self._views = {}
         self.skel.close()
 
     def __enter__(self) -> "Datapath":
@@ -267,11 +289,13 @@ class Datapath:
         return {name: sums[int(s)] for name, s in GLOBAL_NAMES.items()}
 
     def _counters(self, map_name: str, idx: int) -> tuple[int, int]:
+        """(packets, bytes) of counter `idx`, summed over CPUs (read through the mmap)."""
+        view, stride = self._views[map_name], self._stride[map_name]
         p = b = 0
-        for raw in self.maps[map_name].lookup_percpu(_u32(idx)):
-            c = L.Counters.unpack(raw)
-            p += c.packets
-            b += c.bytes
+        for cpu in range(self.ncpus):
+            cp, cb = _COUNTERS.unpack_from(view, (cpu * stride + idx) * _COUNTERS.size)
+            p += cp
+            b += cb
         return p, b
 
     def vip_counters(self, vip_id: int) -> tuple[int, int]:
@@ -281,7 +305,9 @@ class Datapath:
         return self._counters("backend_stats", bid)
 
     def reset_counters(self, map_name: str, idx: int) -> None:
-        self.maps[map_name].update(_u32(idx), L.Counters())
+        view, stride = self._views[map_name], self._stride[map_name]
+        for cpu in range(self.ncpus):
+            _COUNTERS.pack_into(view, (cpu * stride + idx) * _COUNTERS.size, 0, 0)
 
     def clear_flow_cache(self) -> None:
         """Empty every CPU's flow cache (after editing `flows` from user space)."""

@@ -184,3 +184,22 @@ def test_cli_writes_json(tmp_path):
     res = json.loads((tmp_path / "cost.json").read_text())
     assert set(res["cases"]) == {"tcp_hit", "pass_v4"}
     assert res["cases"]["tcp_hit"]["verdicts"]["flow_hit"] == 500
+
+
+def test_vipscale_runner(tmp_path):
+    """bench/vipscale.py on small counts: well-formed JSON, every measured run a flow-table
+    hit on both sides, and the summary takes its ratio as vip_scaling_10000's value only
+    for 1 vs 10,000 VIPs."""
+    from bench.summary import run_summary
+    from bench.vipscale import run_vipscale
+
+    doc = run_vipscale(out=str(tmp_path), n_hi=200, flows=1000, rounds=2, repeat=3000,
+                       flow_table_size=65536, quiet=True)
+    assert json.loads((tmp_path / "vipscale.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["ok"] is True and doc["services"] == [1, 200] and doc["flows"] == 1000
+    for side in ("lo", "hi"):
+        v = doc["verdicts"][side]
+        assert v["rx"] == v["tx"] == v["flow_hit"] == 2 * 3000 and v["flow_miss"] == 0
+    assert doc["ratio"] > 0 and len(doc["ratio_all"]) == 2
+    s = run_summary(str(tmp_path), quiet=True)
+    assert s["vip_scaling_10000"]["value"] is None  # 200 VIPs is not the headline setup
