@@ -58,7 +58,8 @@ static __always_inline int inner_sum_v6(void *inner, void *end, __u64 *sum)
 	return 1;
 }
 
-static __always_inline __u16 gue_udp_csum(__u64 outer_addr_sum, struct udphdr *udp,
+/* u: the UDP header just written, as values (summed from registers, not read back). */
+static __always_inline __u16 gue_udp_csum(__u64 outer_addr_sum, struct udphdr u,
 					  void *inner, void *end, int inner_v6, __u32 *zero)
 {
 	__u64 s = 0;
@@ -69,8 +70,8 @@ static __always_inline __u16 gue_udp_csum(__u64 outer_addr_sum, struct udphdr *u
 		*zero = 1;
 		return 0;
 	}
-	s += outer_addr_sum + csum_pseudo_tail(IPPROTO_UDP, bpf_ntohs(udp->len));
-	s += (__u64)udp->source + udp->dest + udp->len;
+	s += outer_addr_sum + csum_pseudo_tail(IPPROTO_UDP, bpf_ntohs(u.len));
+	s += (__u64)u.source + u.dest + u.len;
 	c = ~csum_fold32(s);
 	return c ? c : 0xffff;
 }
@@ -83,13 +84,17 @@ static __always_inline void write_eth(struct ethhdr *eth, const struct lb_config
 	eth->h_proto = bpf_htons(proto);
 }
 
-static __always_inline void write_udp(struct udphdr *udp, const struct lb_config *cfg,
-				      __u32 hash, __u32 inner_len)
+/* The GUE UDP header, checksum 0 (filled in after), as values. */
+static __always_inline struct udphdr gue_header(const struct lb_config *cfg, __u32 hash,
+						__u32 inner_len)
 {
-	udp->source = bpf_htons(GUE_SPORT_BASE | (hash & GUE_SPORT_MASK));
-	udp->dest = cfg->gue_port;
-	udp->len = bpf_htons(UDP_HLEN + inner_len);
-	udp->check = 0;
+	struct udphdr u;
+
+	u.source = bpf_htons(GUE_SPORT_BASE | (hash & GUE_SPORT_MASK));
+	u.dest = cfg->gue_port;
+	u.len = bpf_htons(UDP_HLEN + inner_len);
+	u.check = 0;
+	return u;
 }
 
 /* Returns 0, or a negative lb_stat index naming why the packet must be dropped.
@@ -100,6 +105,7 @@ static __always_inline int encap_v4(struct xdp_md *ctx, const struct lb_config *
 {
 	int gue = cfg->encap == LB_ENCAP_GUE;
 	__u32 ol = IPV4_HLEN + (gue ? UDP_HLEN : 0);
+	__u32 w0, w1, w2, src, dst, *hdr;
 	void *data, *end;
 	struct iphdr *ip;
 
@@ -115,25 +121,35 @@ static __always_inline int encap_v4(struct xdp_md *ctx, const struct lb_config *
 		return -ST_DROP_MALFORMED;
 
 	write_eth(data, cfg, nh, ETH_P_IP);
-	ip->version = 4;
-	ip->ihl = 5;
-	ip->tos = ei->tos;
-	ip->tot_len = bpf_htons(ol + ei->inner_len);
-	ip->id = 0;
-	ip->frag_off = (ei->df || ei->inner_v6) ? bpf_htons(IP_DF) : 0;
-	ip->ttl = OUTER_TTL;
-	ip->protocol = gue ? IPPROTO_UDP : (ei->inner_v6 ? IPPROTO_IPV6_ENC : IPPROTO_IPIP);
-	ip->check = 0;
-	ip->saddr = cfg->src_v4;
-	ip->daddr = be->addr[0];
-	ip->check = ~csum_fold32(csum_words((const __u16 *)ip, IPV4_HLEN / 2));
+	/* The header is built in registers, written in 32-bit words and summed from the
+	 * registers: reading freshly written bytes back for the checksum stalls. Words in
+	 * network order: version/IHL, ToS, total length | ID 0, flags (DF) | TTL,
+	 * protocol, checksum 0 | source | destination. */
+	w0 = bpf_htonl(0x45000000u | (__u32)ei->tos << 16 | (ol + ei->inner_len));
+	w1 = (ei->df || ei->inner_v6) ? bpf_htonl(IP_DF) : 0;
+	w2 = bpf_htonl((__u32)OUTER_TTL << 24 |
+		       (__u32)(gue ? IPPROTO_UDP :
+			       (ei->inner_v6 ? IPPROTO_IPV6_ENC : IPPROTO_IPIP)) << 16);
+	src = cfg->src_v4;
+	dst = be->addr[0];
+	hdr = (__u32 *)ip;
+	hdr[0] = w0;
+	hdr[1] = w1;
+	hdr[2] = w2;
+	hdr[3] = src;
+	hdr[4] = dst;
+	ip->check = ~csum_fold32((__u64)w0 + w1 + w2 + src + dst);
 
 	if (gue) {
 		struct udphdr *udp = (void *)(ip + 1);
 
-		write_udp(udp, cfg, hash, ei->inner_len);
-		udp->check = gue_udp_csum(csum_addr(&ip->saddr, 2), udp, udp + 1, end,
-					  ei->inner_v6, zero_csum);
+		struct udphdr u = gue_header(cfg, hash, ei->inner_len);
+
+		udp->source = u.source;
+		udp->dest = u.dest;
+		udp->len = u.len;
+		udp->check = gue_udp_csum((__u64)src + dst, u, udp + 1, end, ei->inner_v6,
+					  zero_csum);
 	}
 	return 0;
 }
@@ -168,10 +184,13 @@ static __always_inline int encap_v6(struct xdp_md *ctx, const struct lb_config *
 	if (gue) {
 		struct udphdr *udp = (void *)(ip6 + 1);
 
-		write_udp(udp, cfg, hash, ei->inner_len);
-		udp->check = gue_udp_csum(csum_addr(ip6->saddr.in6_u.u6_addr32, 4) +
-						  csum_addr(ip6->daddr.in6_u.u6_addr32, 4),
-					  udp, udp + 1, end, ei->inner_v6, zero_csum);
+		struct udphdr u = gue_header(cfg, hash, ei->inner_len);
+
+		udp->source = u.source;
+		udp->dest = u.dest;
+		udp->len = u.len;
+		udp->check = gue_udp_csum(csum_addr(cfg->src_v6, 4) + csum_addr(be->addr, 4),
+					  u, udp + 1, end, ei->inner_v6, zero_csum);
 	}
 	return 0;
 }
