@@ -42,6 +42,7 @@
 #define LB_DEFAULT_RING_SIZE 65537
 #define LB_PREFILTER_WORDS 1024 /* 65536 bits */
 #define LB_FLOW_CACHE_SLOTS 16384 /* per CPU, a power of two */
+#define FLOW_FORWARD (-1) /* flow_ipv4/6: not a verdict, go on to lb_flow */
 #define ONE_SEC_NS 1000000000ULL
 #define FLOW_CACHE_TOUCH_EVERY 64 /* cache hits between lookups that keep `flows` warm */
 

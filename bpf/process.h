@@ -259,11 +259,12 @@ static __always_inline int l4_hdr_len(int proto)
 	return proto == IPPROTO_TCP ? 20 : 8;
 }
 
-static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *c, void *end,
-					struct lb_global *g, __u32 frame_len)
+/* Parse an IPv4 packet into a flow key and encapsulation facts. Returns FLOW_FORWARD
+ * when the packet is a TCP/UDP flow toward a possible VIP (*fk, *ei, *syn filled), else
+ * the verdict (pass, or drop for a broken packet to a VIP address). */
+static __always_inline int flow_ipv4(struct hdr_cursor *c, void *end, struct lb_global *g,
+				     union flow_key_words *fk, struct encap_info *ei, int *syn)
 {
-	struct encap_info ei = {};
-	union flow_key_words fk;
 	struct l4_ports *ports;
 	struct iphdr *ip;
 	__u32 tot_len;
@@ -286,15 +287,16 @@ static __always_inline int process_ipv4(struct xdp_md *ctx, struct hdr_cursor *c
 	    parse_ports(c, end, proto, &ports) < 0)
 		return drop_if_vip(g, &ip->daddr, LB_AF_INET, ST_DROP_MALFORMED);
 
-	fk.w[0] = first4(ip->saddr);
-	fk.w[1] = 0;
-	fk.w[2] = first4(ip->daddr);
-	fk.w[3] = 0;
-	fk.w[4] = key_tail(ports, proto, LB_AF_INET);
-	ei.inner_len = tot_len;
-	ei.tos = ip->tos;
-	ei.df = !!(ip->frag_off & bpf_htons(IP_DF));
-	return lb_flow(ctx, g, &fk.k, &ei, frame_len, tcp_is_syn(ports, proto, end));
+	fk->w[0] = first4(ip->saddr);
+	fk->w[1] = 0;
+	fk->w[2] = first4(ip->daddr);
+	fk->w[3] = 0;
+	fk->w[4] = key_tail(ports, proto, LB_AF_INET);
+	ei->inner_len = tot_len;
+	ei->tos = ip->tos;
+	ei->df = !!(ip->frag_off & bpf_htons(IP_DF));
+	*syn = tcp_is_syn(ports, proto, end);
+	return FLOW_FORWARD;
 }
 
 static __always_inline int ipv6_is_ext_header(int nh)
@@ -312,11 +314,10 @@ static __always_inline int ipv6_is_ext_header(int nh)
 	return 0;
 }
 
-static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *c, void *end,
-					struct lb_global *g, __u32 frame_len)
+/* As flow_ipv4, for IPv6 (no extension headers). */
+static __always_inline int flow_ipv6(struct hdr_cursor *c, void *end, struct lb_global *g,
+				     union flow_key_words *fk, struct encap_info *ei, int *syn)
 {
-	struct encap_info ei = {};
-	union flow_key_words fk;
 	struct l4_ports *ports;
 	struct ipv6hdr *ip6;
 	__u32 *dst, *src;
@@ -341,15 +342,16 @@ static __always_inline int process_ipv6(struct xdp_md *ctx, struct hdr_cursor *c
 		return drop_if_vip(g, dst, LB_AF_INET6, ST_DROP_MALFORMED);
 
 	src = ip6->saddr.in6_u.u6_addr32;
-	fk.w[0] = *(const __u64 *)src;
-	fk.w[1] = *(const __u64 *)(src + 2);
-	fk.w[2] = *(const __u64 *)dst;
-	fk.w[3] = *(const __u64 *)(dst + 2);
-	fk.w[4] = key_tail(ports, proto, LB_AF_INET6);
-	ei.inner_len = IPV6_HLEN + plen;
-	ei.inner_v6 = 1;
-	ei.tos = (bpf_ntohl(*(__be32 *)ip6) >> 20) & 0xFF;
-	return lb_flow(ctx, g, &fk.k, &ei, frame_len, tcp_is_syn(ports, proto, end));
+	fk->w[0] = *(const __u64 *)src;
+	fk->w[1] = *(const __u64 *)(src + 2);
+	fk->w[2] = *(const __u64 *)dst;
+	fk->w[3] = *(const __u64 *)(dst + 2);
+	fk->w[4] = key_tail(ports, proto, LB_AF_INET6);
+	ei->inner_len = IPV6_HLEN + plen;
+	ei->inner_v6 = 1;
+	ei->tos = (bpf_ntohl(*(__be32 *)ip6) >> 20) & 0xFF;
+	*syn = tcp_is_syn(ports, proto, end);
+	return FLOW_FORWARD;
 }
 
 #endif
