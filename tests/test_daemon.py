@@ -346,3 +346,27 @@ def test_burst_of_sighups_ends_on_the_last_file(env):
     d.proc.send_signal(signal.SIGHUP)
     d.wait("config_reloaded", after=n)
     wait_all_active(cfg)
+
+
+def test_flow_insert_limit_reaches_the_datapath_on_sighup(env):
+    """lb.flow_insert_limit is applied by SIGHUP (the per-CPU limit lives in `config`)."""
+    import ctypes
+
+    tmp, cfg, d = env
+
+    def pinned_limit() -> int:
+        with Map.from_pin(os.path.join(PIN, "config")) as m:
+            return L.LbConfig.unpack(m.lookup(ctypes.c_uint32(0))).flow_insert_limit
+
+    assert pinned_limit() == 0
+    for limit in (125000, 0):
+        text = open(_config(tmp, name="next.toml")).read().replace(
+            "[lb]\n", f"[lb]\nflow_insert_limit = {limit}\n", 1)
+        (tmp / "next.toml").write_text(text)
+        os.replace(tmp / "next.toml", cfg)
+        n = len(d.events())
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait("config_reloaded", after=n)
+        assert pinned_limit() == limit
+    got, failed = http(20)
+    assert failed == 0
