@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
         if args.cmd == "all":
             print()
-        r = run_vipscale(out, rounds=getattr(args, "vip_rounds", 7))
+        r = run_vipscale(out, rounds=getattr(args, "vip_rounds", 15))
         if not r["ok"]:
             print("bench: a VIP-scaling run did not take the flow-hit path", file=sys.stderr)
             return 1
