@@ -160,7 +160,7 @@ void xdplb_log_capture(int on);
 const char *xdplb_log_text(void);
 int xdplb_decap_set_gue_port(struct decap_bpf *s, uint16_t port_be);
 int xdplb_lb_set_flow_cache_mask(struct lb_bpf *s, uint32_t mask);
-int xdplb_lb_set_stats_strides(struct lb_bpf *s, uint32_t vips, uint32_t backends);
+int xdplb_lb_set_strides(struct lb_bpf *s, uint32_t vips, uint32_t backends);
 int xdplb_maglev_build(uint32_t ring_size, uint32_t n, const uint32_t *keys,
                        uint32_t key_words, const uint64_t *weights, const uint32_t *ids,
                        uint32_t *table);
@@ -222,12 +222,12 @@ int xdplb_lb_set_flow_cache_mask(struct lb_bpf *s, uint32_t mask)
     return 0;
 }
 
-int xdplb_lb_set_stats_strides(struct lb_bpf *s, uint32_t vips, uint32_t backends)
+int xdplb_lb_set_strides(struct lb_bpf *s, uint32_t vips, uint32_t backends)
 {
     if (!s || !s->rodata)
         return -EINVAL;
     s->rodata->vip_stats_stride = vips;
-    s->rodata->backend_stats_stride = backends;
+    s->rodata->backends_stride = backends;
     return 0;
 }
 

@@ -162,20 +162,23 @@ class CostBench:
     """lb's data path with the benchmark setup, and the bench skeleton around it."""
 
     def __init__(self, backends: int = 100, ring_size: int = 65537,
-                 flow_table_size: int = 65536):
-        self.dp = Datapath(Limits(flow_table_size=flow_table_size))
+                 flow_table_size: int = 65536, vips: Optional[Sequence[VipSpec]] = None,
+                 limits: Optional[Limits] = None):
+        """vips/limits: another setup (next hop "nh") instead of the cases' three VIPs."""
+        self.dp = Datapath(limits or Limits(flow_table_size=flow_table_size))
         self.bench = None
         try:
             self.egress = EgressConfig(smac=SMAC, source_v4=SRC_V4, source_v6=SRC_V6,
                                        gue_port=6080, mtu=1500)
             self.dp.set_config(self.egress)
-            b4 = tuple(BackendSpec(v4_backend(i), nexthop="nh") for i in range(backends))
-            b6 = tuple(BackendSpec(v6_backend(i), nexthop="nh") for i in range(backends))
+            if vips is None:
+                b4 = tuple(BackendSpec(v4_backend(i), nexthop="nh") for i in range(backends))
+                b6 = tuple(BackendSpec(v6_backend(i), nexthop="nh") for i in range(backends))
+                vips = [VipSpec(VIP4, 80, 6, b4, ring_size=ring_size),
+                        VipSpec(VIP4, 53, 17, b4, ring_size=ring_size),
+                        VipSpec(VIP6, 80, 6, b6, ring_size=ring_size)]
             self.programmer = Programmer(self.dp)
-            self.programmer.apply([VipSpec(VIP4, 80, 6, b4, ring_size=ring_size),
-                                   VipSpec(VIP4, 53, 17, b4, ring_size=ring_size),
-                                   VipSpec(VIP6, 80, 6, b6, ring_size=ring_size)],
-                                  macs={"nh": NEXTHOP_MAC})
+            self.programmer.apply(list(vips), macs={"nh": NEXTHOP_MAC})
             self.bench = native.Skeleton("bench")
             self.bench.load()
             self.target = self.bench.map("bench_target")

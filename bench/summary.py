@@ -107,8 +107,10 @@ def build(d: Path) -> tuple:
             traffic=f"{vc['flows']:,} established flows (flow-table hits), spread over the "
                     f"10,000 VIPs / all to the 1",
             ns_1=vc["ns"][0], ns_10000=vc["ns"][1], floor_ns=vc["floor_ns"],
-            ratio_over_floor=vc["ratio_over_floor"], ratio_all=vc["ratio_all"],
-            path_ok=vc["ok"], method="BPF_PROG_TEST_RUN, restore wrapper (vipscale.json)",
+            ratio_over_floor=vc["ratio_over_floor"], ratio_by_pair=vc["ratio_by_pair"],
+            idle_vips_ratio=vc["idle_vips_ratio"], idle_vips_note=vc["idle_vips_note"],
+            path_ok=vc["ok"], method="BPF_PROG_TEST_RUN, restore wrapper, median over pairs "
+                                     "of fresh data paths (vipscale.json)",
             **live)
     elif live:
         out["vip_scaling_10000"] = _entry(
@@ -166,9 +168,9 @@ def markdown(s: dict, pk: Optional[dict], sw: Optional[dict]) -> str:
     f = s["vip_scaling_10000"]
     lines.append(f"| vip_scaling_10000 (cost at 10,000 VIPs / 1 VIP, flow-table hits) | "
                  f"{_fmt(f['value'], '.3f')} | {f['target']} | "
-                 f"{_fmt(f.get('ns_10000'), '.0f')} vs {_fmt(f.get('ns_1'), '.0f')} ns/pkt "
-                 f"(floor {_fmt(f.get('floor_ns'), '.0f')}; beyond it "
-                 f"{_fmt(f.get('ratio_over_floor'), '.3f')}); live frames: "
+                 f"pairs {f.get('ratio_by_pair')}; beyond the floor "
+                 f"{_fmt(f.get('ratio_over_floor'), '.3f')}; 10,000 configured, traffic to 1: "
+                 f"{_fmt(f.get('idle_vips_ratio'), '.3f')}; live frames: "
                  f"{_fmt(f.get('live_frames_ratio_over_floor'), '.3f')} beyond the floor, "
                  f"new connections {_fmt(f.get('live_frames_new_connections_ratio'), '.3f')} |")
     f = s["maglev_max_mean_1000"]
@@ -236,9 +238,8 @@ def print_summary(s: dict, d: Path | str = "") -> None:
                        f"{_fmt(f.get('iptables_per_core_mpps'), '.3f')} Mpps/core; "
                        f"established: {_fmt(f.get('established_ratio'))}x"),
             ("vip_scaling_10000", ".3f",
-             lambda f: f"hits: {_fmt(f.get('ns_10000'), '.0f')} vs "
-                       f"{_fmt(f.get('ns_1'), '.0f')} ns/pkt (beyond floor "
-                       f"{_fmt(f.get('ratio_over_floor'), '.3f')}); live frames "
+             lambda f: f"hits, pairs {f.get('ratio_by_pair')}; traffic to 1 of 10,000: "
+                       f"{_fmt(f.get('idle_vips_ratio'), '.3f')}; live frames "
                        f"{_fmt(f.get('live_frames_ratio_over_floor'), '.3f')}"),
             ("maglev_max_mean_1000", ".4f",
              lambda f: f"max {f.get('max_slots')} / mean {f.get('mean_slots')} slots"))

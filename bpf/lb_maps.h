@@ -54,12 +54,19 @@ struct {
 	__array(values, struct ring_inner);
 } rings SEC(".maps");
 
+/* Backends, a copy per CPU with that CPU's counters beside each entry (struct
+ * backend_slot): CPU c's slot for id i is element c * backends_stride + i. One cache line
+ * per packet for the entry and its counters; only CPU c writes its counters. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, LB_MAX_BACKENDS);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
-	__type(value, struct backend);
+	__type(value, struct backend_slot);
 } backends SEC(".maps");
+
+/* Backend ids per CPU copy (max backends), set between open and load. */
+const volatile __u32 backends_stride = LB_MAX_BACKENDS;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -122,12 +129,12 @@ struct {
 	__type(value, struct lb_global);
 } stats SEC(".maps");
 
-/* Per-VIP and per-backend counters, per CPU but laid out flat like flow_cache: CPU c's
- * counter for id i is element c * stride + i (stride = max VIPs / max backends, set
- * between open and load; user space sizes the maps stride x possible CPUs and sums).
- * One load per update, where a PERCPU_ARRAY needs the element's per-CPU pointer first:
- * with thousands of VIPs that pointer table is one more cache miss per packet. Only
- * CPU c writes its range, so plain increments are exact. */
+/* Per-VIP counters, per CPU but laid out flat like flow_cache: CPU c's counter for VIP
+ * id i is element c * vip_stats_stride + i (the stride is max VIPs, set between open and
+ * load; user space sizes the map stride x possible CPUs and sums). One load per update,
+ * where a PERCPU_ARRAY needs the element's per-CPU pointer first: with thousands of VIPs
+ * that pointer table is one more cache miss per packet. Only CPU c writes its range, so
+ * plain increments are exact. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, LB_MAX_VIPS);
@@ -136,15 +143,6 @@ struct {
 	__type(value, struct lb_counters);
 } vip_stats SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, LB_MAX_BACKENDS);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, struct lb_counters);
-} backend_stats SEC(".maps");
-
 const volatile __u32 vip_stats_stride = LB_MAX_VIPS;
-const volatile __u32 backend_stats_stride = LB_MAX_BACKENDS;
 
 #endif

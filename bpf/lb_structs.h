@@ -138,6 +138,15 @@ struct lb_counters {
 	__u64 bytes;
 };
 
+/* One element of `backends`: a backend entry and one CPU's counters for it, on one cache
+ * line. The map holds a copy of every entry per CPU (see lb_maps.h); user space writes
+ * `be` into all of them and sums `c`. */
+struct backend_slot {
+	struct backend be;
+	struct lb_counters c;
+	__u64 pad[2];
+};
+
 /* Indexes into lb_global.c (per-CPU; user space sums). Append only. */
 enum lb_stat {
 	ST_RX = 0,

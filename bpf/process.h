@@ -37,7 +37,7 @@ static __always_inline int drop_if_vip(struct lb_global *g, const __u32 *addr, _
 
 /* Encapsulate toward `be` and send. The VIP was found by the caller. */
 static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
-				   struct backend *be, __u32 backend_id, __u32 hash,
+				   struct backend *be, __u32 hash,
 				   const struct encap_info *ei, __u32 frame_len)
 {
 	__u32 zero = 0, zero_csum = 0;
@@ -71,7 +71,9 @@ static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
 	}
 	if (zero_csum)
 		g->c[ST_GUE_ZERO_CSUM]++;
-	count(&backend_stats, backend_stats_stride, backend_id, frame_len);
+	/* be is the entry of this CPU's struct backend_slot: its counters share the line */
+	((struct backend_slot *)be)->c.packets++;
+	((struct backend_slot *)be)->c.bytes += frame_len;
 	return act;
 }
 
@@ -94,8 +96,7 @@ static __always_inline int flow_key_eq(const struct flow_key *a, const struct fl
 /* The backend of a flow-table entry, if the entry may still be honoured. */
 static __always_inline struct backend *entry_backend(const struct flow_val *fv)
 {
-	__u32 id = fv->backend_id;
-	struct backend *be = bpf_map_lookup_elem(&backends, &id);
+	struct backend *be = backend_lookup(fv->backend_id);
 
 	if (be && (be->flags & BE_F_FLOWS_STAY) && be->vip_id == fv->vip_id && fv->vip_id &&
 	    be->gen == fv->gen)
@@ -173,7 +174,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 			g->c[ST_FLOW_HIT]++;
 			g->c[ST_FLOW_CACHE_HIT]++;
 			count(&vip_stats, vip_stats_stride, cs->val.vip_id, frame_len);
-			return forward(ctx, g, be, cs->val.backend_id, cs->val.hash, ei, frame_len);
+			return forward(ctx, g, be, cs->val.hash, ei, frame_len);
 		}
 	}
 
@@ -184,7 +185,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 			cache_fill(cs, fk, fv);
 			g->c[ST_FLOW_HIT]++;
 			count(&vip_stats, vip_stats_stride, fv->vip_id, frame_len);
-			return forward(ctx, g, be, fv->backend_id, fv->hash, ei, frame_len);
+			return forward(ctx, g, be, fv->hash, ei, frame_len);
 		}
 	}
 
@@ -210,7 +211,7 @@ new_flow:
 		bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
 		cache_fill(cs, fk, &nv);
 	}
-	return forward(ctx, g, be, id, hash, ei, frame_len);
+	return forward(ctx, g, be, hash, ei, frame_len);
 }
 
 /* SYN without ACK: the first packet of a TCP connection. (parse_ports() checked the

@@ -44,6 +44,17 @@ static __always_inline struct vip_meta *vip_lookup(struct vip_key *k)
 	return m;
 }
 
+/* This CPU's copy of backend `id` (the first member of its struct backend_slot). */
+static __always_inline struct backend *backend_lookup(__u32 id)
+{
+	__u32 key;
+
+	if (id >= backends_stride)
+		return NULL;
+	key = bpf_get_smp_processor_id() * backends_stride + id;
+	return bpf_map_lookup_elem(&backends, &key);
+}
+
 /* The ring's backend for a new (or moved) flow, or NULL when the VIP has none usable. */
 static __always_inline struct backend *ring_pick(const struct vip_meta *vm, __u32 hash,
 						 __u32 *backend_id)
@@ -61,7 +72,7 @@ static __always_inline struct backend *ring_pick(const struct vip_meta *vm, __u3
 	if (!idp || !*idp)
 		return NULL;
 	id = *idp;
-	be = bpf_map_lookup_elem(&backends, &id);
+	be = backend_lookup(id);
 	if (!be || be->family == LB_AF_NONE || be->vip_id != vid)
 		return NULL;
 	*backend_id = id;

@@ -20,7 +20,7 @@ from .layout import IPAddress
 from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, num_cpus, obj_pin
 
 MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", "flows",
-             "config", "tx_port", "stats", "vip_stats", "backend_stats")
+             "config", "tx_port", "stats", "vip_stats")
 
 BPF_F_RDONLY_PROG = 1 << 7
 
@@ -73,13 +73,11 @@ class Datapath:
             self.skel.set_max_entries("vips", limits.max_vips)
             self.skel.set_max_entries("vip_addrs", limits.max_vips)
             self.skel.set_max_entries("rings", 2 * limits.max_vips)
-            self.skel.set_max_entries("backends", limits.max_backends)
-            # flat per-CPU counters: CPU c's counter i is element c * stride + i
+            # flat per-CPU arrays: CPU c's element i is element c * stride + i
             self.ncpus = num_cpus()
+            self.skel.set_max_entries("backends", limits.max_backends * self.ncpus)
             self.skel.set_max_entries("vip_stats", limits.max_vips * self.ncpus)
-            self.skel.set_max_entries("backend_stats", limits.max_backends * self.ncpus)
-            lib.xdplb_lb_set_stats_strides(self.skel.raw, limits.max_vips,
-                                           limits.max_backends)
+            lib.xdplb_lb_set_strides(self.skel.raw, limits.max_vips, limits.max_backends)
             self.skel.set_max_entries("nexthops", limits.max_nexthops)
             self.skel.set_max_entries("flows", limits.flow_table_size)
             slots = limits.flow_cache_slots
@@ -95,10 +93,14 @@ class Datapath:
             raise
         self.maps: dict[str, Map] = {n: self.skel.map(n) for n in MAP_NAMES}
         self.prog_fd = self.skel.prog_fd("xdplb")
-        self._stride = {"vip_stats": limits.max_vips, "backend_stats": limits.max_backends}
+        # name -> (map, stride, element size, offset of the counters in an element)
+        self._counter_maps = {
+            "vip_stats": ("vip_stats", limits.max_vips, ctypes.sizeof(L.Counters), 0),
+            "backend_stats": ("backends", limits.max_backends, ctypes.sizeof(L.BackendSlot),
+                              L.BackendSlot.c.offset)}
         self._views: dict[str, mmap.mmap] = {}
         try:
-            for name in self._stride:
+            for name in ("vip_stats", "backends"):
                 m = self.maps[name]
                 size = -(-m.value_size * m.max_entries // mmap.PAGESIZE) * mmap.PAGESIZE
                 self._views[name] = mmap.mmap(m.fd, size, mmap.MAP_SHARED,
@@ -191,14 +193,26 @@ class Datapath:
         b.flags = flags
         b.vip_id = vip_id
         b.nexthop_id = nexthop_id
-        self.maps["backends"].update(_u32(bid), b)
+        self._write_backend(bid, bytes(b))
 
     def clear_backend(self, bid: int) -> None:
         """Zero the entry: flows still pointing here are moved by the data path."""
-        self.maps["backends"].update(_u32(bid), L.Backend())
+        self._write_backend(bid, bytes(ctypes.sizeof(L.Backend)))
+
+    def _write_backend(self, bid: int, entry: bytes) -> None:
+        """The entry into every CPU's copy (each a single memcpy; the counters beside it
+        are left alone)."""
+        if not 0 < bid < self.limits.max_backends:
+            raise ValueError(f"backend id {bid} out of range 1..{self.limits.max_backends - 1}")
+        view, size = self._views["backends"], ctypes.sizeof(L.BackendSlot)
+        for cpu in range(self.ncpus):
+            off = (cpu * self.limits.max_backends + bid) * size
+            view[off:off + len(entry)] = entry
 
     def backend(self, bid: int) -> L.Backend:
-        return L.Backend.unpack(self.maps["backends"].lookup(_u32(bid)))
+        """The entry of backend `bid` (CPU 0's copy; all copies are written alike)."""
+        off = bid * ctypes.sizeof(L.BackendSlot)
+        return L.Backend.unpack(self._views["backends"][off:off + ctypes.sizeof(L.Backend)])
 
     # --- rings ---------------------------------------------------------------------
     def install_ring(self, ring_id: int, ids: array.array) -> None:
@@ -288,12 +302,18 @@ class Datapath:
                 sums[i] += g.c[i]
         return {name: sums[int(s)] for name, s in GLOBAL_NAMES.items()}
 
-    def _counters(self, map_name: str, idx: int) -> tuple[int, int]:
+    def _counter_offsets(self, name: str, idx: int) -> tuple[mmap.mmap, list[int]]:
+        m, stride, size, at = self._counter_maps[name]
+        if not 0 <= idx < stride:
+            raise ValueError(f"{name} index {idx} out of range 0..{stride - 1}")
+        return self._views[m], [(cpu * stride + idx) * size + at for cpu in range(self.ncpus)]
+
+    def _counters(self, name: str, idx: int) -> tuple[int, int]:
         """(packets, bytes) of counter `idx`, summed over CPUs (read through the mmap)."""
-        view, stride = self._views[map_name], self._stride[map_name]
+        view, offsets = self._counter_offsets(name, idx)
         p = b = 0
-        for cpu in range(self.ncpus):
-            cp, cb = _COUNTERS.unpack_from(view, (cpu * stride + idx) * _COUNTERS.size)
+        for off in offsets:
+            cp, cb = _COUNTERS.unpack_from(view, off)
             p += cp
             b += cb
         return p, b
@@ -304,10 +324,11 @@ class Datapath:
     def backend_counters(self, bid: int) -> tuple[int, int]:
         return self._counters("backend_stats", bid)
 
-    def reset_counters(self, map_name: str, idx: int) -> None:
-        view, stride = self._views[map_name], self._stride[map_name]
-        for cpu in range(self.ncpus):
-            _COUNTERS.pack_into(view, (cpu * stride + idx) * _COUNTERS.size, 0, 0)
+    def reset_counters(self, name: str, idx: int) -> None:
+        """name: "vip_stats" or "backend_stats" (kept beside the entries in `backends`)."""
+        view, offsets = self._counter_offsets(name, idx)
+        for off in offsets:
+            _COUNTERS.pack_into(view, off, 0, 0)
 
     def clear_flow_cache(self) -> None:
         """Empty every CPU's flow cache (after editing `flows` from user space)."""

@@ -107,6 +107,10 @@ class Counters(_S):
     _fields_ = [("packets", u64), ("bytes", u64)]
 
 
+class BackendSlot(_S):
+    _fields_ = [("be", Backend), ("c", Counters), ("pad", u64 * 2)]
+
+
 class Global(_S):
     _fields_ = [("c", u64 * GLOBAL_SLOTS)]
 
@@ -122,6 +126,7 @@ MIRRORS = {
     "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal,
     "flow_cache_slot": FlowCacheSlot, "lb_config": LbConfig,
     "lb_counters": Counters, "lb_global": Global, "flow_rate": FlowRate,
+    "backend_slot": BackendSlot,
 }
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import array
 import collections
-import ctypes
 import hashlib
 import socket
 import time
@@ -268,9 +267,8 @@ class Programmer:
             self.vips[ident] = by_id[meta.vip_id] = cur
         used_be, used_nh = set(), set()
         for bid in range(1, dp.limits.max_backends):
-            raw = dp.maps["backends"].lookup(ctypes.c_uint32(bid))
-            b = L.Backend.unpack(raw) if raw else None
-            if not b or b.family == L.AF_NONE or b.vip_id not in by_id:
+            b = dp.backend(bid)
+            if b.family == L.AF_NONE or b.vip_id not in by_id:
                 continue
             cur = by_id[b.vip_id]
             cur.bids[L.words_addr(b.addr, b.family)] = bid

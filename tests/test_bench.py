@@ -194,12 +194,13 @@ def test_vipscale_runner(tmp_path):
     from bench.vipscale import run_vipscale
 
     doc = run_vipscale(out=str(tmp_path), n_hi=200, flows=1000, rounds=2, repeat=3000,
-                       flow_table_size=65536, quiet=True)
+                       pairs=2, flow_table_size=65536, quiet=True)
     assert json.loads((tmp_path / "vipscale.json").read_text()) == json.loads(json.dumps(doc))
     assert doc["ok"] is True and doc["services"] == [1, 200] and doc["flows"] == 1000
-    for side in ("lo", "hi"):
+    for side in ("lo", "hi", "hi_idle"):
         v = doc["verdicts"][side]
-        assert v["rx"] == v["tx"] == v["flow_hit"] == 2 * 3000 and v["flow_miss"] == 0
-    assert doc["ratio"] > 0 and len(doc["ratio_all"]) == 2
+        assert v["rx"] == v["tx"] == v["flow_hit"] == 2 * 2 * 3000 and v["flow_miss"] == 0
+    assert doc["ratio"] > 0 and doc["idle_vips_ratio"] > 0 and len(doc["ratio_by_pair"]) == 2
+    assert all(len(p["ratio_all"]) == 2 for p in doc["pairs"])
     s = run_summary(str(tmp_path), quiet=True)
     assert s["vip_scaling_10000"]["value"] is None  # 200 VIPs is not the headline setup
