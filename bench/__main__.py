@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     sweep_args(sub.add_parser("iptables", help="xdplb vs kube-proxy-style iptables DNAT "
                               "over 1..10,000 services -> iptables.json, .png"))
     v = sub.add_parser("vipscale", help="per-packet cost at 10,000 VIPs vs 1 -> vipscale.json")
-    v.add_argument("--vip-rounds", type=int, default=9)
+    v.add_argument("--vip-rounds", type=int, default=5)
     sub.add_parser("summary", help="headline figures from the JSON files -> summary.json, "
                    "summary.md")
     a = sub.add_parser("all", help="every benchmark, then the summary")
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
         if args.cmd == "all":
             print()
-        r = run_vipscale(out, rounds=getattr(args, "vip_rounds", 9))
+        r = run_vipscale(out, rounds=getattr(args, "vip_rounds", 5))
         if not r["ok"]:
             print("bench: a VIP-scaling run did not take the flow-hit path", file=sys.stderr)
             return 1

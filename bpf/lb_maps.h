@@ -129,12 +129,13 @@ struct {
 	__type(value, struct lb_global);
 } stats SEC(".maps");
 
-/* Per-VIP counters, per CPU but laid out flat like flow_cache: CPU c's counter for VIP
- * id i is element c * vip_stats_stride + i (the stride is max VIPs, set between open and
- * load; user space sizes the map stride x possible CPUs and sums). One load per update,
- * where a PERCPU_ARRAY needs the element's per-CPU pointer first: with thousands of VIPs
- * that pointer table is one more cache miss per packet. Only CPU c writes its range, so
- * plain increments are exact. */
+/* Per-VIP counters of the packets for a VIP that were not sent (dropped); a sent packet
+ * is counted for its backend only, and user space adds a VIP's backends to it, so a
+ * forwarded packet touches one counter line, not two. Per CPU, laid out flat like
+ * flow_cache: CPU c's counter for VIP id i is element c * vip_stats_stride + i (the
+ * stride is max VIPs, set between open and load). User space sizes the map for one block
+ * more than there are CPUs: the last block holds what removed backends had counted,
+ * written by user space only. Only CPU c writes its block, so increments are exact. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, LB_MAX_VIPS);

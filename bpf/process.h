@@ -35,6 +35,15 @@ static __always_inline int drop_if_vip(struct lb_global *g, const __u32 *addr, _
 	return verdict_pass(g);
 }
 
+/* A VIP packet that is not sent: counted for its VIP (a sent one is counted for its
+ * backend only; user space adds a VIP's backends to its own counter). */
+static __always_inline int vip_drop(struct lb_global *g, __u32 vip_id, __u32 frame_len,
+				    int reason)
+{
+	count(&vip_stats, vip_stats_stride, vip_id, frame_len);
+	return verdict_drop(g, reason);
+}
+
 /* Encapsulate toward `be` and send. The VIP was found by the caller. */
 static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
 				   struct backend *be, __u32 hash,
@@ -46,25 +55,25 @@ static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
 	int err, act = XDP_TX;
 
 	if (!cfg)
-		return verdict_drop(g, ST_DROP_NO_BACKEND);
+		return vip_drop(g, be->vip_id, frame_len, ST_DROP_NO_BACKEND);
 	nh = bpf_map_lookup_elem(&nexthops, &be->nexthop_id);
 	if (!nh || !be->nexthop_id || !(nh->dmac[0] | nh->dmac[1] | nh->dmac[2] | nh->dmac[3] |
 					  nh->dmac[4] | nh->dmac[5]))
-		return verdict_drop(g, ST_DROP_NO_NEXTHOP);
+		return vip_drop(g, be->vip_id, frame_len, ST_DROP_NO_NEXTHOP);
 
 	if (be->family == LB_AF_INET6)
 		err = encap_v6(ctx, cfg, be, nh, ei, hash, &zero_csum);
 	else
 		err = encap_v4(ctx, cfg, be, nh, ei, hash, &zero_csum);
 	if (err)
-		return verdict_drop(g, -err);
+		return vip_drop(g, be->vip_id, frame_len, -err);
 
 	if (cfg->tx_mode == LB_TX_REDIRECT) {
 		/* An empty tx_port slot (not filled yet, or the kernel removed a device that
 		 * went away) makes this XDP_DROP: count that as a drop, not as a redirect. */
 		act = bpf_redirect_map(&tx_port, 0, XDP_DROP);
 		if (act != XDP_REDIRECT)
-			return verdict_drop(g, ST_DROP_NO_NEXTHOP);
+			return vip_drop(g, be->vip_id, frame_len, ST_DROP_NO_NEXTHOP);
 		g->c[ST_REDIRECT]++;
 	} else {
 		g->c[ST_TX]++;
@@ -173,7 +182,6 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 			}
 			g->c[ST_FLOW_HIT]++;
 			g->c[ST_FLOW_CACHE_HIT]++;
-			count(&vip_stats, vip_stats_stride, cs->val.vip_id, frame_len);
 			return forward(ctx, g, be, cs->val.hash, ei, frame_len);
 		}
 	}
@@ -184,7 +192,6 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 		if (be) {
 			cache_fill(cs, fk, fv);
 			g->c[ST_FLOW_HIT]++;
-			count(&vip_stats, vip_stats_stride, fv->vip_id, frame_len);
 			return forward(ctx, g, be, fv->hash, ei, frame_len);
 		}
 	}
@@ -198,11 +205,12 @@ new_flow:
 	if (!vm)
 		return verdict_pass(g);
 	g->c[fv ? ST_FLOW_MOVED : ST_FLOW_MISS]++;
-	count(&vip_stats, vip_stats_stride, vm->vip_id, frame_len);
 	hash = flow_hash(fk, fk->family == LB_AF_INET6, vm->flags & VIP_F_HASH_SRC_ONLY);
 	be = ring_pick(vm, hash, &id);
-	if (!be)
+	if (!be) {
+		count(&vip_stats, vip_stats_stride, vm->vip_id, frame_len);
 		return verdict_drop(g, ST_DROP_NO_BACKEND);
+	}
 	nv.backend_id = id;
 	nv.vip_id = vm->vip_id;
 	nv.hash = hash;

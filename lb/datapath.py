@@ -76,7 +76,8 @@ class Datapath:
             # flat per-CPU arrays: CPU c's element i is element c * stride + i
             self.ncpus = num_cpus()
             self.skel.set_max_entries("backends", limits.max_backends * self.ncpus)
-            self.skel.set_max_entries("vip_stats", limits.max_vips * self.ncpus)
+            # one block per CPU, and one more for the counts of removed backends
+            self.skel.set_max_entries("vip_stats", limits.max_vips * (self.ncpus + 1))
             lib.xdplb_lb_set_strides(self.skel.raw, limits.max_vips, limits.max_backends)
             self.skel.set_max_entries("nexthops", limits.max_nexthops)
             self.skel.set_max_entries("flows", limits.flow_table_size)
@@ -303,10 +304,13 @@ class Datapath:
         return {name: sums[int(s)] for name, s in GLOBAL_NAMES.items()}
 
     def _counter_offsets(self, name: str, idx: int) -> tuple[mmap.mmap, list[int]]:
+        """The view and the offsets of counter `idx` in every block (vip_stats: the CPUs'
+        blocks, then the removed backends' block)."""
         m, stride, size, at = self._counter_maps[name]
         if not 0 <= idx < stride:
             raise ValueError(f"{name} index {idx} out of range 0..{stride - 1}")
-        return self._views[m], [(cpu * stride + idx) * size + at for cpu in range(self.ncpus)]
+        blocks = self.ncpus + 1 if name == "vip_stats" else self.ncpus
+        return self._views[m], [(blk * stride + idx) * size + at for blk in range(blocks)]
 
     def _counters(self, name: str, idx: int) -> tuple[int, int]:
         """(packets, bytes) of counter `idx`, summed over CPUs (read through the mmap)."""
@@ -318,8 +322,24 @@ class Datapath:
             b += cb
         return p, b
 
-    def vip_counters(self, vip_id: int) -> tuple[int, int]:
-        return self._counters("vip_stats", vip_id)
+    def vip_counters(self, vip_id: int, bids: Iterable[int] = ()) -> tuple[int, int]:
+        """(packets, bytes) for a VIP: its own counter (packets not sent, and what its
+        removed backends had counted) plus its current backends `bids`."""
+        p, b = self._counters("vip_stats", vip_id)
+        for bid in bids:
+            bp, bb = self._counters("backend_stats", bid)
+            p += bp
+            b += bb
+        return p, b
+
+    def retire_backend_counters(self, bid: int, vip_id: int) -> None:
+        """Move backend `bid`'s counts into its VIP's own counter (the removed backends'
+        block), so the VIP's total does not drop when the backend leaves it."""
+        bp, bb = self._counters("backend_stats", bid)
+        view, offsets = self._counter_offsets("vip_stats", vip_id)
+        p, b = _COUNTERS.unpack_from(view, offsets[-1])
+        _COUNTERS.pack_into(view, offsets[-1], p + bp, b + bb)
+        self.reset_counters("backend_stats", bid)
 
     def backend_counters(self, bid: int) -> tuple[int, int]:
         return self._counters("backend_stats", bid)

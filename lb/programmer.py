@@ -218,7 +218,7 @@ class Programmer:
         for bid in gone:
             rep.backends_removed += 1
             cur.flags.pop(bid, None)
-            later.append(lambda bid=bid: self._release_backend(bid))
+            later.append(lambda bid=bid, v=cur.vip_id: self._release_backend(bid, v))
         cur.bids = new_bids
         cur.spec = spec
 
@@ -235,8 +235,12 @@ class Programmer:
     def _vflags(spec: VipSpec) -> int:
         return L.VIP_F_HASH_SRC_ONLY if spec.hash_src_only else 0
 
-    def _release_backend(self, bid: int) -> None:
+    def _release_backend(self, bid: int, vip_id: int = 0) -> None:
+        """vip_id: the VIP that stays, to keep this backend's counts in its total (0: the
+        VIP goes too)."""
         self.dp.clear_backend(bid)
+        if vip_id:
+            self.dp.retire_backend_counters(bid, vip_id)
         self._gen[bid] = (self._gen.get(bid, 0) + 1) & 0xFFFF  # its reuse starts anew
         self._free_be.append(bid)
 

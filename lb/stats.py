@@ -24,7 +24,7 @@ def stats_snapshot(d) -> dict:
     vips = []
     for v in d.cfg.vips:
         cur = prog.vips.get(v.ident)
-        packets, nbytes = dp.vip_counters(cur.vip_id) if cur else (0, 0)
+        packets, nbytes = dp.vip_counters(cur.vip_id, cur.bids.values()) if cur else (0, 0)
         backends = []
         for b in v.backends:
             addr = str(b.address)

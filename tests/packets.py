@@ -306,7 +306,8 @@ class LbEnv:
 
     # -- counters
     def snapshot(self) -> Snapshot:
-        vips = {v.vip_id: self.dp.vip_counters(v.vip_id) for v in self.prog.vips.values()}
+        vips = {v.vip_id: self.dp.vip_counters(v.vip_id, v.bids.values())
+                for v in self.prog.vips.values()}
         bids = {}
         for v in self.prog.vips.values():
             for bid in v.bids.values():

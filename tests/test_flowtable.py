@@ -415,3 +415,25 @@ def test_syn_never_goes_to_a_draining_backend(env):
     for f in on_b:
         r = env.run(syn(f))
         assert (r.verdict, outer_dst(r.data)) == ("tx", A("10.15.0.1"))
+
+
+def test_vip_counters_keep_the_counts_of_removed_backends(env):
+    """A sent packet is counted for its backend only; the VIP's total adds its backends,
+    and a backend removed from the VIP leaves its counts with the VIP."""
+    s0 = spec([be("10.16.0.1"), be("10.16.0.2"), be("10.16.0.3")])
+    env.apply([s0])
+    flows = rand_flows(90, s0, 18)
+    establish(env, s0, flows)
+    vid = env.vip_state(s0).vip_id
+    total = env.dp.vip_counters(vid, env.vip_state(s0).bids.values())
+    assert total[0] == 90
+    gone = env.bid_of(s0, A("10.16.0.3"))
+    assert env.dp.backend_counters(gone)[0] > 0
+
+    s1 = spec([be("10.16.0.1"), be("10.16.0.2")])
+    env.apply([s1])
+    assert env.dp.vip_counters(vid, env.vip_state(s1).bids.values()) == total
+    assert env.dp.backend_counters(gone) == (0, 0)  # its id starts from zero if reused
+    resend(env, flows)
+    p, b = env.dp.vip_counters(vid, env.vip_state(s1).bids.values())
+    assert (p, b) == (180, 2 * total[1])
