@@ -44,6 +44,7 @@
 #define LB_FLOW_CACHE_SLOTS 16384 /* per CPU, a power of two */
 #define FLOW_FORWARD (-1) /* flow_ipv4/6: not a verdict, go on to lb_flow */
 #define ONE_SEC_NS 1000000000ULL
-#define FLOW_CACHE_TOUCH_EVERY 64 /* cache hits between lookups that keep `flows` warm */
+#define FLOW_CACHE_TOUCH_BITS 6 /* one cache hit in 2^this also asks `flows` (keeps LRU
+				 * entries young), see touch_due() */
 
 #endif

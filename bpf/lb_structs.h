@@ -97,8 +97,7 @@ struct flow_val {
 struct flow_cache_slot {
 	struct flow_key key;
 	struct flow_val val;
-	__u32 touch; /* hits since the `flows` entry was last looked up (keeps it warm) */
-	__u32 pad;
+	__u64 pad;
 };
 
 enum lb_encap {

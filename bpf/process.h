@@ -119,7 +119,6 @@ static __always_inline void cache_fill(struct flow_cache_slot *cs, const struct 
 	if (cs) {
 		__builtin_memcpy(&cs->key, fk, sizeof(*fk));
 		cs->val = *fv;
-		cs->touch = 0;
 	}
 }
 
@@ -153,50 +152,19 @@ static __always_inline int flow_insert_allowed(struct lb_global *g)
 	return 1;
 }
 
-static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
-				   const struct flow_key *fk, const struct encap_info *ei,
-				   __u32 frame_len, int syn)
+/* A new flow (or one whose entry may not be honoured: moved): the VIP decides. No VIP ->
+ * pass; else the ring picks a backend and the entry is (re)written, within the insert
+ * limit. */
+static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
+				       const struct flow_key *fk, const struct encap_info *ei,
+				       __u32 frame_len, struct flow_cache_slot *cs, int moved)
 {
-	__u32 slot = bpf_get_smp_processor_id() * (flow_cache_mask + 1) +
-		     (flow_cache_index(fk) & flow_cache_mask);
-	struct flow_cache_slot *cs = bpf_map_lookup_elem(&flow_cache, &slot);
-	struct flow_val *fv = NULL, nv = {};
+	struct flow_val nv = {};
 	struct vip_key vk = {};
 	struct vip_meta *vm;
 	struct backend *be;
 	__u32 id, hash;
 
-	/* A SYN opens a connection: it goes where the ring says now, so it skips the cache
-	 * and the table (two cache misses on a new flow) and overwrites whatever entry an
-	 * earlier connection with the same 5-tuple left. Its retransmissions land on the
-	 * same backend unless the ring changed in between; then the newer entry wins, and
-	 * the rest of the connection follows it. */
-	if (syn)
-		goto new_flow;
-	if (cs && cs->val.vip_id && flow_key_eq(&cs->key, fk)) {
-		be = entry_backend(&cs->val);
-		if (be) {
-			if (++cs->touch >= FLOW_CACHE_TOUCH_EVERY) {
-				cs->touch = 0;
-				bpf_map_lookup_elem(&flows, fk); /* marks the LRU entry used */
-			}
-			g->c[ST_FLOW_HIT]++;
-			g->c[ST_FLOW_CACHE_HIT]++;
-			return forward(ctx, g, be, cs->val.hash, ei, frame_len);
-		}
-	}
-
-	fv = bpf_map_lookup_elem(&flows, fk);
-	if (fv) {
-		be = entry_backend(fv);
-		if (be) {
-			cache_fill(cs, fk, fv);
-			g->c[ST_FLOW_HIT]++;
-			return forward(ctx, g, be, fv->hash, ei, frame_len);
-		}
-	}
-
-new_flow:
 	__builtin_memcpy(vk.addr, fk->dst, 16);
 	vk.port = fk->dport;
 	vk.proto = fk->proto;
@@ -204,7 +172,7 @@ new_flow:
 	vm = vip_lookup(&vk);
 	if (!vm)
 		return verdict_pass(g);
-	g->c[fv ? ST_FLOW_MOVED : ST_FLOW_MISS]++;
+	g->c[moved ? ST_FLOW_MOVED : ST_FLOW_MISS]++;
 	hash = flow_hash(fk, fk->family == LB_AF_INET6, vm->flags & VIP_F_HASH_SRC_ONLY);
 	be = ring_pick(vm, hash, &id);
 	if (!be) {
@@ -220,6 +188,55 @@ new_flow:
 		cache_fill(cs, fk, &nv);
 	}
 	return forward(ctx, g, be, hash, ei, frame_len);
+}
+
+/* One cache hit in 2^FLOW_CACHE_TOUCH_BITS (64) also asks `flows`, so the LRU entry of a flow
+ * served from the cache stays young (a counter in the slot would dirty its line on every
+ * hit). Which hits: the top bits of this CPU's packet count times the golden ratio, so
+ * a flow whose packets come at a regular stride (every 2nd packet, say) is still picked
+ * one time in 64, as a plain `count % 64` would not. */
+static __always_inline int touch_due(__u64 rx)
+{
+	return ((rx * 0x9E3779B97F4A7C15ull) >> (64 - FLOW_CACHE_TOUCH_BITS)) == 0;
+}
+
+static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
+				   const struct flow_key *fk, const struct encap_info *ei,
+				   __u32 frame_len, int syn)
+{
+	__u32 slot = bpf_get_smp_processor_id() * (flow_cache_mask + 1) +
+		     (flow_cache_index(fk) & flow_cache_mask);
+	struct flow_cache_slot *cs = bpf_map_lookup_elem(&flow_cache, &slot);
+	struct flow_val *fv = NULL;
+	struct backend *be;
+
+	/* A SYN opens a connection: it goes where the ring says now, so it skips the cache
+	 * and the table (two cache misses on a new flow) and overwrites whatever entry an
+	 * earlier connection with the same 5-tuple left. Its retransmissions land on the
+	 * same backend unless the ring changed in between; then the newer entry wins, and
+	 * the rest of the connection follows it. */
+	if (!syn) {
+		if (cs && cs->val.vip_id && flow_key_eq(&cs->key, fk)) {
+			be = entry_backend(&cs->val);
+			if (be) {
+				if (touch_due(g->c[ST_RX]))
+					bpf_map_lookup_elem(&flows, fk);
+				g->c[ST_FLOW_HIT]++;
+				g->c[ST_FLOW_CACHE_HIT]++;
+				return forward(ctx, g, be, cs->val.hash, ei, frame_len);
+			}
+		}
+		fv = bpf_map_lookup_elem(&flows, fk);
+		if (fv) {
+			be = entry_backend(fv);
+			if (be) {
+				cache_fill(cs, fk, fv);
+				g->c[ST_FLOW_HIT]++;
+				return forward(ctx, g, be, fv->hash, ei, frame_len);
+			}
+		}
+	}
+	return lb_new_flow(ctx, g, fk, ei, frame_len, cs, fv != NULL);
 }
 
 /* SYN without ACK: the first packet of a TCP connection. (parse_ports() checked the

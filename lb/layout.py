@@ -90,7 +90,7 @@ class FlowVal(_S):
 
 
 class FlowCacheSlot(_S):
-    _fields_ = [("key", FlowKey), ("val", FlowVal), ("touch", u32), ("pad", u32)]
+    _fields_ = [("key", FlowKey), ("val", FlowVal), ("pad", u64)]
 
 
 class LbConfig(_S):

@@ -437,3 +437,25 @@ def test_vip_counters_keep_the_counts_of_removed_backends(env):
     resend(env, flows)
     p, b = env.dp.vip_counters(vid, env.vip_state(s1).bids.values())
     assert (p, b) == (180, 2 * total[1])
+
+
+def test_flows_served_from_the_cache_stay_young_in_the_table(one_cpu):
+    """A flow whose packets all hit the per-CPU cache still has its table entry looked up
+    now and then, so a stream of new flows evicts the idle flow established with it, not
+    this one."""
+    e = LbEnv(Limits(max_vips=8, max_backends=16, max_nexthops=16, flow_table_size=1024))
+    try:
+        s0 = spec([be("10.17.0.1"), be("10.17.0.2")])
+        e.apply([s0])
+        busy, idle = rand_flows(2, s0, 19)
+        establish(e, s0, [busy, idle])
+        before = e.snapshot()
+        for f in rand_flows(3000, s0, 20):
+            assert send(e, busy)[0] == "tx"
+            assert send(e, f)[0] == "tx"
+        d = e.delta(before).glob
+        assert d["flow_cache_hit"] >= 2900, d  # the busy flow was served by the cache
+        assert e.dp.flow_backend(idle.key()) is None, "the idle flow should have been evicted"
+        assert e.dp.flow_backend(busy.key()) is not None
+    finally:
+        e.close()
