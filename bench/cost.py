@@ -76,7 +76,7 @@ FRAME_SIZE_V6 = 80
 
 VERDICT_KEYS = ("rx", "tx", "redirect", "pass", "drop", "flow_hit", "flow_miss", "flow_moved",
                 "drop_no_backend", "drop_malformed", "drop_too_big", "drop_no_nexthop",
-                "drop_adjust_fail", "gue_zero_csum", "flow_insert_limited")
+                "drop_adjust_fail", "gue_zero_csum", "flow_insert_limited", "flow_cache_hit")
 
 
 @dataclass
@@ -211,7 +211,9 @@ class CostBench:
             self.dp.set_config(cfg)
             self._encap = (encap, insert_limit)
 
-    def set_template(self, frame: bytes, syn: bool = False) -> None:
+    def set_template(self, frame: bytes, syn: bool = False, gen_cfg=None) -> None:
+        """gen_cfg: a bench/pktgen.py GenCfg, to vary flows per run as the live generator
+        does (None: the template alone, syn varying as below)."""
         if len(frame) % 8 or len(frame) > F.TMPL_MAX:
             raise ValueError(f"template of {len(frame)} bytes: multiple of 8, <= {F.TMPL_MAX}")
         t = L.BenchTemplate()
@@ -223,6 +225,8 @@ class CostBench:
             if not t.vary2_off:
                 raise ValueError("vary2 is set up for IPv4 SYN templates only")
         self.template.update(ctypes.c_uint32(0), t)
+        gen = self.bench.map("bench_gen_cfg")
+        gen.update(ctypes.c_uint32(0), gen_cfg if gen_cfg is not None else bytes(gen.value_size))
 
     def bench_counters(self) -> list[int]:
         """bench_stats per CPU: [(RUNS, FLOOR_TX) per CPU]."""

@@ -19,24 +19,20 @@ cost.json); ratio_over_floor subtracts the floor from both.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import statistics
 from typing import Optional
 
-from lb import layout as L
-from lb import native
 from lb.datapath import Limits
 
 from . import results_dir
-from .cost import CostBench, machine_info, pick_cpu
+from .cost import CostBench, _add, machine_info, pick_cpu
 from .iptables import ENDPOINTS, EST_FLOWS, traffic, xdplb_services
 from .pktgen import Traffic
 
 TARGET = 1.10
 MACS = (bytes.fromhex("020000000a01"), bytes.fromhex("020000000a02"))
-COUNTERS = ("rx", "tx", "flow_hit", "flow_miss", "flow_cache_hit", "drop", "pass")
 
 
 class Side(CostBench):
@@ -51,17 +47,9 @@ class Side(CostBench):
     def run_flows(self, t: Traffic, repeat: int, floor: bool = False) -> tuple[float, dict]:
         """repeat runs of bench_restore -> (floor or xdplb), each the next flow of t."""
         frame = t.frame(*MACS)
-        tmpl = L.BenchTemplate()
-        tmpl.len = len(frame) // 8 * 8
-        tmpl.data[:tmpl.len] = frame[:tmpl.len]
-        self.template.update(ctypes.c_uint32(0), tmpl)
-        self.bench.map("bench_gen_cfg").update(ctypes.c_uint32(0), t.gen_cfg())
-        fd = self.floor_fd if floor else self.dp.prog_fd
-        self.target.update_fd(ctypes.c_uint32(0), fd)
-        g0 = self.dp.global_counters()
-        r = native.test_run(self.restore_fd, frame, repeat=repeat)
-        g1 = self.dp.global_counters()
-        return float(r.duration_ns), {k: g1[k] - g0[k] for k in COUNTERS}
+        self.set_template(frame[:len(frame) // 8 * 8], gen_cfg=t.gen_cfg())
+        ns, d, _ = self.run("floor" if floor else "lb", frame, repeat)
+        return ns, d
 
 
 def _pair(n_lo: int, n_hi: int, flows: int, rounds: int, repeat: int,
@@ -86,8 +74,7 @@ def _pair(n_lo: int, n_hi: int, flows: int, rounds: int, repeat: int,
                 side, t = runs[key]
                 x, d = side.run_flows(t, repeat)
                 ns[key].append(x)
-                for k, v in d.items():
-                    verdicts[key][k] = verdicts[key].get(k, 0) + v
+                _add(verdicts[key], d)
         return {"ns": ns, "verdicts": verdicts, "flows": t_hi.distinct_flows()}
     finally:
         for s in (lo, hi):
@@ -128,9 +115,7 @@ def run_vipscale(out: Optional[str] = None, n_lo: int = 1, n_hi: int = 10_000,
             "spread_ratio": round(med["hi"] / med["hi_idle"], 3),
             "ratio_all": [round(h / lw, 3) for h, lw in zip(g["ns"]["hi"], g["ns"]["lo"])]})
         for key, v in g["verdicts"].items():
-            acc = verdicts.setdefault(key, {})
-            for k, n in v.items():
-                acc[k] = acc.get(k, 0) + n
+            _add(verdicts.setdefault(key, {}), v)
     runs = pairs * rounds * repeat
     ok = all(v["rx"] == v["tx"] == v["flow_hit"] == runs and v["flow_miss"] == 0
              for v in verdicts.values())

@@ -116,7 +116,6 @@ static __always_inline int write_template(struct xdp_md *ctx, __u64 run)
 	return 0;
 }
 
-
 SEC("xdp")
 int bench_floor(struct xdp_md *ctx)
 {
@@ -230,16 +229,22 @@ static __always_inline int write_flows(struct xdp_md *ctx, struct bench_gen_cfg 
 	return 0;
 }
 
-/* With bench_gen_cfg set (frame_len != 0), the frames vary as the generator's do
- * (many flows, many destinations); otherwise as the template says. */
-SEC("xdp")
-int bench_restore(struct xdp_md *ctx)
+/* The frame of run `run`: varied as bench_gen_cfg says when it is set (frame_len != 0:
+ * many flows, many destinations), else as the template says. 0 on success. */
+static __always_inline int write_frame(struct xdp_md *ctx, __u64 run)
 {
-	__u64 run = bump(B_RUNS, 1);
 	__u32 zero = 0;
 	struct bench_gen_cfg *cfg = bpf_map_lookup_elem(&bench_gen_cfg, &zero);
 
-	if (cfg && cfg->frame_len ? write_flows(ctx, cfg, run) : write_template(ctx, run))
+	if (cfg && cfg->frame_len)
+		return write_flows(ctx, cfg, run);
+	return write_template(ctx, run);
+}
+
+SEC("xdp")
+int bench_restore(struct xdp_md *ctx)
+{
+	if (write_frame(ctx, bump(B_RUNS, 1)))
 		return XDP_ABORTED;
 	bpf_tail_call(ctx, &bench_target, 0);
 	return XDP_ABORTED;
@@ -248,16 +253,7 @@ int bench_restore(struct xdp_md *ctx)
 SEC("xdp")
 int bench_gen(struct xdp_md *ctx)
 {
-	__u64 run = bump(B_GEN, 1);
-	__u32 zero = 0;
-	struct bench_gen_cfg *cfg = bpf_map_lookup_elem(&bench_gen_cfg, &zero);
-
-	if (cfg && cfg->frame_len) {
-		if (write_flows(ctx, cfg, run))
-			return XDP_ABORTED;
-		return XDP_TX;
-	}
-	if (write_template(ctx, run))
+	if (write_frame(ctx, bump(B_GEN, 1)))
 		return XDP_ABORTED;
 	return XDP_TX;
 }

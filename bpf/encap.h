@@ -84,17 +84,22 @@ static __always_inline void write_eth(struct ethhdr *eth, const struct lb_config
 	eth->h_proto = bpf_htons(proto);
 }
 
-/* The GUE UDP header, checksum 0 (filled in after), as values. */
-static __always_inline struct udphdr gue_header(const struct lb_config *cfg, __u32 hash,
-						__u32 inner_len)
+/* The GUE UDP header after the outer IP header; its checksum is summed from the values
+ * written (outer_addr_sum: the outer addresses' sum), not from the bytes read back. */
+static __always_inline void write_gue(struct udphdr *udp, const struct lb_config *cfg,
+				      __u32 hash, const struct encap_info *ei,
+				      __u64 outer_addr_sum, void *end, __u32 *zero_csum)
 {
 	struct udphdr u;
 
 	u.source = bpf_htons(GUE_SPORT_BASE | (hash & GUE_SPORT_MASK));
 	u.dest = cfg->gue_port;
-	u.len = bpf_htons(UDP_HLEN + inner_len);
+	u.len = bpf_htons(UDP_HLEN + ei->inner_len);
 	u.check = 0;
-	return u;
+	udp->source = u.source;
+	udp->dest = u.dest;
+	udp->len = u.len;
+	udp->check = gue_udp_csum(outer_addr_sum, u, udp + 1, end, ei->inner_v6, zero_csum);
 }
 
 /* Returns 0, or a negative lb_stat index naming why the packet must be dropped.
@@ -143,13 +148,7 @@ static __always_inline int encap_v4(struct xdp_md *ctx, const struct lb_config *
 	if (gue) {
 		struct udphdr *udp = (void *)(ip + 1);
 
-		struct udphdr u = gue_header(cfg, hash, ei->inner_len);
-
-		udp->source = u.source;
-		udp->dest = u.dest;
-		udp->len = u.len;
-		udp->check = gue_udp_csum((__u64)src + dst, u, udp + 1, end, ei->inner_v6,
-					  zero_csum);
+		write_gue(udp, cfg, hash, ei, (__u64)src + dst, end, zero_csum);
 	}
 	return 0;
 }
@@ -184,13 +183,8 @@ static __always_inline int encap_v6(struct xdp_md *ctx, const struct lb_config *
 	if (gue) {
 		struct udphdr *udp = (void *)(ip6 + 1);
 
-		struct udphdr u = gue_header(cfg, hash, ei->inner_len);
-
-		udp->source = u.source;
-		udp->dest = u.dest;
-		udp->len = u.len;
-		udp->check = gue_udp_csum(csum_addr(cfg->src_v6, 4) + csum_addr(be->addr, 4),
-					  u, udp + 1, end, ei->inner_v6, zero_csum);
+		write_gue(udp, cfg, hash, ei, csum_addr(cfg->src_v6, 4) + csum_addr(be->addr, 4),
+			  end, zero_csum);
 	}
 	return 0;
 }

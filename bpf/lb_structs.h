@@ -166,8 +166,8 @@ enum lb_stat {
 	ST_DROP_ADJUST_FAIL, /* bpf_xdp_adjust_head refused the headroom */
 	ST_GUE_ZERO_CSUM,    /* GUE sent with UDP checksum 0: inner IPv4 UDP had none */
 	ST_FLOW_CACHE_HIT,   /* flow hits served by the per-CPU flow cache (also in FLOW_HIT) */
-	ST_FLOW_INSERT_LIMITED, /* new flows forwarded but not remembered: over
-				 * lb_config.flow_insert_limit in this second (also in MISS/MOVED) */
+	ST_FLOW_INSERT_LIMITED, /* packets of flows forwarded without a table entry, over
+				 * lb_config.flow_insert_limit (each such packet; also in MISS/MOVED) */
 	ST__MAX,
 };
 

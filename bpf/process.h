@@ -46,16 +46,13 @@ static __always_inline int vip_drop(struct lb_global *g, __u32 vip_id, __u32 fra
 
 /* Encapsulate toward `be` and send. The VIP was found by the caller. */
 static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
-				   struct backend *be, __u32 hash,
+				   const struct lb_config *cfg, struct backend *be, __u32 hash,
 				   const struct encap_info *ei, __u32 frame_len)
 {
-	__u32 zero = 0, zero_csum = 0;
-	struct lb_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	__u32 zero_csum = 0;
 	struct nexthop *nh;
 	int err, act = XDP_TX;
 
-	if (!cfg)
-		return vip_drop(g, be->vip_id, frame_len, ST_DROP_NO_BACKEND);
 	nh = bpf_map_lookup_elem(&nexthops, &be->nexthop_id);
 	if (!nh || !be->nexthop_id || !(nh->dmac[0] | nh->dmac[1] | nh->dmac[2] | nh->dmac[3] |
 					  nh->dmac[4] | nh->dmac[5]))
@@ -86,14 +83,7 @@ static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
 	return act;
 }
 
-/* A TCP/UDP packet whose destination passed the prefilter. The connection table comes
- * first: an entry whose backend still takes existing flows and still belongs to the
- * entry's VIP forwards at once (one hash lookup; the hash was stored with the entry).
- * Otherwise the VIP decides: no VIP -> pass; else the ring picks a backend and the entry
- * is (re)written. A per-CPU direct-mapped cache of entries is asked before the table: a
- * slot with this flow's key and a still-valid entry saves the hash-table lookup. It only
- * ever holds what `flows` held for that key, and is checked like a `flows` entry, so a
- * moved flow (maint/down) is never kept on its old backend by the cache. */
+/* Keys compared as the five 64-bit words they were written as. */
 static __always_inline int flow_key_eq(const struct flow_key *a, const struct flow_key *b)
 {
 	const __u64 *x = (const void *)a, *y = (const void *)b;
@@ -122,33 +112,33 @@ static __always_inline void cache_fill(struct flow_cache_slot *cs, const struct 
 	}
 }
 
-/* May this CPU add one more entry to the connection table now? With a limit set, at
- * most lb_config.flow_insert_limit per one-second window (coarse clock; the window
- * restarts on the first new flow after it ends). Beyond that a new flow still goes
- * where the ring says, it is just not remembered, so a SYN flood cannot push the
- * established flows out of the LRU. */
-static __always_inline int flow_insert_allowed(struct lb_global *g)
+/* May this CPU add one more entry to the connection table now (take = 1: and count it)?
+ * With a limit set, at most lb_config.flow_insert_limit per one-second window (coarse
+ * clock; the window restarts on the first new flow after it ends). Beyond that a new
+ * flow still goes where the ring says, it is just not remembered, so a SYN flood cannot
+ * push the established flows out of the LRU. */
+static __always_inline int flow_insert_allowed(const struct lb_config *cfg, int take)
 {
 	__u32 zero = 0;
-	struct lb_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct flow_rate *r;
 	__u64 now;
 
-	if (!cfg || !cfg->flow_insert_limit)
+	if (!cfg->flow_insert_limit)
 		return 1;
 	r = bpf_map_lookup_elem(&flow_rate, &zero);
 	if (!r)
 		return 1;
+	if (!take && r->inserts < cfg->flow_insert_limit)
+		return 1; /* a new window only adds room: no need to read the clock */
 	now = bpf_ktime_get_coarse_ns();
 	if (now - r->window_start_ns >= ONE_SEC_NS) {
 		r->window_start_ns = now;
 		r->inserts = 0;
 	}
-	if (r->inserts >= cfg->flow_insert_limit) {
-		g->c[ST_FLOW_INSERT_LIMITED]++;
+	if (r->inserts >= cfg->flow_insert_limit)
 		return 0;
-	}
-	r->inserts++;
+	if (take)
+		r->inserts++;
 	return 1;
 }
 
@@ -156,8 +146,9 @@ static __always_inline int flow_insert_allowed(struct lb_global *g)
  * pass; else the ring picks a backend and the entry is (re)written, within the insert
  * limit. */
 static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
-				       const struct flow_key *fk, const struct encap_info *ei,
-				       __u32 frame_len, struct flow_cache_slot *cs, int moved)
+				       const struct lb_config *cfg, const struct flow_key *fk,
+				       const struct encap_info *ei, __u32 frame_len,
+				       struct flow_cache_slot *cs, int moved)
 {
 	struct flow_val nv = {};
 	struct vip_key vk = {};
@@ -175,19 +166,20 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 	g->c[moved ? ST_FLOW_MOVED : ST_FLOW_MISS]++;
 	hash = flow_hash(fk, fk->family == LB_AF_INET6, vm->flags & VIP_F_HASH_SRC_ONLY);
 	be = ring_pick(vm, hash, &id);
-	if (!be) {
-		count(&vip_stats, vip_stats_stride, vm->vip_id, frame_len);
-		return verdict_drop(g, ST_DROP_NO_BACKEND);
-	}
+	if (!be)
+		return vip_drop(g, vm->vip_id, frame_len, ST_DROP_NO_BACKEND);
 	nv.backend_id = id;
 	nv.vip_id = vm->vip_id;
 	nv.hash = hash;
 	nv.gen = be->gen;
-	if (flow_insert_allowed(g)) {
+	if (flow_insert_allowed(cfg, 1)) {
 		bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
 		cache_fill(cs, fk, &nv);
+	} else {
+		/* packets forwarded without an entry: every packet of such a flow counts */
+		g->c[ST_FLOW_INSERT_LIMITED]++;
 	}
-	return forward(ctx, g, be, hash, ei, frame_len);
+	return forward(ctx, g, cfg, be, hash, ei, frame_len);
 }
 
 /* One cache hit in 2^FLOW_CACHE_TOUCH_BITS (64) also asks `flows`, so the LRU entry of a flow
@@ -200,22 +192,36 @@ static __always_inline int touch_due(__u64 rx)
 	return ((rx * 0x9E3779B97F4A7C15ull) >> (64 - FLOW_CACHE_TOUCH_BITS)) == 0;
 }
 
+/* A TCP/UDP packet whose destination passed the prefilter. The connection table comes
+ * first: an entry whose backend still takes existing flows and still belongs to the
+ * entry's VIP forwards at once (one hash lookup; the hash was stored with the entry).
+ * Otherwise the VIP decides: no VIP -> pass; else the ring picks a backend and the entry
+ * is (re)written (lb_new_flow). A per-CPU direct-mapped cache of entries is asked before
+ * the table: a slot with this flow's key and a still-valid entry saves the hash-table
+ * lookup. It only holds what `flows` held for that key on this CPU, and is checked like a
+ * `flows` entry, so a moved flow (maint/down) is never kept on its old backend by it. */
 static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 				   const struct flow_key *fk, const struct encap_info *ei,
 				   __u32 frame_len, int syn)
 {
-	__u32 slot = bpf_get_smp_processor_id() * (flow_cache_mask + 1) +
-		     (flow_cache_index(fk) & flow_cache_mask);
+	__u32 zero = 0, slot = bpf_get_smp_processor_id() * (flow_cache_mask + 1) +
+				(flow_cache_index(fk) & flow_cache_mask);
 	struct flow_cache_slot *cs = bpf_map_lookup_elem(&flow_cache, &slot);
+	struct lb_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct flow_val *fv = NULL;
 	struct backend *be;
 
+	if (!cfg) /* cannot happen (an array's one entry); the verifier wants the check */
+		return verdict_pass(g);
 	/* A SYN opens a connection: it goes where the ring says now, so it skips the cache
 	 * and the table (two cache misses on a new flow) and overwrites whatever entry an
 	 * earlier connection with the same 5-tuple left. Its retransmissions land on the
 	 * same backend unless the ring changed in between; then the newer entry wins, and
-	 * the rest of the connection follows it. */
-	if (!syn) {
+	 * the rest of the connection follows it. (Another CPU's cache may still hold the old
+	 * entry: like the per-CPU tables, this counts on RSS keeping a flow on one CPU.) A
+	 * SYN that could not be remembered (over flow_insert_limit) looks the table up like
+	 * any packet, so it does not split a connection from an entry it cannot replace. */
+	if (!syn || !flow_insert_allowed(cfg, 0)) {
 		if (cs && cs->val.vip_id && flow_key_eq(&cs->key, fk)) {
 			be = entry_backend(&cs->val);
 			if (be) {
@@ -223,7 +229,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 					bpf_map_lookup_elem(&flows, fk);
 				g->c[ST_FLOW_HIT]++;
 				g->c[ST_FLOW_CACHE_HIT]++;
-				return forward(ctx, g, be, cs->val.hash, ei, frame_len);
+				return forward(ctx, g, cfg, be, cs->val.hash, ei, frame_len);
 			}
 		}
 		fv = bpf_map_lookup_elem(&flows, fk);
@@ -232,11 +238,11 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 			if (be) {
 				cache_fill(cs, fk, fv);
 				g->c[ST_FLOW_HIT]++;
-				return forward(ctx, g, be, fv->hash, ei, frame_len);
+				return forward(ctx, g, cfg, be, fv->hash, ei, frame_len);
 			}
 		}
 	}
-	return lb_new_flow(ctx, g, fk, ei, frame_len, cs, fv != NULL);
+	return lb_new_flow(ctx, g, cfg, fk, ei, frame_len, cs, fv != NULL);
 }
 
 /* SYN without ACK: the first packet of a TCP connection. (parse_ports() checked the

@@ -10,8 +10,8 @@ import array
 import ctypes
 import ipaddress
 import mmap
-import struct
 import os
+import struct
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -84,7 +84,7 @@ class Datapath:
             slots = limits.flow_cache_slots
             if slots < 1 or slots & (slots - 1):
                 raise ValueError(f"flow_cache_slots must be a power of two, not {slots}")
-            self.skel.set_max_entries("flow_cache", slots * num_cpus())  # a range per CPU
+            self.skel.set_max_entries("flow_cache", slots * self.ncpus)  # a range per CPU
             lib.xdplb_lb_set_flow_cache_mask(self.skel.raw, slots - 1)
             if pin_dir:
                 self._adopt_pins(pin_dir)
@@ -94,11 +94,12 @@ class Datapath:
             raise
         self.maps: dict[str, Map] = {n: self.skel.map(n) for n in MAP_NAMES}
         self.prog_fd = self.skel.prog_fd("xdplb")
-        # name -> (map, stride, element size, offset of the counters in an element)
+        # kind -> (map, stride, blocks, element size, offset of the counters in an
+        # element); vip_stats has one block per CPU and one for removed backends' counts
         self._counter_maps = {
-            "vip_stats": ("vip_stats", limits.max_vips, ctypes.sizeof(L.Counters), 0),
-            "backend_stats": ("backends", limits.max_backends, ctypes.sizeof(L.BackendSlot),
-                              L.BackendSlot.c.offset)}
+            "vip": ("vip_stats", limits.max_vips, self.ncpus + 1, ctypes.sizeof(L.Counters), 0),
+            "backend": ("backends", limits.max_backends, self.ncpus,
+                        ctypes.sizeof(L.BackendSlot), L.BackendSlot.c.offset)}
         self._views: dict[str, mmap.mmap] = {}
         try:
             for name in ("vip_stats", "backends"):
@@ -303,18 +304,16 @@ class Datapath:
                 sums[i] += g.c[i]
         return {name: sums[int(s)] for name, s in GLOBAL_NAMES.items()}
 
-    def _counter_offsets(self, name: str, idx: int) -> tuple[mmap.mmap, list[int]]:
-        """The view and the offsets of counter `idx` in every block (vip_stats: the CPUs'
-        blocks, then the removed backends' block)."""
-        m, stride, size, at = self._counter_maps[name]
+    def _counter_offsets(self, kind: str, idx: int) -> tuple[mmap.mmap, list[int]]:
+        """The view and the offsets of counter `idx` in every block."""
+        m, stride, blocks, size, at = self._counter_maps[kind]
         if not 0 <= idx < stride:
-            raise ValueError(f"{name} index {idx} out of range 0..{stride - 1}")
-        blocks = self.ncpus + 1 if name == "vip_stats" else self.ncpus
+            raise ValueError(f"{kind} counter {idx} out of range 0..{stride - 1}")
         return self._views[m], [(blk * stride + idx) * size + at for blk in range(blocks)]
 
-    def _counters(self, name: str, idx: int) -> tuple[int, int]:
-        """(packets, bytes) of counter `idx`, summed over CPUs (read through the mmap)."""
-        view, offsets = self._counter_offsets(name, idx)
+    def _counters(self, kind: str, idx: int) -> tuple[int, int]:
+        """(packets, bytes) of counter `idx`, summed over blocks (read through the mmap)."""
+        view, offsets = self._counter_offsets(kind, idx)
         p = b = 0
         for off in offsets:
             cp, cb = _COUNTERS.unpack_from(view, off)
@@ -322,31 +321,31 @@ class Datapath:
             b += cb
         return p, b
 
-    def vip_counters(self, vip_id: int, bids: Iterable[int] = ()) -> tuple[int, int]:
-        """(packets, bytes) for a VIP: its own counter (packets not sent, and what its
-        removed backends had counted) plus its current backends `bids`."""
-        p, b = self._counters("vip_stats", vip_id)
-        for bid in bids:
-            bp, bb = self._counters("backend_stats", bid)
-            p += bp
-            b += bb
-        return p, b
+    def vip_counters(self, vip_id: int, bids: Iterable[int]
+                     ) -> tuple[tuple[int, int], dict[int, tuple[int, int]]]:
+        """A VIP's (packets, bytes) and its backends' (each read once): a sent packet is
+        counted for its backend only, so the VIP's total is its own counter (packets for
+        it not sent, and the counts of backends removed from it) plus its current
+        backends `bids`."""
+        per = {bid: self._counters("backend", bid) for bid in bids}
+        p, b = self._counters("vip", vip_id)
+        return (p + sum(x[0] for x in per.values()), b + sum(x[1] for x in per.values())), per
+
+    def backend_counters(self, bid: int) -> tuple[int, int]:
+        return self._counters("backend", bid)
 
     def retire_backend_counters(self, bid: int, vip_id: int) -> None:
         """Move backend `bid`'s counts into its VIP's own counter (the removed backends'
         block), so the VIP's total does not drop when the backend leaves it."""
-        bp, bb = self._counters("backend_stats", bid)
-        view, offsets = self._counter_offsets("vip_stats", vip_id)
+        bp, bb = self._counters("backend", bid)
+        view, offsets = self._counter_offsets("vip", vip_id)
         p, b = _COUNTERS.unpack_from(view, offsets[-1])
         _COUNTERS.pack_into(view, offsets[-1], p + bp, b + bb)
-        self.reset_counters("backend_stats", bid)
+        self.reset_counters("backend", bid)
 
-    def backend_counters(self, bid: int) -> tuple[int, int]:
-        return self._counters("backend_stats", bid)
-
-    def reset_counters(self, name: str, idx: int) -> None:
-        """name: "vip_stats" or "backend_stats" (kept beside the entries in `backends`)."""
-        view, offsets = self._counter_offsets(name, idx)
+    def reset_counters(self, kind: str, idx: int) -> None:
+        """kind: "vip" or "backend" (whose counters sit beside its entries)."""
+        view, offsets = self._counter_offsets(kind, idx)
         for off in offsets:
             _COUNTERS.pack_into(view, off, 0, 0)
 
@@ -354,7 +353,7 @@ class Datapath:
         """Empty every CPU's flow cache (after editing `flows` from user space)."""
         m = self.skel.map("flow_cache")
         keys = array.array("I", range(m.max_entries))
-        m.update_batch(keys.tobytes(), bytes(m._slot * m.max_entries), m.max_entries)
+        m.update_batch(keys.tobytes(), bytes(m.value_size * m.max_entries), m.max_entries)
 
     def flow_backend(self, fk: L.FlowKey) -> Optional[int]:
         raw = self.maps["flows"].lookup(fk)

@@ -31,7 +31,8 @@ def render(doc: dict) -> str:
            [(_labels(result="hit"), g["flow_hits"]), (_labels(result="miss"), g["flow_misses"]),
             (_labels(result="moved"), g.get("flow_moved", 0))])
     metric("flow_insert_limited_total", "counter",
-           "New flows forwarded but not remembered: over lb.flow_insert_limit.",
+           "Packets of new flows forwarded without a connection-table entry "
+           "(over lb.flow_insert_limit).",
            [("", g.get("flow_insert_limited", 0))])
     metric("drops_total", "counter", "Dropped packets by reason.",
            [(_labels(reason=r), n) for r, n in g["drops"].items()])

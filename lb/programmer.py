@@ -145,7 +145,7 @@ class Programmer:
             cur = self.vips.get(ident)
             if cur is None:
                 vid = self._take(self._free_vip, "VIP")
-                dp.reset_counters("vip_stats", vid)
+                dp.reset_counters("vip", vid)
                 cur = self.vips[ident] = _Vip(vid, spec)
                 rep.vips_added += 1
             elif cur.spec == spec:
@@ -174,7 +174,7 @@ class Programmer:
             bid = cur.bids.get(b.address)
             if bid is None:
                 bid = self._take(self._free_be, "backend")
-                dp.reset_counters("backend_stats", bid)
+                dp.reset_counters("backend", bid)
                 rep.backends_added += 1
             new_bids[b.address] = bid
             flags = L.BE_F_FLOWS_STAY if b.keep_flows else 0
@@ -218,7 +218,7 @@ class Programmer:
         for bid in gone:
             rep.backends_removed += 1
             cur.flags.pop(bid, None)
-            later.append(lambda bid=bid, v=cur.vip_id: self._release_backend(bid, v))
+            later.append(lambda bid=bid, v=cur.vip_id: self._remove_backend(bid, v))
         cur.bids = new_bids
         cur.spec = spec
 
@@ -235,12 +235,13 @@ class Programmer:
     def _vflags(spec: VipSpec) -> int:
         return L.VIP_F_HASH_SRC_ONLY if spec.hash_src_only else 0
 
-    def _release_backend(self, bid: int, vip_id: int = 0) -> None:
-        """vip_id: the VIP that stays, to keep this backend's counts in its total (0: the
-        VIP goes too)."""
+    def _remove_backend(self, bid: int, vip_id: int) -> None:
+        """A backend leaves a VIP that stays: its counts stay in the VIP's total."""
+        self._release_backend(bid)
+        self.dp.retire_backend_counters(bid, vip_id)
+
+    def _release_backend(self, bid: int) -> None:
         self.dp.clear_backend(bid)
-        if vip_id:
-            self.dp.retire_backend_counters(bid, vip_id)
         self._gen[bid] = (self._gen.get(bid, 0) + 1) & 0xFFFF  # its reuse starts anew
         self._free_be.append(bid)
 

@@ -24,12 +24,13 @@ def stats_snapshot(d) -> dict:
     vips = []
     for v in d.cfg.vips:
         cur = prog.vips.get(v.ident)
-        packets, nbytes = dp.vip_counters(cur.vip_id, cur.bids.values()) if cur else (0, 0)
+        (packets, nbytes), per_backend = (dp.vip_counters(cur.vip_id, cur.bids.values())
+                                          if cur else ((0, 0), {}))
         backends = []
         for b in v.backends:
             addr = str(b.address)
             bid = cur.bids.get(b.address) if cur else None
-            bp, bb = dp.backend_counters(bid) if bid else (0, 0)
+            bp, bb = per_backend.get(bid, (0, 0))
             admin = d._admin_of(v.name, addr)
             up = d._up_of(v.name, addr)
             verdict = d.verdicts.get((v.name, addr))

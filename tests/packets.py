@@ -306,12 +306,10 @@ class LbEnv:
 
     # -- counters
     def snapshot(self) -> Snapshot:
-        vips = {v.vip_id: self.dp.vip_counters(v.vip_id, v.bids.values())
-                for v in self.prog.vips.values()}
-        bids = {}
+        vips, bids = {}, {}
         for v in self.prog.vips.values():
-            for bid in v.bids.values():
-                bids[bid] = self.dp.backend_counters(bid)
+            vips[v.vip_id], per = self.dp.vip_counters(v.vip_id, v.bids.values())
+            bids.update(per)
         return Snapshot(self.dp.global_counters(), vips, bids)
 
     def delta(self, before: Snapshot) -> Snapshot:

@@ -376,7 +376,7 @@ def syn(f: Flow) -> bytes:
     return fast_frame(f.proto, f.src, f.sport, f.dst, f.dport, tcp_flags=TCP_SYN)
 
 
-def test_syn_takes_the_ring_and_replaces_the_entry(env):
+def test_syn_takes_the_ring_and_replaces_the_entry(env, one_cpu):
     """A SYN opens a connection: it goes where the ring says now (not where an old entry
     with the same 5-tuple points), and the rest of that connection follows it."""
     base = [be("10.14.0.1"), be("10.14.0.2")]
@@ -425,17 +425,17 @@ def test_vip_counters_keep_the_counts_of_removed_backends(env):
     flows = rand_flows(90, s0, 18)
     establish(env, s0, flows)
     vid = env.vip_state(s0).vip_id
-    total = env.dp.vip_counters(vid, env.vip_state(s0).bids.values())
+    total = env.dp.vip_counters(vid, env.vip_state(s0).bids.values())[0]
     assert total[0] == 90
     gone = env.bid_of(s0, A("10.16.0.3"))
     assert env.dp.backend_counters(gone)[0] > 0
 
     s1 = spec([be("10.16.0.1"), be("10.16.0.2")])
     env.apply([s1])
-    assert env.dp.vip_counters(vid, env.vip_state(s1).bids.values()) == total
+    assert env.dp.vip_counters(vid, env.vip_state(s1).bids.values())[0] == total
     assert env.dp.backend_counters(gone) == (0, 0)  # its id starts from zero if reused
     resend(env, flows)
-    p, b = env.dp.vip_counters(vid, env.vip_state(s1).bids.values())
+    p, b = env.dp.vip_counters(vid, env.vip_state(s1).bids.values())[0]
     assert (p, b) == (180, 2 * total[1])
 
 
@@ -459,3 +459,22 @@ def test_flows_served_from_the_cache_stay_young_in_the_table(one_cpu):
         assert e.dp.flow_backend(busy.key()) is not None
     finally:
         e.close()
+
+
+def test_syn_over_the_insert_limit_keeps_the_existing_entry(env, one_cpu):
+    """A SYN that may not be remembered (over flow_insert_limit) follows the entry its
+    5-tuple already has, like any packet: sending it to the ring while the entry stays
+    would split the connection between two backends."""
+    base = [be("10.18.0.1"), be("10.18.0.2")]
+    s0 = spec(base)
+    env.apply([s0])
+    flows = rand_flows(100, s0, 21)
+    placed = establish(env, s0, flows)
+    env.apply([spec(base + [be(f"10.18.0.{i}") for i in range(3, 9)])])
+    env.configure(flow_insert_limit=1)
+    env.run(fast_frame(TCP_P, A("198.51.100.1"), 1, VIP4, 80))  # uses this second's one
+    before = env.snapshot()
+    for f in flows:
+        r = env.run(syn(f))
+        assert (r.verdict, outer_dst(r.data)) == ("tx", placed[f])
+    assert_globals(env.delta(before).glob, {"rx": 100, "tx": 100, "flow_hit": 100})

@@ -308,7 +308,7 @@ def _run_case(lab: Lab, vfam: int, bfam: int, encap: int, n: int = 24) -> None:
     bids = lab.prog.vips[(vip, VIP_PORT, socket.IPPROTO_UDP)].bids
     b0 = {bid: lab.dp.backend_counters(bid) for bid in bids.values()}
     v0 = lab.dp.vip_counters(lab.prog.vips[(vip, VIP_PORT, socket.IPPROTO_UDP)].vip_id,
-                             bids.values())
+                             bids.values())[0]
 
     seen = _burst(lab, vip, n)
 
@@ -327,7 +327,7 @@ def _run_case(lab: Lab, vfam: int, bfam: int, encap: int, n: int = 24) -> None:
 
     frame = 14 + (20 if vfam == 4 else 40) + 8 + PAYLOAD
     vid = lab.prog.vips[(vip, VIP_PORT, socket.IPPROTO_UDP)].vip_id
-    vp, vb = lab.dp.vip_counters(vid, bids.values())
+    vp, vb = lab.dp.vip_counters(vid, bids.values())[0]
     assert (vp - v0[0], vb - v0[1]) == (n, n * frame)
     want = _expected_backends(lab, vip, seen)
     got = {}
