@@ -112,12 +112,12 @@ static __always_inline void cache_fill(struct flow_cache_slot *cs, const struct 
 	}
 }
 
-/* May this CPU add one more entry to the connection table now (take = 1: and count it)?
- * With a limit set, at most lb_config.flow_insert_limit per one-second window (coarse
- * clock; the window restarts on the first new flow after it ends). Beyond that a new
- * flow still goes where the ring says, it is just not remembered, so a SYN flood cannot
- * push the established flows out of the LRU. */
-static __always_inline int flow_insert_allowed(const struct lb_config *cfg, int take)
+/* May this CPU add one more entry to the connection table now? With a limit set, at
+ * most lb_config.flow_insert_limit per one-second window (coarse clock; the window
+ * restarts on the first new flow after it ends). Beyond that a new flow still goes
+ * where the ring says, it is just not remembered, so a SYN flood cannot push the
+ * established flows out of the LRU. */
+static __always_inline int flow_insert_allowed(const struct lb_config *cfg)
 {
 	__u32 zero = 0;
 	struct flow_rate *r;
@@ -128,8 +128,6 @@ static __always_inline int flow_insert_allowed(const struct lb_config *cfg, int 
 	r = bpf_map_lookup_elem(&flow_rate, &zero);
 	if (!r)
 		return 1;
-	if (!take && r->inserts < cfg->flow_insert_limit)
-		return 1; /* a new window only adds room: no need to read the clock */
 	now = bpf_ktime_get_coarse_ns();
 	if (now - r->window_start_ns >= ONE_SEC_NS) {
 		r->window_start_ns = now;
@@ -137,8 +135,7 @@ static __always_inline int flow_insert_allowed(const struct lb_config *cfg, int 
 	}
 	if (r->inserts >= cfg->flow_insert_limit)
 		return 0;
-	if (take)
-		r->inserts++;
+	r->inserts++;
 	return 1;
 }
 
@@ -172,7 +169,7 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 	nv.vip_id = vm->vip_id;
 	nv.hash = hash;
 	nv.gen = be->gen;
-	if (flow_insert_allowed(cfg, 1)) {
+	if (flow_insert_allowed(cfg)) {
 		bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
 		cache_fill(cs, fk, &nv);
 	} else {
@@ -219,9 +216,11 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 	 * same backend unless the ring changed in between; then the newer entry wins, and
 	 * the rest of the connection follows it. (Another CPU's cache may still hold the old
 	 * entry: like the per-CPU tables, this counts on RSS keeping a flow on one CPU.) A
-	 * SYN that could not be remembered (over flow_insert_limit) looks the table up like
-	 * any packet, so it does not split a connection from an entry it cannot replace. */
-	if (!syn || !flow_insert_allowed(cfg, 0)) {
+	 * SYN over flow_insert_limit skips them too, as in Katran: under a flood the lookup
+	 * would triple the cost of every flood SYN; the price is that a new connection
+	 * reusing the 5-tuple of a remembered one, after a ring change, is split between the
+	 * ring's backend (its SYN) and the old entry's (the rest). */
+	if (!syn) {
 		if (cs && cs->val.vip_id && flow_key_eq(&cs->key, fk)) {
 			be = entry_backend(&cs->val);
 			if (be) {

@@ -459,22 +459,3 @@ def test_flows_served_from_the_cache_stay_young_in_the_table(one_cpu):
         assert e.dp.flow_backend(busy.key()) is not None
     finally:
         e.close()
-
-
-def test_syn_over_the_insert_limit_keeps_the_existing_entry(env, one_cpu):
-    """A SYN that may not be remembered (over flow_insert_limit) follows the entry its
-    5-tuple already has, like any packet: sending it to the ring while the entry stays
-    would split the connection between two backends."""
-    base = [be("10.18.0.1"), be("10.18.0.2")]
-    s0 = spec(base)
-    env.apply([s0])
-    flows = rand_flows(100, s0, 21)
-    placed = establish(env, s0, flows)
-    env.apply([spec(base + [be(f"10.18.0.{i}") for i in range(3, 9)])])
-    env.configure(flow_insert_limit=1)
-    env.run(fast_frame(TCP_P, A("198.51.100.1"), 1, VIP4, 80))  # uses this second's one
-    before = env.snapshot()
-    for f in flows:
-        r = env.run(syn(f))
-        assert (r.verdict, outer_dst(r.data)) == ("tx", placed[f])
-    assert_globals(env.delta(before).glob, {"rx": 100, "tx": 100, "flow_hit": 100})
