@@ -5,6 +5,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "lb_maps.h"
+#include "flowkey.h"
 #include "process.h"
 
 SEC("xdp")
@@ -30,7 +31,7 @@ int xdplb(struct xdp_md *ctx)
 		v = flow_ipv6(&c, end, g, &fk, &ei, &syn);
 	else
 		return verdict_pass(g);
-	if (v != FLOW_FORWARD)
+	if (v != FLOW_KEY_READY)
 		return v;
 	/* one copy of the flow and forwarding code for both families: half the program's
 	 * hot instructions, which matters when NAPI and the stack share the i-cache */

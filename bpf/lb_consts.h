@@ -42,7 +42,6 @@
 #define LB_DEFAULT_RING_SIZE 65537
 #define LB_PREFILTER_WORDS 1024 /* 65536 bits */
 #define LB_FLOW_CACHE_SLOTS 16384 /* per CPU, a power of two */
-#define FLOW_FORWARD (-1) /* flow_ipv4/6: not a verdict, go on to lb_flow */
 #define ONE_SEC_NS 1000000000ULL
 #define FLOW_CACHE_TOUCH_BITS 6 /* one cache hit in 2^this also asks `flows` (keeps LRU
 				 * entries young), see touch_due() */

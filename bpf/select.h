@@ -79,21 +79,4 @@ static __always_inline struct backend *ring_pick(const struct vip_meta *vm, __u3
 	return be;
 }
 
-/* This CPU's counter `idx` of a flat per-CPU counter map (see vip_stats). */
-static __always_inline void count(void *map, __u32 stride, __u32 idx, __u32 bytes)
-{
-	struct lb_counters *c;
-	__u32 key;
-
-	if (idx >= stride)
-		return;
-	key = bpf_get_smp_processor_id() * stride + idx;
-	c = bpf_map_lookup_elem(map, &key);
-
-	if (c) {
-		c->packets++;
-		c->bytes += bytes;
-	}
-}
-
 #endif
