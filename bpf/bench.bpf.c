@@ -69,38 +69,34 @@ static __always_inline __u64 bump(__u32 idx, __u64 by)
 }
 
 /* Move the head so the frame is `len` bytes (undoing whatever the program under test
- * did to it), then copy the template over it. Returns 0 on success. */
+ * did to it), then copy the template over it. Returns 0 with data and end set to the
+ * frame. */
 static __always_inline int put_template(struct xdp_md *ctx, const struct bench_tmpl *t,
-					__u32 len)
+					__u32 len, void **data, void **end)
 {
-	void *data = (void *)(long)ctx->data;
-	void *end = (void *)(long)ctx->data_end;
-	long delta = (long)(end - data) - (long)len;
+	void *d = (void *)(long)ctx->data;
+	void *e = (void *)(long)ctx->data_end;
+	long delta = (long)(e - d) - (long)len;
 
 	if (delta && bpf_xdp_adjust_head(ctx, (int)delta))
 		return -1;
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
+	d = (void *)(long)ctx->data;
+	e = (void *)(long)ctx->data_end;
 #pragma unroll
 	for (int i = 0; i < TMPL_MAX / 8; i++) {
-		if (i * 8 >= t->len || data + i * 8 + 8 > end)
+		if (i * 8 >= t->len || d + i * 8 + 8 > e)
 			break;
-		*(__u64 *)(data + i * 8) = *(__u64 *)(t->data + i * 8);
+		*(__u64 *)(d + i * 8) = *(__u64 *)(t->data + i * 8);
 	}
+	*data = d;
+	*end = e;
 	return 0;
 }
 
-/* Copy the template over the frame; returns 0 on success. */
-static __always_inline int write_template(struct xdp_md *ctx, __u64 run)
+/* Vary the template's frame as the template says. */
+static __always_inline void vary_template(void *data, void *end, const struct bench_tmpl *t,
+					  __u64 run)
 {
-	__u32 zero = 0;
-	struct bench_tmpl *t = bpf_map_lookup_elem(&bench_template, &zero);
-	void *data, *end;
-
-	if (!t || put_template(ctx, t, t->len))
-		return -1;
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
 	if (t->vary) {
 		__u32 off = t->vary_off & (TMPL_MAX - 2);
 
@@ -113,7 +109,6 @@ static __always_inline int write_template(struct xdp_md *ctx, __u64 run)
 		if (data + off + 2 <= end)
 			*(__u16 *)(data + off) = (__u16)(run >> 16) ^ (__u16)(run * 40503u);
 	}
-	return 0;
 }
 
 SEC("xdp")
@@ -189,22 +184,17 @@ static __always_inline void csum_apply(void *data, void *end, __u32 off, __u32 a
 	*p = (__u16)s;
 }
 
-static __always_inline int write_flows(struct xdp_md *ctx, struct bench_gen_cfg *cfg,
-				       __u64 run)
+/* Vary the template's frame as bench_gen_cfg says. 0 on success. */
+static __always_inline int vary_flows(void *data, void *end, const struct bench_tmpl *t,
+				      const struct bench_gen_cfg *cfg, __u64 run)
 {
-	__u32 zero = 0, acc_ip = 0, acc_l4 = 0, cpu = 0;
-	struct bench_tmpl *t = bpf_map_lookup_elem(&bench_template, &zero);
-	void *data, *end;
+	__u32 acc_ip = 0, acc_l4 = 0, cpu = 0;
 
-	if (!t || put_template(ctx, t, cfg->frame_len))
-		return -1;
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
 	if (cfg->f[0].cpu_step | cfg->f[1].cpu_step | cfg->f[2].cpu_step | cfg->f[3].cpu_step)
 		cpu = bpf_get_smp_processor_id();
 #pragma unroll
 	for (int i = 0; i < GEN_FIELDS; i++) {
-		struct bench_gen_field *f = &cfg->f[i];
+		const struct bench_gen_field *f = &cfg->f[i];
 		__u32 off, v, m = f->mod ? f->mod : 1;
 		__u16 old, new;
 
@@ -235,10 +225,16 @@ static __always_inline int write_frame(struct xdp_md *ctx, __u64 run)
 {
 	__u32 zero = 0;
 	struct bench_gen_cfg *cfg = bpf_map_lookup_elem(&bench_gen_cfg, &zero);
+	struct bench_tmpl *t = bpf_map_lookup_elem(&bench_template, &zero);
+	int flows = cfg && cfg->frame_len;
+	void *data, *end;
 
-	if (cfg && cfg->frame_len)
-		return write_flows(ctx, cfg, run);
-	return write_template(ctx, run);
+	if (!t || put_template(ctx, t, flows ? cfg->frame_len : t->len, &data, &end))
+		return -1;
+	if (flows)
+		return vary_flows(data, end, t, cfg, run);
+	vary_template(data, end, t, run);
+	return 0;
 }
 
 SEC("xdp")

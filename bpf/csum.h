@@ -14,24 +14,18 @@ static __always_inline __u16 csum_fold32(__u64 sum)
 	return (__u16)sum;
 }
 
-/* Sum of n 16-bit words in memory order (the result stays in network byte order). */
-static __always_inline __u64 csum_words(const __u16 *p, int n)
-{
-	__u64 s = 0;
-#pragma unroll
-	for (int i = 0; i < n; i++)
-		s += p[i];
-	return s;
-}
-
-static __always_inline __u64 csum_addr(const __u32 *a, int words)
-{
-	__u64 s = 0;
-#pragma unroll
-	for (int i = 0; i < words; i++)
-		s += a[i];
-	return s;
-}
+/* Sum of n words in memory order (the result stays in network byte order): csum_words
+ * over 16-bit words, csum_addr over the 32-bit words of an address. One loop, two widths:
+ * loading an address as 16-bit halves would double its loads. */
+#define CSUM_SUM(name, word_t)								\
+	static __always_inline __u64 name(const word_t *p, int n)			\
+	{										\
+		__u64 s = 0;								\
+		_Pragma("unroll") for (int i = 0; i < n; i++) s += p[i];		\
+		return s;								\
+	}
+CSUM_SUM(csum_words, __u16)
+CSUM_SUM(csum_addr, __u32)
 
 /* Sum of a pseudo-header (addresses already summed by the caller). proto and len are
  * host order; the result is comparable with sums of network-order words. */

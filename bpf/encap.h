@@ -102,6 +102,26 @@ static __always_inline void write_gue(struct udphdr *udp, const struct lb_config
 	udp->check = gue_udp_csum(outer_addr_sum, u, udp + 1, end, ei->inner_v6, zero_csum);
 }
 
+/* Make room for `outer` bytes of outer headers (an outer IP header of ip_hlen bytes,
+ * maybe GUE) in front of the inner packet, within the MTU. Returns 0 with data and end
+ * set to the new frame, or a negative lb_stat index naming why the packet must be
+ * dropped. Every inner packet is at least 20 bytes, so the outer IP header + 8 bytes
+ * always fit: proving it is for the verifier. */
+static __always_inline int encap_room(struct xdp_md *ctx, const struct lb_config *cfg,
+				      const struct encap_info *ei, __u32 outer, __u32 ip_hlen,
+				      void **data, void **end)
+{
+	if (ei->inner_len + outer > cfg->mtu)
+		return -ST_DROP_TOO_BIG;
+	if (bpf_xdp_adjust_head(ctx, -(int)outer))
+		return -ST_DROP_ADJUST_FAIL;
+	*data = (void *)(long)ctx->data;
+	*end = (void *)(long)ctx->data_end;
+	if (*data + ETH_HLEN + ip_hlen + UDP_HLEN > *end)
+		return -ST_DROP_MALFORMED;
+	return 0;
+}
+
 /* Returns 0, or a negative lb_stat index naming why the packet must be dropped.
  * *zero_csum is set when a GUE checksum had to be sent as 0. */
 static __always_inline int encap_v4(struct xdp_md *ctx, const struct lb_config *cfg,
@@ -113,18 +133,11 @@ static __always_inline int encap_v4(struct xdp_md *ctx, const struct lb_config *
 	__u32 w0, w1, w2, src, dst, *hdr;
 	void *data, *end;
 	struct iphdr *ip;
+	int err = encap_room(ctx, cfg, ei, ol, IPV4_HLEN, &data, &end);
 
-	if (ei->inner_len + ol > cfg->mtu)
-		return -ST_DROP_TOO_BIG;
-	if (bpf_xdp_adjust_head(ctx, -(int)ol))
-		return -ST_DROP_ADJUST_FAIL;
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
+	if (err)
+		return err;
 	ip = data + ETH_HLEN;
-	/* every inner packet is at least 20 bytes, so outer IP + 8 bytes always fit */
-	if ((void *)(ip + 1) + UDP_HLEN > end)
-		return -ST_DROP_MALFORMED;
-
 	write_eth(data, cfg, nh, ETH_P_IP);
 	/* The header is built in registers, written in 32-bit words and summed from the
 	 * registers: reading freshly written bytes back for the checksum stalls. Words in
@@ -161,17 +174,11 @@ static __always_inline int encap_v6(struct xdp_md *ctx, const struct lb_config *
 	__u32 ol = IPV6_HLEN + (gue ? UDP_HLEN : 0);
 	void *data, *end;
 	struct ipv6hdr *ip6;
+	int err = encap_room(ctx, cfg, ei, ol, IPV6_HLEN, &data, &end);
 
-	if (ei->inner_len + ol > cfg->mtu)
-		return -ST_DROP_TOO_BIG;
-	if (bpf_xdp_adjust_head(ctx, -(int)ol))
-		return -ST_DROP_ADJUST_FAIL;
-	data = (void *)(long)ctx->data;
-	end = (void *)(long)ctx->data_end;
+	if (err)
+		return err;
 	ip6 = data + ETH_HLEN;
-	if ((void *)(ip6 + 1) + UDP_HLEN > end)
-		return -ST_DROP_MALFORMED;
-
 	write_eth(data, cfg, nh, ETH_P_IPV6);
 	*(__be32 *)ip6 = bpf_htonl((6u << 28) | ((__u32)ei->tos << 20) | (hash & 0xFFFFF));
 	ip6->payload_len = bpf_htons(ei->inner_len + (gue ? UDP_HLEN : 0));
