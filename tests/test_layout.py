@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from lb import flowhash
-from lb import layout as L
+from lb import layout
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BPFTOOL = "/usr/sbin/bpftool"
@@ -77,28 +77,28 @@ def compare(obj: pathlib.Path, name: str, cls) -> None:
             assert ftype(-1).value > 0, f"{where}: signed in ctypes"
 
 
-@pytest.mark.parametrize("name", sorted(L.MIRRORS))
+@pytest.mark.parametrize("name", sorted(layout.MIRRORS))
 def test_mirror_matches_btf(name):
-    compare(LB_OBJ, name, L.MIRRORS[name])
+    compare(LB_OBJ, name, layout.MIRRORS[name])
 
 
 def test_bench_template_matches_btf():
-    compare(BENCH_OBJ, "bench_tmpl", L.BenchTemplate)
+    compare(BENCH_OBJ, "bench_tmpl", layout.BenchTemplate)
 
 
 def test_every_shared_struct_is_mirrored():
     declared = set(re.findall(r"^struct (\w+) \{", STRUCTS_H.read_text(), re.M))
-    assert declared == set(L.MIRRORS), (declared ^ set(L.MIRRORS))
+    assert declared == set(layout.MIRRORS), (declared ^ set(layout.MIRRORS))
 
 
 def test_compare_detects_a_wrong_mirror():
     """The comparison itself is strict: a mirror with one field moved fails."""
-    class Bad(L._S):
-        _fields_ = [("vip_id", L.u32), ("ring_size", L.u32), ("flags", L.u32),
-                    ("pad", L.u32)]
+    class Bad(layout._S):
+        _fields_ = [("vip_id", layout.u32), ("ring_size", layout.u32), ("flags", layout.u32),
+                    ("pad", layout.u32)]
 
-    class Short(L._S):
-        _fields_ = [("addr", L.u32 * 3), ("port", L.u16), ("proto", L.u8), ("family", L.u8)]
+    class Short(layout._S):
+        _fields_ = [("addr", layout.u32 * 3), ("port", layout.u16), ("proto", layout.u8), ("family", layout.u8)]
 
     with pytest.raises(AssertionError):
         compare(LB_OBJ, "vip_meta", Bad)
@@ -133,25 +133,25 @@ def _c_define(text: str, name: str) -> int:
 def test_stat_enum_matches_header():
     c = _c_enum(STRUCTS_H.read_text(), "lb_stat")
     want = {k[3:]: v for k, v in c.items() if k != "ST__MAX"}
-    assert {s.name: s.value for s in L.Stat} == want
-    assert c["ST__MAX"] <= L.GLOBAL_SLOTS == _c_define(STRUCTS_H.read_text(), "LB_GLOBAL_SLOTS")
+    assert {s.name: s.value for s in layout.Stat} == want
+    assert c["ST__MAX"] <= layout.GLOBAL_SLOTS == _c_define(STRUCTS_H.read_text(), "LB_GLOBAL_SLOTS")
 
 
 def test_other_enums_and_flags_match_header():
     text = STRUCTS_H.read_text()
     fam = _c_enum(text, "lb_family")
     assert (fam["LB_AF_NONE"], fam["LB_AF_INET"], fam["LB_AF_INET6"]) == (
-        L.AF_NONE, L.AF_INET, L.AF_INET6)
+        layout.AF_NONE, layout.AF_INET, layout.AF_INET6)
     enc = _c_enum(text, "lb_encap")
-    assert (enc["LB_ENCAP_IPIP"], enc["LB_ENCAP_GUE"]) == (L.ENCAP_IPIP, L.ENCAP_GUE)
+    assert (enc["LB_ENCAP_IPIP"], enc["LB_ENCAP_GUE"]) == (layout.ENCAP_IPIP, layout.ENCAP_GUE)
     tx = _c_enum(text, "lb_tx_mode")
-    assert (tx["LB_TX_XDP_TX"], tx["LB_TX_REDIRECT"]) == (L.TX_XDP_TX, L.TX_REDIRECT)
-    assert _c_define(text, "VIP_F_HASH_SRC_ONLY") == L.VIP_F_HASH_SRC_ONLY
-    assert _c_define(text, "BE_F_FLOWS_STAY") == L.BE_F_FLOWS_STAY
+    assert (tx["LB_TX_XDP_TX"], tx["LB_TX_REDIRECT"]) == (layout.TX_XDP_TX, layout.TX_REDIRECT)
+    assert _c_define(text, "VIP_F_HASH_SRC_ONLY") == layout.VIP_F_HASH_SRC_ONLY
+    assert _c_define(text, "BE_F_FLOWS_STAY") == layout.BE_F_FLOWS_STAY
     consts = CONSTS_H.read_text()
     assert _c_define(consts, "FLOW_HASH_SEED") == flowhash.FLOW_HASH_SEED
     assert _c_define(consts, "PREFILTER_MULT") == flowhash.PREFILTER_MULT
-    assert _c_define(consts, "LB_PREFILTER_WORDS") == L.PREFILTER_WORDS
+    assert _c_define(consts, "LB_PREFILTER_WORDS") == layout.PREFILTER_WORDS
 
 
 def test_objects_are_current():
