@@ -53,7 +53,8 @@ from lb import layout as L
 from lb import maglev, native
 from lb.datapath import Datapath, EgressConfig, Limits
 from lb.flowhash import prefilter_index
-from lb.programmer import BackendSpec, Programmer, VipSpec, backend_key
+from lb.programmer import Programmer
+from lb.specs import BackendSpec, VipSpec, backend_key
 
 from . import frames as F
 from . import results_dir
@@ -332,7 +333,7 @@ def calibrate(repeat: int = 100_000, rounds: int = 5, insert_repeat: int = 2_000
 
 def maglev_build_ms(n: int = 1000, m: int = 65537, builds: int = 9) -> float:
     """Median wall time of lb.maglev.build for n equal-weight IPv4 backends keyed like
-    lb.programmer.backend_key."""
+    lb.specs.backend_key."""
     addrs = sorted((v4_backend(i) for i in range(n)), key=backend_key)
     holders = [maglev.Slotholder(backend_key(a), 1) for a in addrs]
     ids = list(range(1, n + 1))

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lb import layout as L
-from lb.programmer import BackendSpec, VipSpec
+from lb.specs import BackendSpec, VipSpec
 
 from . import results_dir
 from .cost import machine_info

@@ -11,8 +11,8 @@ backends and M = 65537, 655373 slots:
 * for M = 65537, the same disruption for plain Maglev (no quotas: round-robin turns until
   the table is full, Python here), as a reference for the weighted variant of lb.maglev.
 
-Backends are keyed as lb.programmer.backend_key keys them and ordered like
-lb.programmer.ring_for (sorted by key), so the tables are those the daemon installs.
+Backends are keyed as lb.specs.backend_key keys them and ordered like
+lb.specs.ring_for (sorted by key), so the tables are those the daemon installs.
 Writes maglev.json and maglev.png (matplotlib) into the output directory.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lb import maglev
-from lb.programmer import backend_key
+from lb.specs import backend_key
 
 from . import results_dir
 from .cost import machine_info, v4_backend
@@ -37,7 +37,7 @@ MS = (65537, 655373)
 
 
 def _inputs(addrs: Sequence, ids: Sequence[int]) -> tuple[list, list]:
-    """Slotholders and ids in lb.programmer.ring_for's order (sorted by key)."""
+    """Slotholders and ids in lb.specs.ring_for's order (sorted by key)."""
     order = sorted(range(len(addrs)), key=lambda i: backend_key(addrs[i]))
     return ([maglev.Slotholder(backend_key(addrs[i]), 1) for i in order],
             [ids[i] for i in order])
@@ -142,7 +142,7 @@ def run_maglev(out: Optional[str] = None, ns: Sequence[int] = NS, ms: Sequence[i
     """Every (N, M); plain-Maglev reference where M <= plain_max_m (pure Python, slow)."""
     rows = [quality(n, m, trials, builds, plain=m <= plain_max_m) for m in ms for n in ns]
     result = {"rows": rows, "machine": machine_info(),
-              "method": "equal weights, IPv4 backends keyed like lb.programmer.backend_key; "
+              "method": "equal weights, IPv4 backends keyed like lb.specs.backend_key; "
                         "extra_moved = slots changing owner whose owner was not removed"}
     d = results_dir(out)
     path = d / "maglev.json"

@@ -69,7 +69,8 @@ from lb import netns as N
 from lb.datapath import Datapath, EgressConfig, Limits
 from lb.flowhash import prefilter_index
 from lb.native import ffi, lib
-from lb.programmer import BackendSpec, Programmer, VipSpec
+from lb.programmer import Programmer
+from lb.specs import BackendSpec, VipSpec
 
 from . import frames as F
 from . import results_dir

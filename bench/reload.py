@@ -20,7 +20,8 @@ import statistics
 import time
 
 from lb.datapath import Datapath, EgressConfig, Limits
-from lb.programmer import BackendSpec, Programmer, VipSpec
+from lb.programmer import Programmer
+from lb.specs import BackendSpec, VipSpec
 
 MAC = {"gw": bytes.fromhex("020000000002")}
 

@@ -48,6 +48,8 @@ class EgressConfig:
     gue_port: int = 6080
     mtu: int = 1500
     flow_insert_limit: int = 0  # new flow-table entries per second per CPU; 0: no limit
+    tx_port: Optional[int] = None  # ifindex XDP_REDIRECT sends to (tx_mode TX_REDIRECT);
+    #                                None with XDP_TX
 
 
 _COUNTERS = struct.Struct("=QQ")  # struct lb_counters

@@ -48,7 +48,7 @@ def explain_running(d, proto_name: str, src: str, sport: int, dst: str, dport: i
 def explain_offline(cfg, admin_of, proto_name: str, src: str, sport: int, dst: str,
                     dport: int) -> dict:
     from . import policy
-    from .programmer import ring_for
+    from .specs import ring_for
 
     proto = PROTO_NUMBERS[proto_name]
     srca, dsta = ipaddress.ip_address(src), ipaddress.ip_address(dst)

@@ -14,7 +14,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Callable
 
-from .programmer import BackendSpec, VipSpec
+from .specs import BackendSpec, VipSpec
 
 
 @dataclass(frozen=True)

@@ -20,38 +20,16 @@ import hashlib
 import socket
 import time
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Mapping, Optional, Sequence
 
 from . import layout as L
-from . import maglev
-from .datapath import Datapath
+from .datapath import Datapath, EgressConfig
 from .layout import IPAddress
+from .specs import VipSpec, ring_for
 
 
 RING_BATCH = 64  # rings held before a batched swap (memory vs. RCU waits)
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    address: IPAddress
-    weight: int = 1
-    in_ring: bool = True      # takes new flows
-    keep_flows: bool = True   # flows already on it stay (active or draining)
-    nexthop: str = ""         # key into the next-hop MAC table
-
-
-@dataclass(frozen=True)
-class VipSpec:
-    address: IPAddress
-    port: int
-    proto: int
-    backends: tuple[BackendSpec, ...] = ()
-    hash_src_only: bool = False
-    ring_size: int = 65537
-
-    @property
-    def ident(self) -> tuple:
-        return (self.address, self.port, self.proto)
 
 
 @dataclass
@@ -64,6 +42,17 @@ class _Vip:
     flags: dict = field(default_factory=dict)  # backend id -> written BE flags
     ring_id: int = 0                    # slot in `rings` of the installed ring
     ring_size: int = 0
+
+
+@dataclass(frozen=True)
+class InstalledVip:
+    """What the maps hold for one VIP (a read-only view for stats, explain and tests)."""
+
+    vip_id: int
+    ring_id: int
+    ring_size: int
+    backends: Mapping[IPAddress, int]  # address -> backend id
+    flows_stay: frozenset  # backends written with the flows-stay flag
 
 
 @dataclass
@@ -81,18 +70,6 @@ def _digest(ring: array.array) -> bytes:
     return hashlib.blake2b(ring.tobytes(), digest_size=16).digest()
 
 
-def backend_key(addr: IPAddress) -> bytes:
-    """Maglev identity of a backend: its address words and family (20 bytes)."""
-    return array.array("I", list(L.addr_words(addr)) + [L.family_of(addr)]).tobytes()
-
-
-def ring_for(spec: VipSpec, bids: Mapping[IPAddress, int]) -> array.array:
-    members = sorted((b for b in spec.backends if b.in_ring and b.weight > 0),
-                     key=lambda b: backend_key(b.address))
-    holders = [maglev.Slotholder(backend_key(b.address), b.weight) for b in members]
-    return maglev.build(holders, spec.ring_size, [bids[b.address] for b in members])
-
-
 class Programmer:
     def __init__(self, dp: Datapath, keep_rings: bool = True):
         """keep_rings=False keeps only a digest per ring (1,000 rings of 65537 slots
@@ -107,6 +84,8 @@ class Programmer:
         self.nexthops: dict[str, int] = {}
         self._gen: dict[int, int] = {}  # backend id -> generation (see struct backend)
         self._macs: dict[int, bytes] = {}
+        self._egress: Optional[EgressConfig] = None
+        self._tx_port: Optional[int] = None
 
     # --- ids -----------------------------------------------------------------------
     def _take(self, pool: collections.deque, what: str) -> int:
@@ -121,10 +100,14 @@ class Programmer:
         return nid
 
     # --- the one entry point -------------------------------------------------------
-    def apply(self, vips: Sequence[VipSpec], macs: Mapping[str, bytes]) -> ApplyReport:
+    def apply(self, vips: Sequence[VipSpec], macs: Mapping[str, bytes],
+              egress: Optional[EgressConfig] = None) -> ApplyReport:
+        """Make the maps hold `vips`, next-hop `macs` and (unless None) `egress`."""
         t0 = time.perf_counter()
         rep = ApplyReport()
         dp = self.dp
+        if egress is not None:
+            self._set_egress(egress)
         # every next hop gets its id now, resolved or not, so backend entries point at
         # it from the start and a MAC learnt later needs only the nexthops write
         for v in vips:
@@ -164,6 +147,17 @@ class Programmer:
             fn()
         rep.duration_s = time.perf_counter() - t0
         return rep
+
+    def _set_egress(self, egress: EgressConfig) -> None:
+        if (egress.tx_port is None) != (egress.tx_mode == L.TX_XDP_TX):
+            raise ValueError("egress: tx_port is the XDP_REDIRECT target, and only that")
+        # the port first: never a redirect to an empty slot
+        if egress.tx_port is not None and egress.tx_port != self._tx_port:
+            self.dp.set_tx_port(egress.tx_port)
+            self._tx_port = egress.tx_port
+        if egress != self._egress:
+            self.dp.set_config(egress)
+            self._egress = egress
 
     def _apply_vip(self, cur: _Vip, spec: VipSpec, rep: ApplyReport, later: list) -> None:
         dp = self.dp
@@ -288,7 +282,20 @@ class Programmer:
         self._free_nh = collections.deque(i for i in self._free_nh if i not in used_nh)
         return len(by_id)
 
-    # --- lookups for stats and explain ---------------------------------------------
-    def backend_id(self, ident: tuple, addr: IPAddress) -> Optional[int]:
+    # --- read-only views for stats, explain and tests ------------------------------
+    def installed(self, ident: tuple) -> Optional[InstalledVip]:
+        """What the maps hold for VIP `ident` (address, port, proto); None: not installed."""
         v = self.vips.get(ident)
-        return None if v is None else v.bids.get(addr)
+        if v is None:
+            return None
+        stay = frozenset(a for a, bid in v.bids.items()
+                         if v.flags.get(bid, (0, 0))[0] & L.BE_F_FLOWS_STAY)
+        return InstalledVip(v.vip_id, v.ring_id, v.ring_size, MappingProxyType(dict(v.bids)),
+                            stay)
+
+    def ring(self, ident: tuple) -> Optional[array.array]:
+        """The installed ring of VIP `ident` (the kept copy, or read from the map)."""
+        v = self.vips.get(ident)
+        if v is None or not v.ring_id:
+            return None
+        return v.ring if v.ring is not None else self.dp.read_ring(v.ring_id)

@@ -31,7 +31,8 @@ from lb import layout as L
 from lb import native as N
 from lb.datapath import Datapath, EgressConfig, Limits
 from lb.flowhash import flow_hash, prefilter_index
-from lb.programmer import BackendSpec, Programmer, VipSpec, ring_for
+from lb.programmer import InstalledVip, Programmer
+from lb.specs import BackendSpec, VipSpec, ring_for
 
 A = ipaddress.ip_address
 TCP_P, UDP_P = socket.IPPROTO_TCP, socket.IPPROTO_UDP
@@ -249,8 +250,10 @@ class LbEnv:
         self.macs = dict(macs)
         return self.prog.apply(self.specs, self.macs)
 
-    def vip_state(self, spec: VipSpec):
-        return self.prog.vips[spec.ident]
+    def vip_state(self, spec: VipSpec) -> InstalledVip:
+        v = self.prog.installed(spec.ident)
+        assert v is not None, f"{spec.ident} is not installed"
+        return v
 
     def ring(self, spec: VipSpec):
         """The ring the data path really holds (read element-wise through the map syscall
@@ -261,9 +264,8 @@ class LbEnv:
         assert got is not None, f"no ring installed for {spec.ident}"
         assert len(got) == spec.ring_size
         assert self.dp.read_ring(v.ring_id) == got, "Datapath.read_ring differs from the map"
-        assert got == ring_for(spec, v.bids), "installed ring is not the spec's Maglev ring"
-        if v.ring is not None:
-            assert got == v.ring, "installed ring differs from the programmer's copy"
+        assert got == ring_for(spec, v.backends), "installed ring is not the spec's Maglev ring"
+        assert got == self.prog.ring(spec.ident), "installed ring differs from the programmer's"
         return got
 
     def find_vip(self, flow: Flow) -> Optional[VipSpec]:
@@ -279,17 +281,17 @@ class LbEnv:
                       src_only=spec.hash_src_only)
         slot = h % spec.ring_size
         bid = ring[slot]
-        by_id = {i: a for a, i in v.bids.items()}
+        by_id = {i: a for a, i in v.backends.items()}
         b = None
         if bid:
             b = next(x for x in spec.backends if x.address == by_id[bid])
         return Expected(spec, v.vip_id, h, slot, bid, b)
 
     def bid_of(self, spec: VipSpec, addr) -> int:
-        return self.vip_state(spec).bids[A(str(addr))]
+        return self.vip_state(spec).backends[A(str(addr))]
 
     def addr_of_bid(self, spec: VipSpec, bid: int):
-        return {i: a for a, i in self.vip_state(spec).bids.items()}[bid]
+        return {i: a for a, i in self.vip_state(spec).backends.items()}[bid]
 
     # -- running
     def run(self, data: bytes) -> N.RunResult:
@@ -307,8 +309,9 @@ class LbEnv:
     # -- counters
     def snapshot(self) -> Snapshot:
         vips, bids = {}, {}
-        for v in self.prog.vips.values():
-            vips[v.vip_id], per = self.dp.vip_counters(v.vip_id, v.bids.values())
+        for s in self.specs:
+            v = self.vip_state(s)
+            vips[v.vip_id], per = self.dp.vip_counters(v.vip_id, v.backends.values())
             bids.update(per)
         return Snapshot(self.dp.global_counters(), vips, bids)
 

@@ -19,7 +19,7 @@ from lb import layout as L
 from lb import netns as N
 from lb.datapath import MAP_NAMES
 from lb.native import Map
-from lb.programmer import backend_key
+from lb.specs import backend_key
 
 import daemonctl
 

@@ -24,7 +24,7 @@ from scapy.layers.l2 import ARP, Dot1Q
 from lb import layout as L
 from lb.datapath import Limits
 from lb.errors import BpfError
-from lb.programmer import VipSpec
+from lb.specs import VipSpec
 
 from packets import (A, TCP_P, UDP_P, Flow, LbEnv, assert_globals, be, check_encap, eth,
                      fast_frame, frame, mac_for, ones_sum, outer_dst, parse_input, pkt,
@@ -463,7 +463,7 @@ def test_backend_agreement(agree_env, name, spec):
     env.flush_flows()
     ring = env.ring(spec)
     v = env.vip_state(spec)
-    addr_of = {i: a for a, i in v.bids.items()}
+    addr_of = {i: a for a, i in v.backends.items()}
     rng = random.Random(hash(name) & 0xFFFF ^ 0x5EED)
     before = env.snapshot()
     v6 = spec.address.version == 6

@@ -43,7 +43,7 @@ from lb.config import load_config
 from lb.control import NoInstance, request
 from lb.flowhash import flow_hash
 from lb.native import Map, lib
-from lb.programmer import backend_key
+from lb.specs import backend_key
 
 VIP4, VIP6 = lab_mod.VIP4, lab_mod.VIP6
 PREFIXES = {"tx": "xe-", "redirect": "xr-"}

@@ -17,7 +17,7 @@ import pytest
 
 from lb import layout as L
 from lb.datapath import Limits
-from lb.programmer import VipSpec
+from lb.specs import VipSpec
 
 from packets import (A, TCP_P, TCP_SYN, UDP_P, Flow, LbEnv, assert_globals, be, fast_frame,
                      outer_dst)
@@ -265,7 +265,7 @@ def test_backend_id_reused_by_other_vip_cannot_capture_flows():
         e.apply([v1b])        # b's id goes back to the pool (behind the unused id 3)
         e.apply([v1b, v2])
         # the programmer handed b's id to one of v2's backends
-        assert bid_b in e.vip_state(v2).bids.values(), e.vip_state(v2).bids
+        assert bid_b in e.vip_state(v2).backends.values(), e.vip_state(v2).backends
         thief = e.addr_of_bid(v2, bid_b)
         assert e.dp.backend(bid_b).vip_id == e.vip_state(v2).vip_id
 
@@ -425,17 +425,17 @@ def test_vip_counters_keep_the_counts_of_removed_backends(env):
     flows = rand_flows(90, s0, 18)
     establish(env, s0, flows)
     vid = env.vip_state(s0).vip_id
-    total = env.dp.vip_counters(vid, env.vip_state(s0).bids.values())[0]
+    total = env.dp.vip_counters(vid, env.vip_state(s0).backends.values())[0]
     assert total[0] == 90
     gone = env.bid_of(s0, A("10.16.0.3"))
     assert env.dp.backend_counters(gone)[0] > 0
 
     s1 = spec([be("10.16.0.1"), be("10.16.0.2")])
     env.apply([s1])
-    assert env.dp.vip_counters(vid, env.vip_state(s1).bids.values())[0] == total
+    assert env.dp.vip_counters(vid, env.vip_state(s1).backends.values())[0] == total
     assert env.dp.backend_counters(gone) == (0, 0)  # its id starts from zero if reused
     resend(env, flows)
-    p, b = env.dp.vip_counters(vid, env.vip_state(s1).bids.values())[0]
+    p, b = env.dp.vip_counters(vid, env.vip_state(s1).backends.values())[0]
     assert (p, b) == (180, 2 * total[1])
 
 

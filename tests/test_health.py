@@ -32,7 +32,7 @@ from lb import lab, maglev
 from lb import layout as L
 from lb import netns as N
 from lb.native import Map
-from lb.programmer import backend_key
+from lb.specs import backend_key
 
 import daemonctl
 
@@ -391,7 +391,7 @@ def test_moved_flow_stays_moved_on_every_cpu():
     """maint moves a flow; after `activate` the flow must stay where it was moved, on
     every CPU (else one connection is split between two backends)."""
     from packets import A, UDP_P, LbEnv, be, fast_frame, outer_dst
-    from lb.programmer import VipSpec
+    from lb.specs import VipSpec
 
     vip = A("192.0.2.100")
     cpus = sorted(os.sched_getaffinity(0))[:2]

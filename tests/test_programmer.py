@@ -10,7 +10,8 @@ import pytest
 
 from lb import layout as L
 from lb.datapath import Datapath, EgressConfig, Limits
-from lb.programmer import BackendSpec, Programmer, VipSpec, ring_for
+from lb.programmer import Programmer
+from lb.specs import BackendSpec, VipSpec, ring_for
 
 A = ipaddress.ip_address
 MAC = {"gw": bytes.fromhex("02000000aabb")}
@@ -37,13 +38,13 @@ def test_ring_size_change_switches_id_and_size_together(dp):
     prog.apply([spec(4099)], MAC)
     m1 = meta(dp)
     assert (m1.ring_size, m1.vip_id) == (4099, 1) and m1.ring_id
-    assert dp.read_ring(m1.ring_id) == ring_for(spec(4099), prog.vips[spec(4099).ident].bids)
+    assert dp.read_ring(m1.ring_id) == ring_for(spec(4099), prog.installed(spec(4099).ident).backends)
 
     rep = prog.apply([spec(4111)], MAC)
     m2 = meta(dp)
     assert rep.rings_swapped == 1 and m2.ring_size == 4111 and m2.vip_id == m1.vip_id
     assert m2.ring_id != m1.ring_id
-    assert dp.read_ring(m2.ring_id) == ring_for(spec(4111), prog.vips[spec(4111).ident].bids)
+    assert dp.read_ring(m2.ring_id) == ring_for(spec(4111), prog.installed(spec(4111).ident).backends)
     assert dp.maps["rings"].lookup(ctypes.c_uint32(m1.ring_id)) is None  # old slot released
 
     # same size, other backends: swapped in place, same slot
@@ -54,11 +55,34 @@ def test_ring_size_change_switches_id_and_size_together(dp):
 def test_adopt_rebuilds_state(dp):
     prog = Programmer(dp)
     prog.apply([spec(4099)], MAC)
-    before = prog.vips[spec(4099).ident]
+    before = prog.installed(spec(4099).ident)
     again = Programmer(dp)
     assert again.adopt() == 1
-    cur = again.vips[spec(4099).ident]
-    assert (cur.vip_id, cur.ring_id, cur.ring_size, cur.bids) == (
-        before.vip_id, before.ring_id, before.ring_size, before.bids)
+    cur = again.installed(spec(4099).ident)
+    assert (cur.vip_id, cur.ring_id, cur.ring_size, cur.backends) == (
+        before.vip_id, before.ring_id, before.ring_size, before.backends)
     rep = again.apply([spec(4099)], MAC)
     assert rep.rings_swapped == 0 and rep.backends_added == 0
+
+
+def test_egress_goes_through_apply(dp, monkeypatch):
+    prog = Programmer(dp)
+    calls = []
+    for name in ("set_tx_port", "set_config"):
+        real = getattr(dp, name)
+        monkeypatch.setattr(dp, name, lambda *a, real=real, name=name: (calls.append(name),
+                                                                        real(*a)))
+    eg = EgressConfig(smac=bytes(6), source_v4=A("10.0.0.2"), tx_mode=L.TX_REDIRECT, tx_port=1)
+    prog.apply([spec(4099)], MAC, egress=eg)
+    assert calls == ["set_tx_port", "set_config"]  # the port first
+    port = dp.maps["tx_port"].lookup(ctypes.c_uint32(0))
+    assert ctypes.c_uint32.from_buffer_copy(port[:4]).value == 1
+    assert L.LbConfig.unpack(dp.maps["config"].lookup(ctypes.c_uint32(0))).tx_mode == \
+        L.TX_REDIRECT
+    prog.apply([spec(4099)], MAC, egress=eg)
+    prog.apply([spec(4099)], MAC)  # None: left as it is
+    assert calls == ["set_tx_port", "set_config"]  # only when changed
+    prog.apply([spec(4099)], MAC, egress=EgressConfig(source_v4=A("10.0.0.2"), tx_port=None))
+    assert calls[2:] == ["set_config"]
+    with pytest.raises(ValueError, match="tx_port"):
+        prog.apply([], MAC, egress=EgressConfig(tx_mode=L.TX_REDIRECT))

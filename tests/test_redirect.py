@@ -37,7 +37,8 @@ from lb import netns as N
 from lb.datapath import Datapath, EgressConfig, Limits
 from lb.flowhash import flow_hash
 from lb.native import BpfError, Skeleton, lib
-from lb.programmer import BackendSpec, Programmer, VipSpec
+from lb.programmer import Programmer
+from lb.specs import BackendSpec, VipSpec
 
 ip = ipaddress.ip_address
 
@@ -277,8 +278,7 @@ def _burst(lab: Lab, vip, n: int, *, no_check: bool = False, reply: bool = True)
 
 def _expected_backends(lab: Lab, vip, seen: dict) -> collections.Counter:
     """Backend id per flow, computed in Python from the installed ring and the hash."""
-    v = lab.prog.vips[(vip, VIP_PORT, socket.IPPROTO_UDP)]
-    ring = lab.dp.read_ring(v.ring_id)
+    ring = lab.dp.read_ring(lab.prog.installed((vip, VIP_PORT, socket.IPPROTO_UDP)).ring_id)
     assert ring is not None and len(ring) == RING
     want = collections.Counter()
     for src, sport in seen:
@@ -305,10 +305,10 @@ def _run_case(lab: Lab, vfam: int, bfam: int, encap: int, n: int = 24) -> None:
     lab.configure(encap, vip, backends)
     g0 = lab.dp.global_counters()
     d0 = _decap_stats(lab.decap)
-    bids = lab.prog.vips[(vip, VIP_PORT, socket.IPPROTO_UDP)].bids
+    installed = lab.prog.installed((vip, VIP_PORT, socket.IPPROTO_UDP))
+    bids = installed.backends
     b0 = {bid: lab.dp.backend_counters(bid) for bid in bids.values()}
-    v0 = lab.dp.vip_counters(lab.prog.vips[(vip, VIP_PORT, socket.IPPROTO_UDP)].vip_id,
-                             bids.values())[0]
+    v0 = lab.dp.vip_counters(installed.vip_id, bids.values())[0]
 
     seen = _burst(lab, vip, n)
 
@@ -326,7 +326,7 @@ def _run_case(lab: Lab, vfam: int, bfam: int, encap: int, n: int = 24) -> None:
     assert d1[1] - d0[1] == n, "decap stripped count"
 
     frame = 14 + (20 if vfam == 4 else 40) + 8 + PAYLOAD
-    vid = lab.prog.vips[(vip, VIP_PORT, socket.IPPROTO_UDP)].vip_id
+    vid = installed.vip_id
     vp, vb = lab.dp.vip_counters(vid, bids.values())[0]
     assert (vp - v0[0], vb - v0[1]) == (n, n * frame)
     want = _expected_backends(lab, vip, seen)
