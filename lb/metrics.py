@@ -1,64 +1,96 @@
-"""Prometheus text exposition of the stats document on `metrics_listen` (GET /metrics)."""
+"""Prometheus exposition of the stats document on `metrics_listen` (GET /metrics).
+
+The text comes from prometheus-client: a collector turns each scrape's stats document into
+metric families, rendered by `generate_latest` from a registry of our own (the library's
+global one would also export its process and platform collectors)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 STATES = ("active", "drain", "maint", "down")
+VERDICTS = (("rx", "rx_packets"), ("tx", "tx"), ("redirect", "redirect"), ("pass", "pass"),
+            ("drop", "drop"))
+VIP_LABELS = ("vip", "address", "port", "protocol")
+BACKEND_LABELS = ("vip", "backend")
 
 
-def _labels(**kv) -> str:
-    def esc(v) -> str:
-        return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in kv.items()) + "}"
+class StatsCollector:
+    """Metric families of one stats document, read anew at every scrape."""
+
+    def __init__(self, snapshot: Callable[[], dict]):
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        doc = self.snapshot()
+        g = doc["global"]
+        m = CounterMetricFamily("xdplb_packets", "Packets seen by the XDP program, by verdict.",
+                                labels=("verdict",))
+        for verdict, key in VERDICTS:
+            m.add_metric((verdict,), g[key])
+        yield m
+        m = CounterMetricFamily("xdplb_flow_table", "Connection-table lookups by result.",
+                                labels=("result",))
+        for result, key in (("hit", "flow_hits"), ("miss", "flow_misses"),
+                            ("moved", "flow_moved")):
+            m.add_metric((result,), g.get(key, 0))
+        yield m
+        yield CounterMetricFamily(
+            "xdplb_flow_insert_limited",
+            "Packets of new flows forwarded without a connection-table entry "
+            "(over lb.flow_insert_limit).", value=g.get("flow_insert_limited", 0))
+        m = CounterMetricFamily("xdplb_drops", "Dropped packets by reason.", labels=("reason",))
+        for reason, n in g["drops"].items():
+            m.add_metric((reason,), n)
+        yield m
+
+        vips = doc["vips"]
+        vip_labels = [(v["name"], v["address"], str(v["port"]), v["protocol"]) for v in vips]
+        for name, key, help_ in (("vip_packets", "packets", "Packets for a VIP."),
+                                 ("vip_bytes", "bytes", "Bytes for a VIP (frames as received).")):
+            m = CounterMetricFamily(f"xdplb_{name}", help_, labels=VIP_LABELS)
+            for labels, v in zip(vip_labels, vips):
+                m.add_metric(labels, v[key])
+            yield m
+
+        pairs = [((v["name"], b["address"]), b) for v in vips for b in v["backends"]]
+        for name, key, help_ in (("backend_packets", "packets", "Packets sent to a backend."),
+                                 ("backend_bytes", "bytes", "Bytes sent to a backend.")):
+            m = CounterMetricFamily(f"xdplb_{name}", help_, labels=BACKEND_LABELS)
+            for labels, b in pairs:
+                m.add_metric(labels, b[key])
+            yield m
+        m = GaugeMetricFamily("xdplb_backend_healthy",
+                              "1 when the backend passes its health checks.",
+                              labels=BACKEND_LABELS)
+        for labels, b in pairs:
+            m.add_metric(labels, int(bool(b["healthy"])))
+        yield m
+        m = GaugeMetricFamily("xdplb_backend_state",
+                              "Effective state of a backend (1 for the current one).",
+                              labels=(*BACKEND_LABELS, "state"))
+        for labels, b in pairs:
+            for s in STATES:
+                m.add_metric((*labels, s), int(b["state"] == s))
+        yield m
 
 
-def render(doc: dict) -> str:
-    g = doc["global"]
-    out = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, int]]) -> None:
-        out.append(f"# HELP xdplb_{name} {help_}")
-        out.append(f"# TYPE xdplb_{name} {kind}")
-        out.extend(f"xdplb_{name}{labels} {value}" for labels, value in samples)
-
-    metric("packets_total", "counter", "Packets seen by the XDP program, by verdict.",
-           [(_labels(verdict=v), g[k]) for v, k in (("rx", "rx_packets"), ("tx", "tx"),
-                                                   ("redirect", "redirect"), ("pass", "pass"),
-                                                   ("drop", "drop"))])
-    metric("flow_table_total", "counter", "Connection-table lookups by result.",
-           [(_labels(result="hit"), g["flow_hits"]), (_labels(result="miss"), g["flow_misses"]),
-            (_labels(result="moved"), g.get("flow_moved", 0))])
-    metric("flow_insert_limited_total", "counter",
-           "Packets of new flows forwarded without a connection-table entry "
-           "(over lb.flow_insert_limit).",
-           [("", g.get("flow_insert_limited", 0))])
-    metric("drops_total", "counter", "Dropped packets by reason.",
-           [(_labels(reason=r), n) for r, n in g["drops"].items()])
-    vl = lambda v: dict(vip=v["name"], address=v["address"], port=v["port"],  # noqa: E731
-                        protocol=v["protocol"])
-    metric("vip_packets_total", "counter", "Packets for a VIP.",
-           [(_labels(**vl(v)), v["packets"]) for v in doc["vips"]])
-    metric("vip_bytes_total", "counter", "Bytes for a VIP (frames as received).",
-           [(_labels(**vl(v)), v["bytes"]) for v in doc["vips"]])
-    bl = [(v, b) for v in doc["vips"] for b in v["backends"]]
-    metric("backend_packets_total", "counter", "Packets sent to a backend.",
-           [(_labels(vip=v["name"], backend=b["address"]), b["packets"]) for v, b in bl])
-    metric("backend_bytes_total", "counter", "Bytes sent to a backend.",
-           [(_labels(vip=v["name"], backend=b["address"]), b["bytes"]) for v, b in bl])
-    metric("backend_healthy", "gauge", "1 when the backend passes its health checks.",
-           [(_labels(vip=v["name"], backend=b["address"]), int(bool(b["healthy"])))
-            for v, b in bl])
-    metric("backend_state", "gauge", "Effective state of a backend (1 for the current one).",
-           [(_labels(vip=v["name"], backend=b["address"], state=s), int(b["state"] == s))
-            for v, b in bl for s in STATES])
-    return "\n".join(out) + "\n"
+def render(doc: dict) -> bytes:
+    """The exposition text of one stats document."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(lambda: doc))
+    return generate_latest(registry)
 
 
 class MetricsServer:
     def __init__(self, snapshot: Callable[[], dict], host: str, port: int):
-        self.snapshot, self.host, self.port = snapshot, host, port
+        self.host, self.port = host, port
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StatsCollector(snapshot))
         self.server = None
 
     async def start(self) -> None:
@@ -73,13 +105,15 @@ class MetricsServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
             parts = head.split(b" ", 2)
+            ctype = "text/plain"
             if len(parts) < 2 or parts[0] != b"GET":
                 status, body = "405 Method Not Allowed", b"GET only\n"
             elif parts[1].split(b"?")[0] not in (b"/metrics", b"/"):
                 status, body = "404 Not Found", b"see /metrics\n"
             else:
-                status, body = "200 OK", render(self.snapshot()).encode()
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                status, body, ctype = "200 OK", generate_latest(self.registry), \
+                    CONTENT_TYPE_LATEST
+            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                          f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                          + body)
             await writer.drain()

@@ -13,6 +13,7 @@ import subprocess
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from lb import lab, maglev
 from lb import layout as L
@@ -259,11 +260,16 @@ def test_prometheus_metrics(env):
         return urllib.request.urlopen("http://127.0.0.1:19733/metrics", timeout=5).read()
     text = N.run_in(LAB.lb, scrape).decode()
     assert '# TYPE xdplb_packets_total counter' in text
-    m = re.search(r'xdplb_vip_packets_total\{vip="web",address="10.200.1.10",port="80",'
-                  r'protocol="tcp"\} (\d+)', text)
-    assert m and int(m.group(1)) > 0
-    assert re.search(r'xdplb_backend_healthy\{vip="web",backend="10.200.0.11"\} 1', text)
-    assert 'xdplb_drops_total{reason="no_backend"}' in text
+    # label order is the exposition library's (sorted): compare parsed samples
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+
+    def sample(name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))))
+    assert sample("xdplb_vip_packets_total", vip="web", address="10.200.1.10", port="80",
+                  protocol="tcp") > 0
+    assert sample("xdplb_backend_healthy", vip="web", backend="10.200.0.11") == 1
+    assert sample("xdplb_drops_total", reason="no_backend") is not None
 
 
 def test_nexthop_mac_change_is_followed(env):
