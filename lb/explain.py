@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import ipaddress
 
-from . import layout as L
+from . import policy
 from .config import PROTO_NUMBERS
 from .flowhash import flow_hash
+from .layout import flow_key
+from .specs import ring_for
 
 
 def _find_vip(vips, proto: int, dst, dport: int):
@@ -33,29 +35,27 @@ def explain_running(d, proto_name: str, src: str, sport: int, dst: str, dport: i
     vip = _find_vip(d.cfg.vips, proto, dsta, dport)
     if vip is None:
         raise KeyError(f"{dst}:{dport}/{proto_name} is not a VIP")
-    cur = d.prog.vips[(vip.address, vip.port, proto)]
-    ring = cur.ring if cur.ring is not None else d.dp.read_ring(cur.ring_id)
+    ident = (vip.address, vip.port, proto)
+    cur, ring = d.programmer.installed(ident), d.programmer.ring(ident)
     src_only = vip.hash == "src_ip"
     h = flow_hash(proto, srca, sport, dsta, dport, src_only)
     slot = h % len(ring)
     bid = ring[slot]
-    by_id = {i: str(a) for a, i in cur.bids.items()}
-    existing = d.dp.flow_backend(L.flow_key(proto, srca, sport, dsta, dport))
+    by_id = {i: str(a) for a, i in cur.backends.items()}
+    existing = d.dp.flow_backend(flow_key(proto, srca, sport, dsta, dport))
     return _result(vip, by_id.get(bid), slot, len(ring), h, src_only,
                    by_id.get(existing) if existing else None)
 
 
 def explain_offline(cfg, admin_of, proto_name: str, src: str, sport: int, dst: str,
                     dport: int) -> dict:
-    from . import policy
-    from .specs import ring_for
-
     proto = PROTO_NUMBERS[proto_name]
     srca, dsta = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     vip = _find_vip(cfg.vips, proto, dsta, dport)
     if vip is None:
         raise KeyError(f"{dst}:{dport}/{proto_name} is not a VIP")
-    spec = next(s for s in policy.vip_specs(cfg, admin_of, lambda v, b: True, lambda a: "")
+    specs = policy.vip_specs(cfg, admin_of, lambda v, b: True, lambda a: "").specs
+    spec = next(s for s in specs
                 if s.address == vip.address and s.port == vip.port and s.proto == proto)
     ids = {b.address: i + 1 for i, b in enumerate(spec.backends)}
     ring = ring_for(spec, ids)

@@ -1,4 +1,5 @@
-"""From config, admin states and health to what the data path gets (VipSpec list).
+"""From config, admin states and health to what the data path gets (VipSpec list), and
+the effective state of each VIP/backend pair, computed here once.
 
 The spec's state table:
   active and healthy -> new flows by weight, existing flows stay
@@ -10,10 +11,10 @@ The spec's state table:
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
+from .layout import IPAddress
 from .specs import BackendSpec, VipSpec
 
 
@@ -34,16 +35,27 @@ def effective(admin: str, up: bool) -> Effective:
     return Effective("active", True, True)
 
 
+class Desired(NamedTuple):
+    specs: list[VipSpec]
+    states: dict[tuple[str, str], Effective]  # (VIP name, backend address) -> its state
+
+
 def vip_specs(cfg, admin_of: Callable[[str, str], str], up_of: Callable[[str, str], bool],
-              nexthop_of: Callable[[ipaddress._BaseAddress], str]) -> list[VipSpec]:
-    specs = []
+              nexthop_of: Callable[[IPAddress], str]) -> Desired:
+    """The specs for the data path, and each VIP/backend pair's effective state (before
+    `spread`, which changes what a backend takes, not the state it is reported in)."""
+    specs, states = [], {}
     for vip in cfg.vips:
-        states = [(b, effective(admin_of(vip.name, str(b.address)),
-                                up_of(vip.name, str(b.address)))) for b in vip.backends]
+        pairs = []
+        for b in vip.backends:
+            addr = str(b.address)
+            e = states[(vip.name, addr)] = effective(admin_of(vip.name, addr),
+                                                     up_of(vip.name, addr))
+            pairs.append((b, e))
         spread = vip.all_down == "spread" and not any(e.in_ring and b.weight > 0
-                                                      for b, e in states)
+                                                      for b, e in pairs)
         backends = []
-        for b, e in states:
+        for b, e in pairs:
             in_ring, keep = e.in_ring, e.keep_flows
             if spread and e.state != "maint":
                 in_ring = keep = True
@@ -51,4 +63,4 @@ def vip_specs(cfg, admin_of: Callable[[str, str], str], up_of: Callable[[str, st
                                         nexthop_of(b.address)))
         specs.append(VipSpec(vip.address, vip.port, vip.proto, tuple(backends),
                              vip.hash == "src_ip", cfg.lb.ring_size))
-    return specs
+    return Desired(specs, states)

@@ -26,13 +26,6 @@ def check_privileges() -> None:
                          "run it with sudo")
 
 
-def _is_bpffs(path: str) -> bool:
-    try:
-        return os.statvfs(path) and _fs_magic(path) == "bpf"
-    except OSError:
-        return False
-
-
 def _fs_magic(path: str) -> str:
     best, fstype = "", ""
     with open("/proc/self/mounts") as f:

@@ -17,48 +17,43 @@ def global_section(c: dict[str, int]) -> dict:
 
 
 def stats_snapshot(d) -> dict:
-    """d: a running Daemon."""
-    from .policy import effective
-
-    dp, prog = d.dp, d.prog
+    """d: a running Daemon (read through cfg, backend_view(), health, programmer, dp)."""
+    dp, view = d.dp, d.backend_view()
     vips = []
     for v in d.cfg.vips:
-        cur = prog.vips.get(v.ident)
-        (packets, nbytes), per_backend = (dp.vip_counters(cur.vip_id, cur.bids.values())
+        cur = d.programmer.installed(v.ident)
+        (packets, nbytes), per_backend = (dp.vip_counters(cur.vip_id, cur.backends.values())
                                           if cur else ((0, 0), {}))
         backends = []
         for b in v.backends:
             addr = str(b.address)
-            bid = cur.bids.get(b.address) if cur else None
+            bid = cur.backends.get(b.address) if cur else None
             bp, bb = per_backend.get(bid, (0, 0))
-            admin = d._admin_of(v.name, addr)
-            up = d._up_of(v.name, addr)
-            verdict = d.verdicts.get((v.name, addr))
-            last = verdict.last if verdict else None
+            pair = view[(v.name, addr)]
+            last = pair.last
             backends.append({
                 # the state the data path applies (a health flip is in `healthy` at once
                 # and in `state` once the maps have it, within HEALTH_BATCH_S)
                 "address": addr,
-                "state": d.applied.get((v.name, addr), effective(admin, up).state),
-                "healthy": up,
-                "weight": b.weight, "packets": bp, "bytes": bb, "admin_state": admin,
+                "state": pair.state,
+                "healthy": pair.healthy,
+                "weight": b.weight, "packets": bp, "bytes": bb, "admin_state": pair.admin,
                 "last_check": last.reason if last else ("not checked" if v.health.type != "none"
                                                         else "health checks off"),
                 "last_check_ok": last.ok if last else None,
                 "latency_ms": round(last.latency_s * 1e3, 3) if last else None,
                 "last_check_at": round(last.at, 3) if last else None,
-                "checks": verdict.checks if verdict else 0,
+                "checks": pair.checks,
             })
         vips.append({"name": v.name, "address": str(v.address), "port": v.port,
                      "protocol": v.protocol, "packets": packets, "bytes": nbytes,
                      "backends": backends})
     doc = {"vips": vips, "global": global_section(dp.global_counters())}
-    s = getattr(d, "scheduler", None)
-    if s is not None:
-        # the Scheduler's own figures (extra keys: the spec's top level stays vips/global)
-        doc["global"]["health_checks"] = {
-            "probes": len(s.intervals), "checks_run": s.probes_run, "in_flight": s.in_flight,
-            "max_lag_s": round(s.lag_max, 6), "callback_errors": s.errors}
+    figures = d.health.figures()
+    if figures is not None:
+        # the health scheduler's own figures (extra keys: the spec's top level stays
+        # vips/global)
+        doc["global"]["health_checks"] = figures
     return doc
 
 
