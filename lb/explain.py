@@ -37,6 +37,8 @@ def explain_running(d, proto_name: str, src: str, sport: int, dst: str, dport: i
         raise KeyError(f"{dst}:{dport}/{proto_name} is not a VIP")
     ident = (vip.address, vip.port, proto)
     cur, ring = d.programmer.installed(ident), d.programmer.ring(ident)
+    if cur is None or ring is None:
+        raise KeyError(f"VIP {vip.name} has no ring installed")
     src_only = vip.hash == "src_ip"
     h = flow_hash(proto, srca, sport, dsta, dport, src_only)
     slot = h % len(ring)
