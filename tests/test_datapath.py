@@ -21,7 +21,7 @@ from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6, IPv6ExtHdrDestOpt,
                                 IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
 from scapy.layers.l2 import ARP, Dot1Q
 
-from lb import layout as L
+from lb import layout
 from lb.datapath import Limits
 from lb.errors import BpfError
 from lb.specs import VipSpec
@@ -32,7 +32,7 @@ from packets import (A, TCP_P, UDP_P, Flow, LbEnv, assert_globals, be, check_enc
 
 RING = 1009
 GUE_PORT = 6635
-GUE = dict(encap=L.ENCAP_GUE, gue_port=GUE_PORT)
+GUE = dict(encap=layout.ENCAP_GUE, gue_port=GUE_PORT)
 
 B4 = (be("10.1.0.11"), be("10.1.0.12", weight=2), be("10.1.0.13"))
 B4_P0 = (be("10.1.1.21"), be("10.1.1.22"))
@@ -199,18 +199,18 @@ ROWS += [
           True, True, True),
     drops("too-big-mtu-0", t4(V4), "drop_too_big", {"mtu": 0}, True, True, True),
     # XDP_REDIRECT toward tx_port (slot set to lo by the test)
-    fwd("redirect-4in4", t4(V4), {"tx_mode": L.TX_REDIRECT}, verdict="redirect"),
+    fwd("redirect-4in4", t4(V4), {"tx_mode": layout.TX_REDIRECT}, verdict="redirect"),
     fwd("redirect-gue-zero-csum", u4(V4_6, l4={"chksum": 0}),
-        dict(GUE, tx_mode=L.TX_REDIRECT), zero_csum=True, verdict="redirect"),
-    fwd("redirect-gue-6in6", u6(V6), dict(GUE, tx_mode=L.TX_REDIRECT), verdict="redirect"),
+        dict(GUE, tx_mode=layout.TX_REDIRECT), zero_csum=True, verdict="redirect"),
+    fwd("redirect-gue-6in6", u6(V6), dict(GUE, tx_mode=layout.TX_REDIRECT), verdict="redirect"),
     # redirect mode but no egress port in tx_port (not set yet, or the device went away):
     # a drop, counted as one (egress unresolved), not as a redirect
     Row("redirect-no-tx-port", t4(V4), "drop", "encap",
         {"rx": 1, "drop": 1, "drop_no_nexthop": 1, "flow_miss": 1},
-        {"tx_mode": L.TX_REDIRECT}, vip_hit=True, flow_entry=True),
+        {"tx_mode": layout.TX_REDIRECT}, vip_hit=True, flow_entry=True),
     Row("redirect-no-tx-port-gue-zero-csum", u4(V4, l4={"chksum": 0}), "drop", "encap",
         {"rx": 1, "drop": 1, "drop_no_nexthop": 1, "flow_miss": 1},
-        dict(GUE, tx_mode=L.TX_REDIRECT), vip_hit=True, flow_entry=True, zero_csum=True),
+        dict(GUE, tx_mode=layout.TX_REDIRECT), vip_hit=True, flow_entry=True, zero_csum=True),
     # VIP with no usable backend; unresolved next hop
     drops("no-backend-maint-down", t4(V4_NB), "drop_no_backend", None, True, False, True),
     drops("no-backend-drain-only", t4(V4_DR), "drop_no_backend", None, True, False, True),
@@ -347,9 +347,9 @@ def test_rows_cover_every_backend_family_and_encap(env):
         flow = parse_input(row.data)[0]
         exp = env.expect(flow)
         seen.add((flow.dst.version, exp.backend.address.version, flow.proto,
-                  row.cfg.get("encap", L.ENCAP_IPIP)))
+                  row.cfg.get("encap", layout.ENCAP_IPIP)))
     want = {(i, o, p, e) for i in (4, 6) for o in (4, 6) for p in (TCP_P, UDP_P)
-            for e in (L.ENCAP_IPIP, L.ENCAP_GUE)}
+            for e in (layout.ENCAP_IPIP, layout.ENCAP_GUE)}
     assert want <= seen, f"missing {want - seen}"
 
 
@@ -531,7 +531,7 @@ def test_check_encap_catches_every_byte(env, rid):
     with pytest.raises(AssertionError):
         check_encap(out[:-1], data, **kw)
     # a different expected hash is noticed wherever the hash shows (flow label, GUE sport)
-    if exp.backend.address.version == 6 or row.cfg.get("encap") == L.ENCAP_GUE:
+    if exp.backend.address.version == 6 or row.cfg.get("encap") == layout.ENCAP_GUE:
         with pytest.raises(AssertionError):
             check_encap(out, data, **dict(kw, hash_=kw["hash_"] ^ 1))
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from lb import layout as L
+from lb import layout
 from lb.datapath import Limits
 from lb.specs import VipSpec
 
@@ -83,17 +83,27 @@ def resend(env, flows):
     return got, env.delta(before)
 
 
-def test_flow_keeps_backend_when_ring_changes(env):
-    base = [be("10.5.0.1"), be("10.5.0.2")]
-    s0 = spec(base)
+def established(env, s0: VipSpec, n: int, seed: int):
+    """`s0` applied and n random flows to it established: (flows, {flow: backend})."""
     env.apply([s0])
-    flows = rand_flows(300, s0, 1)
-    placed = establish(env, s0, flows)
+    flows = rand_flows(n, s0, seed)
+    return flows, establish(env, s0, flows)
 
-    s1 = spec(base + [be(f"10.5.0.{i}") for i in range(3, 9)])
+
+def grown_after_establish(env, net: str, n: int, seed: int):
+    """A VIP on backends net.1 and net.2 with n flows established, then grown to net.1-8:
+    (the grown spec, the flows, {flow: backend placed on}, {flow: backend of the new ring})."""
+    base = [be(f"{net}.1"), be(f"{net}.2")]
+    flows, placed = established(env, spec(base), n, seed)
+    s1 = spec(base + [be(f"{net}.{i}") for i in range(3, 9)])
     env.apply([s1])
     ring1 = env.ring(s1)
-    redirected = [f for f in flows if env.expect(f, ring1).backend.address != placed[f]]
+    return s1, flows, placed, {f: env.expect(f, ring1).backend.address for f in flows}
+
+
+def test_flow_keeps_backend_when_ring_changes(env):
+    s1, flows, placed, now = grown_after_establish(env, "10.5.0", 300, 1)
+    redirected = [f for f in flows if now[f] != placed[f]]
     assert len(redirected) > 150, "ring change should re-point most slots"
 
     got, d = resend(env, flows)
@@ -113,9 +123,7 @@ def test_flow_keeps_backend_when_ring_changes(env):
 def test_flows_move_off_unusable_backend(env, state):
     names = ["10.6.0.1", "10.6.0.2", "10.6.0.3"]
     s0 = spec([be(n) for n in names])
-    env.apply([s0])
-    flows = rand_flows(400, s0, 3)
-    placed = establish(env, s0, flows)
+    flows, placed = established(env, s0, 400, 3)
     victim = A(names[1])
     on_victim = [f for f in flows if placed[f] == victim]
     others = [f for f in flows if placed[f] != victim]
@@ -150,9 +158,7 @@ def test_flows_move_off_unusable_backend(env, state):
 def test_flows_stay_on_draining_backend(env):
     names = ["10.7.0.1", "10.7.0.2", "10.7.0.3"]
     s0 = spec([be(n) for n in names])
-    env.apply([s0])
-    flows = rand_flows(300, s0, 4)
-    placed = establish(env, s0, flows)
+    flows, placed = established(env, s0, 300, 4)
     victim = A(names[0])
     assert sum(1 for a in placed.values() if a == victim) > 50
 
@@ -181,9 +187,7 @@ def test_flows_stay_on_draining_backend(env):
 def test_all_draining_keeps_old_flows_drops_new(env):
     names = ["fd00:8::1", "fd00:8::2"]
     s0 = spec([be(n) for n in names], addr=VIP6, proto=UDP_P, port=5000)
-    env.apply([s0])
-    flows = rand_flows(100, s0, 6)
-    placed = establish(env, s0, flows)
+    flows, placed = established(env, s0, 100, 6)
     s1 = spec([be(n, state="drain") for n in names], addr=VIP6, proto=UDP_P, port=5000)
     env.apply([s1])
     assert set(env.ring(s1)) == {0}
@@ -206,9 +210,7 @@ def test_all_draining_keeps_old_flows_drops_new(env):
 def test_removed_backend_flows_move_others_stay(env):
     names = [f"10.9.0.{i}" for i in range(1, 6)]
     s0 = spec([be(n) for n in names])
-    env.apply([s0])
-    flows = rand_flows(500, s0, 8)
-    placed = establish(env, s0, flows)
+    flows, placed = established(env, s0, 500, 8)
     victim = A(names[2])
     vbid = env.bid_of(s0, victim)
     on_victim = [f for f in flows if placed[f] == victim]
@@ -291,14 +293,14 @@ def test_flow_entry_of_other_vip_id_is_not_honoured(env):
     env.apply([v1, v2])
     f = rand_flows(1, v1, 12)[0]
     foreign = env.bid_of(v2, A("10.11.0.9"))
-    env.dp.maps["flows"].update(f.key(), L.FlowVal(backend_id=foreign))
+    env.dp.maps["flows"].update(f.key(), layout.FlowVal(backend_id=foreign))
     env.dp.clear_flow_cache()  # user space edited `flows`: drop cached copies
     before = env.snapshot()
     assert send(env, f) == ("tx", A("10.11.0.1"))
     assert_globals(env.delta(before).glob, {"rx": 1, "tx": 1, "flow_moved": 1})
     assert env.dp.flow_backend(f.key()) == env.bid_of(v1, A("10.11.0.1"))
     # an entry naming a nonexistent id (beyond the table) is re-hashed too
-    env.dp.maps["flows"].update(f.key(), L.FlowVal(backend_id=0xFFFFFFF0))
+    env.dp.maps["flows"].update(f.key(), layout.FlowVal(backend_id=0xFFFFFFF0))
     env.dp.clear_flow_cache()
     before = env.snapshot()
     assert send(env, f) == ("tx", A("10.11.0.1"))
@@ -379,15 +381,7 @@ def syn(f: Flow) -> bytes:
 def test_syn_takes_the_ring_and_replaces_the_entry(env, one_cpu):
     """A SYN opens a connection: it goes where the ring says now (not where an old entry
     with the same 5-tuple points), and the rest of that connection follows it."""
-    base = [be("10.14.0.1"), be("10.14.0.2")]
-    s0 = spec(base)
-    env.apply([s0])
-    flows = rand_flows(200, s0, 16)
-    placed = establish(env, s0, flows)
-    s1 = spec(base + [be(f"10.14.0.{i}") for i in range(3, 9)])
-    env.apply([s1])
-    ring1 = env.ring(s1)
-    now = {f: env.expect(f, ring1).backend.address for f in flows}
+    _, flows, placed, now = grown_after_establish(env, "10.14.0", 200, 16)
     assert sum(now[f] != placed[f] for f in flows) > 100
 
     before = env.snapshot()
@@ -404,9 +398,7 @@ def test_syn_never_goes_to_a_draining_backend(env):
     """Established flows stay on a draining backend; a new connection reusing one of
     their 5-tuples does not."""
     s0 = spec([be("10.15.0.1"), be("10.15.0.2")])
-    env.apply([s0])
-    flows = rand_flows(100, s0, 17)
-    placed = establish(env, s0, flows)
+    flows, placed = established(env, s0, 100, 17)
     on_b = [f for f in flows if placed[f] == A("10.15.0.2")]
     assert on_b
     env.apply([spec([be("10.15.0.1"), be("10.15.0.2", state="drain")])])
