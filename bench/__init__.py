@@ -24,8 +24,10 @@ Commands (see ``python -m bench --help``):
 Everything loads real BPF programs, so it runs as root, like the tests.
 """
 
+import json
 import os
 from pathlib import Path
+from typing import Callable, Optional
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -35,3 +37,49 @@ def results_dir(out=None) -> Path:
     d = Path(out) if out else RESULTS_DIR
     os.makedirs(d, exist_ok=True)
     return d
+
+
+def publish(doc: dict, out, name: str, plot: Optional[Callable] = None,
+            show: Optional[Callable] = None) -> Path:
+    """Writes `doc` to <out>/<name>.json; then plot(doc, <out>/<name>.png), whose path
+    goes into doc["plot"] (not into the file), and show(doc, json path) to print it."""
+    d = results_dir(out)
+    path = d / f"{name}.json"
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    if plot is not None:
+        doc["plot"] = str(plot(doc, d / f"{name}.png"))
+    if show is not None:
+        show(doc, path)
+    return path
+
+
+def subplots(*args, **kwargs):
+    """matplotlib's (figure, axes), drawn off-screen (no display on the test machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def log_x_axes(axes, xlabel: str, legend_size: int, log_y: bool = False) -> None:
+    """Axes over counts that span decades (services, backends)."""
+    for a in axes:
+        a.set_xscale("log")
+        if log_y:
+            a.set_yscale("log")
+        a.set_xlabel(xlabel)
+        a.grid(True, which="both" if log_y else "major", alpha=0.3)
+        a.legend(fontsize=legend_size)
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

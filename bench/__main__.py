@@ -13,13 +13,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="output directory (default bench/results)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    def rounds_arg(sp, prefix=""):
+        sp.add_argument(f"--{prefix}rounds", type=int, default=7,
+                        help="interleaved floor/case rounds; medians are reported")
+
     def cost_args(sp):
         sp.add_argument("--repeat", type=int, default=500_000,
                         help="runs per BPF_PROG_TEST_RUN (hit and pass cases, floor)")
         sp.add_argument("--syn-repeat", type=int, default=100_000,
                         help="runs per BPF_PROG_TEST_RUN for tcp_syn (each a new flow)")
-        sp.add_argument("--rounds", type=int, default=7,
-                        help="interleaved floor/case rounds; medians are reported")
+        rounds_arg(sp)
         sp.add_argument("--cpu", type=int, help="CPU to pin to (default: the last one)")
         sp.add_argument("--backends", type=int, default=100)
         sp.add_argument("--ring-size", type=int, default=65537)
@@ -34,8 +37,7 @@ def main(argv=None) -> int:
         sp.add_argument("--no-plot", action="store_true")
 
     def pktgen_args(sp, prefix=""):
-        sp.add_argument(f"--{prefix}rounds", type=int, default=7,
-                        help="interleaved floor/case rounds; medians are reported")
+        rounds_arg(sp, prefix)
         sp.add_argument(f"--{prefix}duration", type=float, default=0.5,
                         help="seconds of traffic per measurement (sizes the count)")
         sp.add_argument("--size", type=int, default=64, help="frame bytes (IPv6: >= 80)")
@@ -95,7 +97,20 @@ def main(argv=None) -> int:
                                           "all"):
         print("bench: loads BPF programs: run as root", file=sys.stderr)
         return 2
-    if args.cmd in ("cost", "all"):
+
+    def runs(cmd: str, gap: bool = True) -> bool:
+        """Whether `cmd` runs; under `all`, a blank line before its output (gap)."""
+        if args.cmd not in (cmd, "all"):
+            return False
+        if gap and args.cmd == "all":
+            print()
+        return True
+
+    def opt(prefix: str, name: str):
+        """An option that `all` takes with a prefix (--pktgen-rounds), the command without."""
+        return getattr(args, f"{prefix}_{name}" if args.cmd == "all" else name)
+
+    if runs("cost", gap=False):
         from .cost import run_cost
 
         r = run_cost(out, args.repeat, args.syn_repeat, args.rounds, args.cpu, args.backends,
@@ -103,31 +118,25 @@ def main(argv=None) -> int:
         if not all(c["ok"] for c in r["cases"].values()) or not r["floor"]["ok"]:
             print("bench: a case did not take the path it names (see verdicts)", file=sys.stderr)
             return 1
-    if args.cmd in ("vipscale", "all"):
+    if runs("vipscale"):
         from .vipscale import run_vipscale
 
-        if args.cmd == "all":
-            print()
         r = run_vipscale(out, rounds=getattr(args, "vip_rounds", 5))
         if not r["ok"]:
             print("bench: a VIP-scaling run did not take the flow-hit path", file=sys.stderr)
             return 1
-    if args.cmd in ("maglev", "all"):
+    if runs("maglev"):
         from .maglev import run_maglev
 
-        if args.cmd == "all":
-            print()
         run_maglev(out, trials=args.trials, builds=args.builds, plot=not args.no_plot)
-    if args.cmd in ("reload", "all"):
+    if runs("reload", gap=False):
         from .reload import run_reload
 
         run_reload(out)
     rc = 0
-    if args.cmd in ("health", "all"):
+    if runs("health"):
         from .health import run_health
 
-        if args.cmd == "all":
-            print()
         doc = run_health(out, n=getattr(args, "health_backends", 1000),
                          window=getattr(args, "window", 8.0),
                          rounds=getattr(args, "health_rounds", 3),
@@ -135,25 +144,20 @@ def main(argv=None) -> int:
         if not doc["every_backend_probed_within_interval"]:
             print("bench: some backend was not probed within its interval", file=sys.stderr)
             rc = 1
-    if args.cmd in ("pktgen", "all"):
+    if runs("pktgen"):
         from .pktgen import run_pktgen
 
-        if args.cmd == "all":
-            print()
-        rounds = args.pktgen_rounds if args.cmd == "all" else args.rounds
-        duration = args.pktgen_duration if args.cmd == "all" else args.duration
-        r = run_pktgen(out, rounds=rounds, duration=duration, size=args.size,
+        r = run_pktgen(out, rounds=opt("pktgen", "rounds"),
+                       duration=opt("pktgen", "duration"), size=args.size,
                        flows=args.flows, threads=args.threads, rate=args.rate,
                        count=args.count, cases=args.pktgen_cases, generator=args.generator)
         if not all(c["ok"] and c["floor_ok"] for c in r["cases"].values()):
             print("bench: a pktgen case did not take the path it names", file=sys.stderr)
             rc = 1
-    if args.cmd in ("iptables", "all"):
+    if runs("iptables"):
         from .iptables import run_sweep
 
-        if args.cmd == "all":
-            print()
-        services = args.sweep_services if args.cmd == "all" else args.services
+        services = opt("sweep", "services")
         try:
             counts = tuple(int(x) for x in services.split(","))
         except ValueError:
@@ -161,15 +165,12 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         run_sweep(out, services=counts,
-                  rounds=args.sweep_rounds if args.cmd == "all" else args.rounds,
-                  duration=args.sweep_duration if args.cmd == "all" else args.duration,
+                  rounds=opt("sweep", "rounds"), duration=opt("sweep", "duration"),
                   endpoints=args.endpoints, variant=args.iptables,
                   scaling_rounds=args.scaling_rounds)
-    if args.cmd in ("summary", "all"):
+    if runs("summary"):
         from .summary import run_summary
 
-        if args.cmd == "all":
-            print()
         run_summary(out)
     return rc
 

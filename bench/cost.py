@@ -39,7 +39,6 @@ from __future__ import annotations
 import ctypes
 import datetime
 import ipaddress
-import json
 import os
 import platform
 import statistics
@@ -49,22 +48,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lb import layout as L
-from lb import maglev, native
+from lb import layout, maglev, native
 from lb.datapath import Datapath, EgressConfig, Limits
 from lb.flowhash import prefilter_index
 from lb.programmer import Programmer
 from lb.specs import BackendSpec, VipSpec, backend_key
 
-from . import frames as F
-from . import results_dir
+from . import frames, publish
+from .benchobj import B_FLOOR_TX, B_RUNS, BenchObject
 
 # Ratio targets (printed, not asserted).
 TARGETS = {"tcp_hit": 2.6, "tcp_syn": 5.2, "udp_hit": 2.6, "ipv6_hit": 2.6, "gue_hit": 3.8,
            "pass_v4": 1.2, "pass_v6": 1.2}
 MAGLEV_BUILD_TARGET_MS = 2.0
-
-B_RUNS, B_FLOOR_TX = 0, 1  # bench_stats indexes (bench.bpf.c)
 
 VIP4 = ipaddress.ip_address("10.0.0.10")
 VIP6 = ipaddress.ip_address("fd00::10")
@@ -85,7 +81,7 @@ class Case:
     name: str
     frame: bytes
     expect: tuple          # counters that must equal the number of runs
-    encap: int = L.ENCAP_IPIP
+    encap: int = layout.ENCAP_IPIP
     prewarm: bool = False  # run once before measuring, so the flow is in the table
     syn: bool = False      # vary source port + low half of the source address per run
     zero: tuple = ()       # counters that must stay 0
@@ -133,28 +129,29 @@ def make_cases() -> list[Case]:
     pass6 = _non_vip(["fd00::99", "fd00::98", "fd00::97", "fd00:1::99"], [VIP4, VIP6])
     fwd = ("rx", "tx")
     return [
-        Case("tcp_hit", F.frame(6, "192.168.1.1", 40001, str(VIP4), 80, FRAME_SIZE),
+        Case("tcp_hit", frames.frame(6, "192.168.1.1", 40001, str(VIP4), 80, FRAME_SIZE),
              fwd + ("flow_hit",), prewarm=True, zero=("flow_miss", "flow_moved")),
-        Case("tcp_syn", F.frame(6, "172.16.0.0", 1, str(VIP4), 80, FRAME_SIZE, F.TCP_SYN),
+        Case("tcp_syn", frames.frame(6, "172.16.0.0", 1, str(VIP4), 80, FRAME_SIZE,
+                                     frames.TCP_SYN),
              fwd + ("flow_miss",), syn=True,
              zero=("flow_hit", "flow_moved", "flow_insert_limited")),
-        Case("tcp_syn_limited", F.frame(6, "172.16.0.0", 1, str(VIP4), 80, FRAME_SIZE,
-                                        F.TCP_SYN),
+        Case("tcp_syn_limited", frames.frame(6, "172.16.0.0", 1, str(VIP4), 80, FRAME_SIZE,
+                                             frames.TCP_SYN),
              fwd + ("flow_miss", "flow_insert_limited"), syn=True, insert_limit=1, slack=16,
              zero=("flow_hit", "flow_moved"),
              note="over flow_insert_limit: forwarded by the ring, not inserted (what "
                   "Katran does beyond MAX_CONN_RATE)"),
-        Case("udp_hit", F.frame(17, "192.168.1.2", 40002, str(VIP4), 53, FRAME_SIZE),
+        Case("udp_hit", frames.frame(17, "192.168.1.2", 40002, str(VIP4), 53, FRAME_SIZE),
              fwd + ("flow_hit",), prewarm=True, zero=("flow_miss", "flow_moved")),
-        Case("ipv6_hit", F.frame(6, "fd02::1", 40003, str(VIP6), 80, FRAME_SIZE_V6),
+        Case("ipv6_hit", frames.frame(6, "fd02::1", 40003, str(VIP6), 80, FRAME_SIZE_V6),
              fwd + ("flow_hit",), prewarm=True, zero=("flow_miss", "flow_moved"),
              note="IP6IP6"),
-        Case("gue_hit", F.frame(6, "192.168.1.3", 40004, str(VIP4), 80, FRAME_SIZE),
-             fwd + ("flow_hit",), encap=L.ENCAP_GUE, prewarm=True,
+        Case("gue_hit", frames.frame(6, "192.168.1.3", 40004, str(VIP4), 80, FRAME_SIZE),
+             fwd + ("flow_hit",), encap=layout.ENCAP_GUE, prewarm=True,
              zero=("flow_miss", "flow_moved", "gue_zero_csum"), note="GUE over IPv4"),
-        Case("pass_v4", F.frame(6, "192.168.1.4", 40005, str(pass4), 80, FRAME_SIZE),
+        Case("pass_v4", frames.frame(6, "192.168.1.4", 40005, str(pass4), 80, FRAME_SIZE),
              ("rx", "pass"), zero=("tx", "drop")),
-        Case("pass_v6", F.frame(6, "fd02::2", 40006, str(pass6), 80, FRAME_SIZE_V6),
+        Case("pass_v6", frames.frame(6, "fd02::2", 40006, str(pass6), 80, FRAME_SIZE_V6),
              ("rx", "pass"), zero=("tx", "drop")),
     ]
 
@@ -180,11 +177,8 @@ class CostBench:
                         VipSpec(VIP6, 80, 6, b6, ring_size=ring_size)]
             self.programmer = Programmer(self.dp)
             self.programmer.apply(list(vips), macs={"nh": NEXTHOP_MAC})
-            self.bench = native.Skeleton("bench")
-            self.bench.load()
+            self.bench = BenchObject()
             self.target = self.bench.map("bench_target")
-            self.template = self.bench.map("bench_template")
-            self.stats = self.bench.map("bench_stats")
             self.restore_fd = self.bench.prog_fd("bench_restore")
             self.floor_fd = self.bench.prog_fd("bench_floor")
             self._encap = None
@@ -195,7 +189,6 @@ class CostBench:
     def close(self) -> None:
         if self.bench is not None:
             self.bench.close()
-            self.bench = None
         self.dp.close()
 
     def __enter__(self) -> "CostBench":
@@ -215,27 +208,20 @@ class CostBench:
     def set_template(self, frame: bytes, syn: bool = False, gen_cfg=None) -> None:
         """gen_cfg: a bench/pktgen.py GenCfg, to vary flows per run as the live generator
         does (None: the template alone, syn varying as below)."""
-        if len(frame) % 8 or len(frame) > F.TMPL_MAX:
-            raise ValueError(f"template of {len(frame)} bytes: multiple of 8, <= {F.TMPL_MAX}")
-        t = L.BenchTemplate()
-        t.len = len(frame)
-        t.data[:len(frame)] = frame
+        if len(frame) % 8 or len(frame) > frames.TMPL_MAX:
+            raise ValueError(f"template of {len(frame)} bytes: multiple of 8, "
+                             f"<= {frames.TMPL_MAX}")
+        vary = vary2 = 0
         if syn:
-            t.vary, t.vary_off = 1, F.V4_L4 if frame[12:14] == b"\x08\x00" else F.V6_L4
-            t.vary2, t.vary2_off = 1, F.V4_SADDR_LO if frame[12:14] == b"\x08\x00" else 0
-            if not t.vary2_off:
+            if frame[12:14] != b"\x08\x00":
                 raise ValueError("vary2 is set up for IPv4 SYN templates only")
-        self.template.update(ctypes.c_uint32(0), t)
-        gen = self.bench.map("bench_gen_cfg")
-        gen.update(ctypes.c_uint32(0), gen_cfg if gen_cfg is not None else bytes(gen.value_size))
+            vary, vary2 = frames.V4_L4, frames.V4_SADDR_LO
+        self.bench.set_template(frame, vary, vary2)
+        self.bench.set_gen_cfg(gen_cfg)
 
     def bench_counters(self) -> list[int]:
         """bench_stats per CPU: [(RUNS, FLOOR_TX) per CPU]."""
-        out = []
-        for idx in (B_RUNS, B_FLOOR_TX):
-            out.append([struct.unpack("=Q", v[:8])[0]
-                        for v in self.stats.lookup_percpu(ctypes.c_uint32(idx))])
-        return out
+        return [self.bench.stat(B_RUNS), self.bench.stat(B_FLOOR_TX)]
 
     def counters(self) -> dict:
         g = self.dp.global_counters()
@@ -273,13 +259,13 @@ def _syn_round(frame: bytes, rnd: int) -> bytes:
     """The SYN template of round `rnd` (-1: warm-up): its own /16 of source addresses, so
     flows never repeat even if the per-CPU run counter did."""
     b = bytearray(frame)
-    b[F.V4_SADDR + 1] = (17 + rnd) & 0xFF
+    b[frames.V4_SADDR + 1] = (17 + rnd) & 0xFF
     return bytes(b)
 
 
-def syn_flow_key(frame: bytes, run: int) -> L.FlowKey:
-    f = F.vary(frame, run, F.V4_L4, F.V4_SADDR_LO)
-    return L.flow_key(*F.parse_tuple(f))
+def syn_flow_key(frame: bytes, run: int) -> layout.FlowKey:
+    f = frames.vary(frame, run, frames.V4_L4, frames.V4_SADDR_LO)
+    return layout.flow_key(*frames.parse_tuple(f))
 
 
 OPS = {"helper_call": 1, "hash20_lookup": 2, "lru40_lookup": 3, "array_lookup": 4,
@@ -472,12 +458,7 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
     if calib is not None:
         result["primitives_ns"] = calib
 
-    path = results_dir(out) / "cost.json"
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    if not quiet:
-        print_cost(result, path)
+    publish(result, out, "cost", show=None if quiet else print_cost)
     return result
 
 

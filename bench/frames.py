@@ -1,14 +1,18 @@
-"""Test frames for the benchmarks: Ethernet + IPv4/IPv6 + TCP/UDP with valid checksums,
-built with struct (no scapy), each a multiple of 8 bytes (bench_restore copies 8 at a time)
-and at most 256 bytes (the size of the bench template).
+"""The one raw frame builder: Ethernet + IPv4/IPv6 + TCP/UDP with valid checksums, packed
+with struct (no scapy: the tests' bulk flows and the benchmarks build many). The benchmarks
+and the tests (tests/packets.py) both use it; scapy stays for parsing and for rows checked
+field by field.
 
-Offsets below are what bench_restore's vary/vary2 fields point at.
+Offsets below are what bench_restore's vary/vary2 fields and bench_gen's fields point at.
+Templates of bench_restore are a multiple of 8 bytes (it copies 8 at a time) and at most
+TMPL_MAX bytes (the size of the bench template); CostBench checks that.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import Optional
 
 ETH_HLEN = 14
 TMPL_MAX = 256
@@ -18,6 +22,10 @@ V4_SADDR = ETH_HLEN + 12
 V4_SADDR_LO = ETH_HLEN + 14   # low half of the source address (vary2)
 V4_L4 = ETH_HLEN + 20         # source port (vary)
 V6_L4 = ETH_HLEN + 40
+# the 16-bit fields bench_gen varies, per family
+V4 = {"ip_csum": 24, "saddr_hi": V4_SADDR, "saddr_lo": V4_SADDR_LO, "daddr_hi": 30,
+      "daddr_lo": 32, "l4": V4_L4}
+V6 = {"saddr_hi": 34, "saddr_lo": 36, "daddr_lo": 52, "l4": V6_L4}
 
 TCP_SYN, TCP_ACK = 0x02, 0x10
 
@@ -25,7 +33,8 @@ SRC_MAC = bytes.fromhex("02000000aa01")
 DST_MAC = bytes.fromhex("02000000aa02")
 
 
-def _csum(data: bytes) -> int:
+def checksum(data: bytes) -> int:
+    """RFC 1071 Internet checksum (0 over data that carries a valid one)."""
     if len(data) % 2:
         data += b"\0"
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -34,50 +43,53 @@ def _csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def _l4(proto: int, sport: int, dport: int, payload: bytes, flags: int) -> bytes:
-    if proto == 6:
-        return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0) + payload
-    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+def pseudo_header(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
+    """The TCP/UDP pseudo header of packed IPv4 (4-byte) or IPv6 (16-byte) addresses."""
+    if len(src) == 4:
+        return src + dst + struct.pack("!BBH", 0, proto, length)
+    return src + dst + struct.pack("!IxxxB", length, proto)
 
 
-def _with_l4_csum(proto: int, seg: bytes, pseudo: bytes) -> bytes:
-    c = _csum(pseudo + seg)
+def with_l4_csum(proto: int, seg: bytes, pseudo: bytes) -> bytes:
+    """`seg` with its TCP/UDP checksum set (the field must hold 0)."""
+    c = checksum(pseudo + seg)
     if proto == 17 and c == 0:
         c = 0xFFFF
     off = 16 if proto == 6 else 6
     return seg[:off] + struct.pack("!H", c) + seg[off + 2:]
 
 
-def frame(proto: int, src: str, sport: int, dst: str, dport: int, size: int = 64,
-          flags: int = TCP_ACK) -> bytes:
-    """An Ethernet frame of exactly `size` bytes (multiple of 8, <= 256): the IP packet fills
-    it (payload bytes 'x'), so IP lengths and frame length agree."""
+def _l4(proto: int, sport: int, dport: int, payload: bytes, flags: int) -> bytes:
+    if proto == 6:
+        return struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0) + payload
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def frame(proto: int, src, sport: int, dst, dport: int, size: int = 64,
+          flags: int = TCP_ACK, smac: bytes = SRC_MAC, dmac: bytes = DST_MAC,
+          payload: Optional[bytes] = None) -> bytes:
+    """A TCP (proto 6) or UDP (17) frame with IP lengths matching it and checksums valid.
+    Without `payload` it is exactly `size` bytes (payload bytes 'x' fill it, any size from
+    the headers up); with `payload`, `size` is ignored."""
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     if s.version != d.version:
         raise ValueError("source and destination of one family")
-    if size % 8 or size > TMPL_MAX:
-        raise ValueError(f"frame size {size}: must be a multiple of 8 and <= {TMPL_MAX}")
-    l3 = 20 if s.version == 4 else 40
-    l4 = 20 if proto == 6 else 8
-    plen = size - ETH_HLEN - l3 - l4
-    if plen < 0:
-        raise ValueError(f"frame size {size} too small for the headers")
-    seg = _l4(proto, sport, dport, b"x" * plen, flags)
+    if payload is None:
+        hdrs = ETH_HLEN + (20 if s.version == 4 else 40) + (20 if proto == 6 else 8)
+        if size < hdrs:
+            raise ValueError(f"frame size {size} too small for the headers ({hdrs})")
+        payload = b"x" * (size - hdrs)
+    seg = _l4(proto, sport, dport, payload, flags)
+    seg = with_l4_csum(proto, seg, pseudo_header(s.packed, d.packed, proto, len(seg)))
     if s.version == 4:
-        pseudo = s.packed + d.packed + struct.pack("!BBH", 0, proto, len(seg))
-        seg = _with_l4_csum(proto, seg, pseudo)
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(seg), 0, 0x4000, 64, proto, 0,
                          s.packed, d.packed)
-        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
         etype = 0x0800
     else:
-        pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(seg), proto)
-        seg = _with_l4_csum(proto, seg, pseudo)
         ip = struct.pack("!IHBB16s16s", 6 << 28, len(seg), proto, 64, s.packed, d.packed)
         etype = 0x86DD
-    out = DST_MAC + SRC_MAC + struct.pack("!H", etype) + ip + seg
-    assert len(out) == size
-    return out
+    return dmac + smac + struct.pack("!H", etype) + ip + seg
 
 
 def vary(frame_bytes: bytes, run: int, vary_off: int = -1, vary2_off: int = -1) -> bytes:

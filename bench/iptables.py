@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-import json
 import shutil
 import statistics
 import subprocess
@@ -44,13 +43,14 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lb import layout as L
+from lb import layout
 from lb.specs import BackendSpec, VipSpec
 
-from . import results_dir
+from . import log_x_axes, publish, save_figure, subplots
 from .cost import machine_info
-from .pktgen import (LbSetup, PktLab, Runner, Traffic, pick_cpus, summarize,
-                     v4_backend)
+from .pktlab import PktLab
+from .runner import LbSetup, Runner, pick_cpus, summarize, v4_backend
+from .traffic import Traffic
 
 SERVICES = (1, 10, 100, 1000, 10000)
 ENDPOINTS = 2          # endpoints (backends) per service
@@ -218,15 +218,8 @@ def run_sweep(out: Optional[str] = None, services: Sequence[int] = SERVICES,
     finally:
         if own_lab:
             lab.down()
-    d = results_dir(out)
-    path = d / "iptables.json"
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-    if plot:
-        doc["plot"] = str(plot_sweep(doc, d / "iptables.png"))
-    if not quiet:
-        print_sweep(doc, path)
+    publish(doc, out, "iptables", plot_sweep if plot else None,
+            None if quiet else print_sweep)
     return doc
 
 
@@ -248,7 +241,7 @@ def _sweep(lab: PktLab, lbs: LbSetup, services, rounds, duration, size, endpoint
     ipt_runner = Runner(lab, None, cpu, batch=batch, duration=duration, count=count,
                         min_count=min(small, 4_000), probe_count=min(small, 4_000))
     floor_fd, pass_fd = lab.prog("bench_floor"), lab.prog("xdp_pass")
-    lbs.configure(L.ENCAP_IPIP, L.TX_XDP_TX)
+    lbs.configure(layout.ENCAP_IPIP, layout.TX_XDP_TX)
     lbs.apply(xdplb_services(services[0], endpoints))
     fill = lbs.fill_flow_table(runner)
     points = []
@@ -425,14 +418,9 @@ def _slim(s: dict) -> dict:
 
 
 def plot_sweep(doc: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts = doc["points"]
     x = [p["services"] for p in pts]
-    fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, ax = subplots(1, 2, figsize=(13, 4.5))
     for kind, style in (("new", "o-"), ("est", "s--")):
         label = "new connections" if kind == "new" else "established flows"
         ax[0].plot(x, [p[kind]["xdplb"]["per_core_mpps"] for p in pts], style,
@@ -449,19 +437,11 @@ def plot_sweep(doc: dict, path: Path) -> Path:
     ax[0].set_ylabel("Mpps")
     ax[1].set_title("cost per packet beyond the floor (ns)")
     ax[1].set_ylabel("ns / packet")
-    for a in ax:
-        a.set_xscale("log")
-        a.set_yscale("log")
-        a.set_xlabel("services (VIPs)")
-        a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=7)
+    log_x_axes(ax, "services (VIPs)", 7, log_y=True)
     m = doc["machine"]
     fig.suptitle(f"xdplb vs kube-proxy-style iptables DNAT ({m['cpu_model']}, kernel "
                  f"{m['kernel']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def print_sweep(doc: dict, path: Path | str = "") -> None:

@@ -18,7 +18,6 @@ Writes maglev.json and maglev.png (matplotlib) into the output directory.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
@@ -29,7 +28,7 @@ from typing import Optional, Sequence
 from lb import maglev
 from lb.specs import backend_key
 
-from . import results_dir
+from . import log_x_axes, publish, save_figure, subplots
 from .cost import machine_info, v4_backend
 
 NS = (10, 100, 1000)
@@ -144,25 +143,13 @@ def run_maglev(out: Optional[str] = None, ns: Sequence[int] = NS, ms: Sequence[i
     result = {"rows": rows, "machine": machine_info(),
               "method": "equal weights, IPv4 backends keyed like lb.specs.backend_key; "
                         "extra_moved = slots changing owner whose owner was not removed"}
-    d = results_dir(out)
-    path = d / "maglev.json"
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    if plot:
-        result["plot"] = str(_plot(rows, d / "maglev.png"))
-    if not quiet:
-        print_maglev(result, path)
+    publish(result, out, "maglev", (lambda doc, path: _plot(rows, path)) if plot else None,
+            None if quiet else print_maglev)
     return result
 
 
 def _plot(rows: list, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, ax = subplots(1, 3, figsize=(15, 4.2))
     for m in sorted({r["m"] for r in rows}):
         rs = [r for r in rows if r["m"] == m]
         x = [r["n"] for r in rs]
@@ -177,16 +164,15 @@ def _plot(rows: list, path: Path) -> Path:
     ax[1].set_title("slots moved beyond the removed backends' own, % of M")
     ax[2].set_title("build time (ms)")
     ax[2].set_yscale("log")
-    for a in ax:
-        a.set_xscale("log")
-        a.set_xlabel("backends N")
-        a.grid(True, alpha=0.3)
-        a.legend(fontsize=8)
+    log_x_axes(ax, "backends N", 8)
     fig.suptitle("xdplb Maglev tables (lb.maglev.build, equal weights)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
+
+
+def _removal_cells(rm: dict) -> str:
+    """own slots, extra moved: count, % of M, % of own."""
+    return (f"{rm['own_slots_mean']:8.0f} {rm['extra_moved_mean']:6.0f} "
+            f"{rm['extra_moved_pct_of_m']:6.3f}% {rm['extra_moved_pct_of_own']:6.1f}%")
 
 
 def print_maglev(r: dict, path: Path | str = "") -> None:
@@ -196,13 +182,9 @@ def print_maglev(r: dict, path: Path | str = "") -> None:
     print(f"{'M':>7} {'N':>5} {'max/mean':>9} {'min/mean':>9} {'build ms':>9} "
           f"{'rm1 own':>8} {'rm1 extra':>22} {'rm10% own':>10} {'rm10% extra':>22}")
     for x in r["rows"]:
-        a, b = x["remove_1"], x["remove_10pct"]
+        one, tenth = _removal_cells(x["remove_1"]), _removal_cells(x["remove_10pct"])
         print(f"{x['m']:7} {x['n']:5} {x['max_over_mean']:9.4f} {x['min_over_mean']:9.4f} "
-              f"{x['build_ms']:9.2f} {a['own_slots_mean']:8.0f} "
-              f"{a['extra_moved_mean']:6.0f} {a['extra_moved_pct_of_m']:6.3f}% "
-              f"{a['extra_moved_pct_of_own']:6.1f}%  {b['own_slots_mean']:8.0f} "
-              f"{b['extra_moved_mean']:6.0f} {b['extra_moved_pct_of_m']:6.3f}% "
-              f"{b['extra_moved_pct_of_own']:6.1f}%")
+              f"{x['build_ms']:9.2f} {one}  {tenth}")
     for x in r["rows"]:
         p = x.get("plain_maglev")
         if p:

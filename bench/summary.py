@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from . import results_dir
+from . import publish, results_dir
 from .cost import machine_info
 
 TARGETS = {"forward_ratio_hit": (">=", 0.85), "iptables_ratio_1000": (">=", 5.0),
@@ -214,9 +214,7 @@ def markdown(s: dict, pk: Optional[dict], sw: Optional[dict]) -> str:
 def run_summary(out: Optional[str] = None, quiet: bool = False) -> dict:
     d = results_dir(out)
     s, pk, sw = build(d)
-    with open(d / "summary.json", "w") as f:
-        json.dump(s, f, indent=2)
-        f.write("\n")
+    publish(s, d, "summary")
     md = markdown(s, pk, sw)
     with open(d / "summary.md", "w") as f:
         f.write(md)

@@ -19,17 +19,16 @@ cost.json); ratio_over_floor subtracts the floor from both.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from typing import Optional
 
 from lb.datapath import Limits
 
-from . import results_dir
+from . import publish
 from .cost import CostBench, _add, machine_info, pick_cpu
 from .iptables import ENDPOINTS, EST_FLOWS, traffic, xdplb_services
-from .pktgen import Traffic
+from .traffic import Traffic
 
 TARGET = 1.10
 MACS = (bytes.fromhex("020000000a01"), bytes.fromhex("020000000a02"))
@@ -143,10 +142,7 @@ def run_vipscale(out: Optional[str] = None, n_lo: int = 1, n_hi: int = 10_000,
            "params": {"pairs": pairs, "rounds": rounds, "repeat": repeat,
                       "flow_table_size": flow_table_size},
            "machine": machine_info(cpu)}
-    path = results_dir(out) / "vipscale.json"
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
+    path = publish(doc, out, "vipscale")
     if not quiet:
         print(f"VIP scaling (BPF_PROG_TEST_RUN, {doc['flows']:,} established flows, "
               f"{pairs} pairs x {rounds} rounds): {n_hi:,} VIPs {doc['ns'][1]:.0f} ns vs "

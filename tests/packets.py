@@ -2,8 +2,9 @@
 
 * `LbEnv`: the real lb.bpf.o loaded with small limits, egress config set, VIPs programmed
   with lb.programmer; runs frames through BPF_PROG_TEST_RUN and snapshots counters.
-* Packet builders (scapy for rows that are checked field by field; plain struct packing
-  for the bulk flows of the agreement test, where scapy would cost ~400 us per packet).
+* Packet builders: scapy for rows that are checked field by field; for the bulk flows of
+  the agreement test (where scapy would cost ~400 us per packet) bench/frames.py, the
+  benchmarks' struct builder.
 * `check_encap`: verifies every outer header field of a forwarded frame against values
   computed here, independently of the data path (own RFC 1071 checksums, own parsing).
 
@@ -20,32 +21,36 @@ import ctypes
 import ipaddress
 import socket
 import struct
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from lb import layout as L
-from lb import native as N
-from lb.datapath import Datapath, EgressConfig, Limits
-from lb.flowhash import flow_hash, prefilter_index
-from lb.programmer import InstalledVip, Programmer
-from lb.specs import BackendSpec, VipSpec, ring_for
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not installed
+
+from bench import frames  # noqa: E402
+from lb import layout, native  # noqa: E402
+from lb.datapath import Datapath, EgressConfig, Limits  # noqa: E402
+from lb.flowhash import flow_hash, prefilter_index  # noqa: E402
+from lb.programmer import InstalledVip, Programmer  # noqa: E402
+from lb.specs import BackendSpec, VipSpec, ring_for  # noqa: E402
 
 A = ipaddress.ip_address
 TCP_P, UDP_P = socket.IPPROTO_TCP, socket.IPPROTO_UDP
-TCP_SYN, TCP_ACK, TCP_SYN_ACK = 0x02, 0x10, 0x12
+TCP_SYN, TCP_ACK, TCP_SYN_ACK = frames.TCP_SYN, frames.TCP_ACK, 0x12
 
 SMAC = bytes.fromhex("020000000001")
 SOURCE_V4 = A("10.0.0.2")
 SOURCE_V6 = A("fd00::2")
 MTU = 1500
-CLIENT_MAC = "02:00:00:00:00:99"  # input frames: src
-LB_MAC = "02:00:00:00:00:01"      # input frames: dst
+CLIENT_MAC = bytes.fromhex("020000000099")  # input frames: src
+LB_MAC = bytes.fromhex("020000000001")      # input frames: dst
 
-DEFAULT_CONFIG = dict(smac=SMAC, encap=L.ENCAP_IPIP, tx_mode=L.TX_XDP_TX,
+DEFAULT_CONFIG = dict(smac=SMAC, encap=layout.ENCAP_IPIP, tx_mode=layout.TX_XDP_TX,
                       source_v4=SOURCE_V4, source_v6=SOURCE_V6, gue_port=6080, mtu=MTU)
 
 COUNTER_NAMES = ("rx", "tx", "redirect", "pass", "drop", "flow_hit", "flow_miss",
@@ -95,7 +100,7 @@ def l4_checksum_ok(src, dst, proto: int, segment: bytes) -> bool:
 # --------------------------------------------------------------------------- packets
 
 def eth(ethertype: Optional[int] = None):
-    e = Ether(src=CLIENT_MAC, dst=LB_MAC)
+    e = Ether(src=CLIENT_MAC.hex(":"), dst=LB_MAC.hex(":"))
     if ethertype is not None:
         e.type = ethertype
     return e
@@ -132,8 +137,8 @@ class Flow:
     dst: ipaddress._BaseAddress
     dport: int
 
-    def key(self) -> L.FlowKey:
-        return L.flow_key(self.proto, self.src, self.sport, self.dst, self.dport)
+    def key(self) -> layout.FlowKey:
+        return layout.flow_key(self.proto, self.src, self.sport, self.dst, self.dport)
 
 
 def parse_input(data: bytes) -> tuple[Flow, bytes, bytes, int]:
@@ -157,20 +162,10 @@ def parse_input(data: bytes) -> tuple[Flow, bytes, bytes, int]:
 def fast_frame(proto: int, src: ipaddress._BaseAddress, sport: int,
                dst: ipaddress._BaseAddress, dport: int, payload: bytes = b"0123456789",
                tcp_flags: int = TCP_ACK) -> bytes:
-    """A valid-enough TCP/UDP frame packed with struct (IPv4 header checksum set; L4
-    checksum left 0, which IPIP encapsulation never looks at). TCP: an ACK by default."""
-    if proto == TCP_P:
-        l4h = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, tcp_flags, 65535, 0, 0)
-    else:
-        l4h = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)
-    seg = l4h + payload
-    if dst.version == 4:
-        h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(seg), 1, 0x4000, 64, proto, 0,
-                        src.packed, dst.packed)
-        h = h[:10] + struct.pack("!H", 0xFFFF - ones_sum(h)) + h[12:]
-        return b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x99\x08\x00" + h + seg
-    h = struct.pack("!IHBB16s16s", 6 << 28, len(seg), proto, 64, src.packed, dst.packed)
-    return b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x99\x86\xdd" + h + seg
+    """A TCP/UDP frame from client to LB built with bench/frames.py (struct packing, for
+    bulk flows). TCP: an ACK by default."""
+    return frames.frame(proto, src, sport, dst, dport, flags=tcp_flags, payload=payload,
+                        smac=CLIENT_MAC, dmac=LB_MAC)
 
 
 def outer_dst(out: bytes) -> ipaddress._BaseAddress:
@@ -294,8 +289,8 @@ class LbEnv:
         return {i: a for a, i in self.vip_state(spec).backends.items()}[bid]
 
     # -- running
-    def run(self, data: bytes) -> N.RunResult:
-        return N.test_run(self.dp.prog_fd, data)
+    def run(self, data: bytes) -> native.RunResult:
+        return native.test_run(self.dp.prog_fd, data)
 
     def flush_flows(self) -> None:
         m = self.dp.maps["flows"]
@@ -340,20 +335,21 @@ def installed_ring(dp: Datapath, ring_id: int, cache: Optional[dict] = None):
     inner_id = ctypes.c_uint32.from_buffer_copy(raw).value
     if cache is not None and inner_id in cache:
         return cache[inner_id]
-    fd = N.lib.bpf_map_get_fd_by_id(inner_id)
+    fd = native.lib.bpf_map_get_fd_by_id(inner_id)
     assert fd >= 0, f"inner ring map {inner_id} vanished"
-    with N.Map.from_fd(fd) as inner:
+    with native.Map.from_fd(fd) as inner:
         m = inner.max_entries
         assert inner.value_size == 4
         keys = array.array("I", bytes(4 * m))
         vals = array.array("I", bytes(4 * m))
-        n = N.ffi.new("__u32 *", m)
-        batch = N.ffi.new("__u32 *")
-        opts = N.ffi.new("struct bpf_map_batch_opts *")
-        opts.sz = N.ffi.sizeof("struct bpf_map_batch_opts")
-        ret = N.lib.bpf_map_lookup_batch(inner.fd, N.ffi.NULL, batch,
-                                         N.ffi.from_buffer("uint32_t[]", keys),
-                                         N.ffi.from_buffer("uint32_t[]", vals), n, opts)
+        n = native.ffi.new("__u32 *", m)
+        batch = native.ffi.new("__u32 *")
+        opts = native.ffi.new("struct bpf_map_batch_opts *")
+        opts.sz = native.ffi.sizeof("struct bpf_map_batch_opts")
+        ret = native.lib.bpf_map_lookup_batch(inner.fd, native.ffi.NULL, batch,
+                                              native.ffi.from_buffer("uint32_t[]", keys),
+                                              native.ffi.from_buffer("uint32_t[]", vals), n,
+                                              opts)
         if n[0] == m and list(keys) == list(range(m)):
             out = vals
         else:  # no batch support: element by element
@@ -396,7 +392,7 @@ def check_encap(out: bytes, data: bytes, *, backend_addr, nh_mac: bytes, hash_: 
     """Every field of the outer headers of a forwarded frame, and the inner packet."""
     flow, inner, padding, tos = parse_input(data)
     inner_v6 = data[12:14] == b"\x86\xdd"
-    gue = cfg["encap"] == L.ENCAP_GUE
+    gue = cfg["encap"] == layout.ENCAP_GUE
     backend_addr = A(str(backend_addr))
     outer_v6 = backend_addr.version == 6
     ol = (40 if outer_v6 else 20) + (8 if gue else 0)

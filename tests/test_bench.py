@@ -20,11 +20,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is run from the repository root, not installed
 
-from bench import frames as F  # noqa: E402
+from bench import frames  # noqa: E402
 from bench.cost import (OPS, TARGETS, CostBench, calibrate, make_cases,  # noqa: E402
                         run_cost)
 from bench.maglev import plain_maglev, quality, run_maglev  # noqa: E402
-from lb import layout as L  # noqa: E402
+from lb import layout  # noqa: E402
 from lb import native  # noqa: E402
 
 CASES = ("tcp_hit", "tcp_syn", "tcp_syn_limited", "udp_hit", "ipv6_hit", "gue_hit", "pass_v4",
@@ -97,7 +97,7 @@ def test_frames_are_valid_packets():
     """Checksums and lengths right (scapy rebuilds them from scratch and gets our bytes)."""
     scapy = pytest.importorskip("scapy.all")
     for c in make_cases():
-        assert len(c.frame) % 8 == 0 and len(c.frame) <= F.TMPL_MAX
+        assert len(c.frame) % 8 == 0 and len(c.frame) <= frames.TMPL_MAX
         pkt = scapy.Ether(c.frame)
         if scapy.IP in pkt:
             del pkt[scapy.IP].chksum
@@ -124,17 +124,17 @@ def test_syn_variation_mirrors_the_kernel():
             for _ in range(3):
                 run = cb.bench_counters()[0][cpu] + 1
                 r = native.test_run(cb.restore_fd, syn.frame)
-                want = F.vary(syn.frame, run, F.V4_L4, F.V4_SADDR_LO)
+                want = frames.vary(syn.frame, run, frames.V4_L4, frames.V4_SADDR_LO)
                 # the floor swapped the MACs; everything after them is the template's
                 assert r.data[12:] == want[12:]
-                keys.add(bytes(L.flow_key(*F.parse_tuple(want))))
+                keys.add(bytes(layout.flow_key(*frames.parse_tuple(want))))
             assert len(keys) == 3
     finally:
         os.sched_setaffinity(0, old)
 
 
 def test_vary_never_repeats_a_flow_across_16_bits():
-    seen = {F.vary(bytes(64), r, F.V4_L4, F.V4_SADDR_LO)[26:36] for r in
+    seen = {frames.vary(bytes(64), r, frames.V4_L4, frames.V4_SADDR_LO)[26:36] for r in
             list(range(1, 200)) + list(range(65530, 65600)) + [131072 + 5, 5 + 65536 * 7]}
     assert len(seen) == 199 + 70 + 2
 

@@ -1,5 +1,5 @@
-"""The packet-rate runner (bench/pktgen.py, bench/iptables.py, bench/summary.py) on small
-counts: real BPF, real namespaces, no timing assertions.
+"""The packet-rate runner (bench/pktgen.py and the modules it uses, bench/iptables.py,
+bench/summary.py) on small counts: real BPF, real namespaces, no timing assertions.
 
 Checked: bench_gen writes exactly the frames the Python mirror predicts (fields varied,
 IPv4 header and TCP/UDP checksums valid, any frame length); its config struct matches the
@@ -11,7 +11,6 @@ DNATs what it should (conntrack entries, every frame to the sink).
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import json
 import math
@@ -25,11 +24,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is run from the repository root, not installed
 
-from bench import frames as F  # noqa: E402
-from bench import iptables as I  # noqa: E402
-from bench import pktgen as P  # noqa: E402
+from bench import frames, iptables  # noqa: E402
+from bench.benchobj import B_GEN, BenchObject  # noqa: E402
+from bench.kernel_pktgen import KernelPktgen  # noqa: E402
+from bench.pktgen import make_cases, run_pktgen  # noqa: E402
+from bench.pktlab import MAC, PktLab  # noqa: E402
+from bench.runner import LbSetup, Runner, lb_vips, pick_cpus  # noqa: E402
 from bench.summary import run_summary  # noqa: E402
-from lb import layout as L  # noqa: E402
+from bench.traffic import (SRC6, VIP6, GenCfg, GenField, Traffic,  # noqa: E402
+                           expected_frame)
 from lb import native  # noqa: E402
 
 from tests.test_layout import BENCH_OBJ, compare  # noqa: E402
@@ -38,7 +41,7 @@ COUNT = 5000
 
 
 def _csum_ok(data: bytes) -> bool:
-    return F._csum(data) == 0
+    return frames.checksum(data) == 0
 
 
 def _checksums_valid(frame: bytes) -> bool:
@@ -59,24 +62,23 @@ def _checksums_valid(frame: bytes) -> bool:
 
 @pytest.fixture(scope="module")
 def bench_skel():
-    sk = native.Skeleton("bench")
-    sk.load()
+    sk = BenchObject()
     yield sk
     sk.close()
 
 
 def test_gen_cfg_mirror_matches_btf():
-    compare(BENCH_OBJ, "bench_gen_cfg", P.GenCfg)
-    compare(BENCH_OBJ, "bench_gen_field", P.GenField)
+    compare(BENCH_OBJ, "bench_gen_cfg", GenCfg)
+    compare(BENCH_OBJ, "bench_gen_field", GenField)
 
 
 TRAFFIC = [
-    P.Traffic("v4_new_spread", flows=0, vips=7),
-    P.Traffic("v4_hit_many", flows=200_000, vips=3),
-    P.Traffic("v6_udp_hit", dst=P.VIP6, src=P.SRC6, proto=17, size=96, flows=100),
-    P.Traffic("v6_new", dst=P.VIP6, src=P.SRC6, size=80, flows=0),
-    P.Traffic("v4_udp_300B", proto=17, size=300, flows=50, vips=2),
-    P.Traffic("v4_odd_61B", size=61, flows=0),
+    Traffic("v4_new_spread", flows=0, vips=7),
+    Traffic("v4_hit_many", flows=200_000, vips=3),
+    Traffic("v6_udp_hit", dst=VIP6, src=SRC6, proto=17, size=96, flows=100),
+    Traffic("v6_new", dst=VIP6, src=SRC6, size=80, flows=0),
+    Traffic("v4_udp_300B", proto=17, size=300, flows=50, vips=2),
+    Traffic("v4_odd_61B", size=61, flows=0),
 ]
 
 
@@ -85,15 +87,10 @@ def test_bench_gen_writes_valid_varied_frames(bench_skel, t):
     """Plain BPF_PROG_TEST_RUN of bench_gen (data comes back): every frame is the
     Python mirror's, with valid checksums, on the run counter the kernel used."""
     sk = bench_skel
-    frame = t.frame(P.MAC["g0"], P.MAC["l0"])
-    tmpl = L.BenchTemplate()
-    tl = min(len(frame) // 8 * 8, F.TMPL_MAX)
-    tmpl.len = tl
-    tmpl.data[:tl] = frame[:tl]
-    sk.map("bench_template").update(ctypes.c_uint32(0), tmpl)
+    frame = t.frame(MAC["g0"], MAC["l0"])
+    sk.set_template(frame[:min(len(frame) // 8 * 8, frames.TMPL_MAX)])
     cfg = t.gen_cfg()
-    sk.map("bench_gen_cfg").update(ctypes.c_uint32(0), cfg)
-    stats = sk.map("bench_stats")
+    sk.set_gen_cfg(cfg)
     cpu = sorted(os.sched_getaffinity(0))[-1]
     old = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
@@ -101,12 +98,12 @@ def test_bench_gen_writes_valid_varied_frames(bench_skel, t):
         seen = set()
         for _ in range(40):
             r = native.test_run(sk.prog_fd("bench_gen"), frame)
-            run = struct.unpack("=Q", stats.lookup_percpu(ctypes.c_uint32(P.B_GEN))[cpu][:8])[0]
+            run = sk.stat(B_GEN)[cpu]
             assert r.verdict == "tx"
             assert len(r.data) == len(frame)
-            assert r.data == P.expected_frame(frame, cfg, run, cpu), f"run {run}"
+            assert r.data == expected_frame(frame, cfg, run, cpu), f"run {run}"
             assert _checksums_valid(r.data), f"run {run}"
-            seen.add(F.parse_tuple(r.data))
+            seen.add(frames.parse_tuple(r.data))
     finally:
         os.sched_setaffinity(0, old)
     if t.new_flows or t.distinct_flows() >= 40:
@@ -116,36 +113,36 @@ def test_bench_gen_writes_valid_varied_frames(bench_skel, t):
 
 
 def test_distinct_flows_and_spread():
-    t = P.Traffic("x", flows=20_000, vips=10_000)
+    t = Traffic("x", flows=20_000, vips=10_000)
     assert t.distinct_flows() == 20_000
-    assert P.Traffic("y", flows=100_000).distinct_flows() == 129_024  # 2 x 64512 ports
-    assert P.Traffic("z", flows=0).distinct_flows() == 0
+    assert Traffic("y", flows=100_000).distinct_flows() == 129_024  # 2 x 64512 ports
+    assert Traffic("z", flows=0).distinct_flows() == 0
     with pytest.raises(ValueError):
-        P.Traffic("w", dst=ipaddress.ip_address("10.96.255.250"), vips=10).gen_cfg()
+        Traffic("w", dst=ipaddress.ip_address("10.96.255.250"), vips=10).gen_cfg()
 
 
 # --- the veth lab --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lab():
-    with P.PktLab(prefix="xt") as lab:
+    with PktLab(prefix="xt") as lab:
         yield lab
 
 
 @pytest.fixture(scope="module")
 def lbs(lab):
-    s = P.LbSetup(lab, flow_table_size=65536, max_vips=64, max_backends=1024)
+    s = LbSetup(lab, flow_table_size=65536, max_vips=64, max_backends=1024)
     yield s
     s.close()
 
 
 def _runner(lab, dp=None):
-    return P.Runner(lab, dp, P.pick_cpus(1), count=COUNT, min_count=COUNT,
+    return Runner(lab, dp, pick_cpus(1), count=COUNT, min_count=COUNT,
                     probe_count=COUNT)
 
 
 def test_floor_every_frame_forwarded_and_counted(lab):
     r = _runner(lab)
-    s = r.once("floor", lab.prog("bench_floor"), P.Traffic("f", flows=64), COUNT)
+    s = r.once("floor", lab.prog("bench_floor"), Traffic("f", flows=64), COUNT)
     c = s.counts
     assert c["gen"] == COUNT
     assert c["floor_tx"] == COUNT
@@ -156,9 +153,9 @@ def test_floor_every_frame_forwarded_and_counted(lab):
 
 @pytest.mark.parametrize("case", ["hit", "syn", "ipv6", "gue", "redirect"])
 def test_xdplb_paths_sink_equals_generated(lab, lbs, case):
-    c = next(x for x in P.make_cases(flows=256) if x.name == case)
+    c = next(x for x in make_cases(flows=256) if x.name == case)
     lbs.configure(c.encap, c.tx_mode)
-    lbs.apply(P.lb_vips(backends=8, ring_size=1009), c.tx_mode)
+    lbs.apply(lb_vips(backends=8, ring_size=1009), c.tx_mode)
     r = _runner(lab, lbs.dp)
     s = r.measure("xdplb", lbs.dp.prog_fd, c.traffic)  # warm-up first (flows in table)
     k = s.counts
@@ -174,8 +171,8 @@ def test_xdplb_paths_sink_equals_generated(lab, lbs, case):
 
 
 def test_nonvip_goes_through_the_stack(lab, lbs):
-    c = next(x for x in P.make_cases() if x.name == "nonvip")
-    lbs.apply(P.lb_vips(backends=8, ring_size=1009))
+    c = next(x for x in make_cases() if x.name == "nonvip")
+    lbs.apply(lb_vips(backends=8, ring_size=1009))
     r = _runner(lab, lbs.dp)
     s = r.measure("xdplb", lbs.dp.prog_fd, c.traffic)
     assert s.counts["pass"] == s.counts["rx"] == COUNT
@@ -188,7 +185,7 @@ def outdir(tmp_path_factory):
 
 
 def test_run_pktgen_json(lab, outdir):
-    doc = P.run_pktgen(out=str(outdir), rounds=1, count=3000, lab=lab, quiet=True,
+    doc = run_pktgen(out=str(outdir), rounds=1, count=3000, lab=lab, quiet=True,
                        flow_table_size=65536, plot=True)
     on_disk = json.loads((outdir / "pktgen.json").read_text())
     assert on_disk["cases"].keys() == doc["cases"].keys()
@@ -209,7 +206,7 @@ def test_run_pktgen_json(lab, outdir):
 
 # --- iptables ----------------------------------------------------------------------------
 def test_kube_proxy_rules_shape():
-    text = I.kube_proxy_rules(3, endpoints=2)
+    text = iptables.kube_proxy_rules(3, endpoints=2)
     assert text.count("-A KUBE-SERVICES -d ") == 3
     assert text.count("-m statistic --mode random --probability 0.50000000000") == 3
     assert text.count("-j DNAT --to-destination") == 6
@@ -219,7 +216,7 @@ def test_kube_proxy_rules_shape():
 
 @pytest.fixture(scope="module")
 def sweep(lab, outdir):
-    I.run_sweep(out=str(outdir), services=(1, 10000), rounds=1, count=1000, quiet=True,
+    iptables.run_sweep(out=str(outdir), services=(1, 10000), rounds=1, count=1000, quiet=True,
                 lab=lab, flow_table_size=65536, est_flows=10000, scaling_rounds=2)
     return json.loads((outdir / "iptables.json").read_text())
 
@@ -248,7 +245,7 @@ def test_sweep_json_and_dnat(lab, sweep, outdir):
         assert len(v["ratio_ns_over_floor_all"]) == 2
     assert (outdir / "iptables.png").stat().st_size > 1000
     # the LB namespace is left without rules or conntrack entries
-    assert I.conntrack_count(lab.lb) == 0
+    assert iptables.conntrack_count(lab.lb) == 0
 
 
 def test_summary_from_the_runs(sweep, outdir):
@@ -269,16 +266,16 @@ def test_summary_from_the_runs(sweep, outdir):
 
 
 def test_kernel_pktgen_plan():
-    t = P.Traffic("u", proto=17, flows=100, vips=4)
-    plan = P.KernelPktgen.plan("g0", t, 1000, [0, 1], P.MAC["l0"], rate=2e6)
+    t = Traffic("u", proto=17, flows=100, vips=4)
+    plan = KernelPktgen.plan("g0", t, 1000, [0, 1], MAC["l0"], rate=2e6)
     assert plan[0] == ("pgctrl", "reset") and plan[-1] == ("pgctrl", "start")
     assert ("kpktgend_1", "add_device g0@1") in plan
     assert ("g0@0", "dst_max 10.96.0.13") in plan
     assert ("g0@1", "ratep 1000000") in plan
     assert ("g0@0", "udp_src_max 1123") in plan
     with pytest.raises(ValueError):
-        P.KernelPktgen.plan("g0", P.Traffic("t"), 10, [0], P.MAC["l0"])
-    r = P.KernelPktgen.parse_result(
+        KernelPktgen.plan("g0", Traffic("t"), 10, [0], MAC["l0"])
+    r = KernelPktgen.parse_result(
         "Result: OK: 1000(c990+d10) usec, 100000 (64byte,0frags)\n  100000pps 51Mb/sec "
         "(51200000bps) errors: 0\n")
     assert r == {"ok": True, "usec": 1000, "packets": 100000, "pps": 100000, "errors": 0}
