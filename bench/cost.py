@@ -206,7 +206,7 @@ class CostBench:
             self._encap = (encap, insert_limit)
 
     def set_template(self, frame: bytes, syn: bool = False, gen_cfg=None) -> None:
-        """gen_cfg: a bench/pktgen.py GenCfg, to vary flows per run as the live generator
+        """gen_cfg: a bench/traffic.py GenCfg, to vary flows per run as the live generator
         does (None: the template alone, syn varying as below)."""
         if len(frame) % 8 or len(frame) > frames.TMPL_MAX:
             raise ValueError(f"template of {len(frame)} bytes: multiple of 8, "

@@ -1,7 +1,7 @@
 """xdplb against iptables DNAT in the kube-proxy style, and xdplb's cost against its
 number of VIPs: one sweep over 1, 10, 100, 1,000, 10,000 services.
 
-iptables side (in the LB namespace of bench/pktgen.py's PktLab, xdp_pass on l0 so frames
+iptables side (in the LB namespace of bench/pktlab.py, xdp_pass on l0 so frames
 go up the kernel stack): the nat table as kube-proxy's iptables mode writes it, reduced to
 what forwarded traffic to a ClusterIP meets: PREROUTING -> KUBE-SERVICES, one rule per
 service (destination address + port) jumping to the service's chain KUBE-SVC-<hash>; that
