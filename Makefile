@@ -35,7 +35,7 @@ test: build
 	$(VPY) -m pytest -q
 
 demo: build
-	$(VPY) -m lb.demo
+	$(VPY) -m lb.lab.demo
 
 bench: build
 	$(VPY) -m bench all

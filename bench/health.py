@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 
-from lb import netns as N
+from lb.lab import netns
 
 LB_ADDR, BE_ADDR = "10.250.0.1", "10.250.0.2"
 BACKEND_NET = "10.251.0.0/16"
@@ -71,7 +71,7 @@ STATE = "/run/xdplb/bench-health-state.json"
 
 def _names() -> None:
     global NS_LB, NS_BE, PIN, SOCK, STATE
-    NS_LB, NS_BE = N.unique_name("xhbl"), N.unique_name("xhbb")
+    NS_LB, NS_BE = netns.unique_name("xhbl"), netns.unique_name("xhbb")
     tag = f"{os.getpid()}"
     PIN = f"/sys/fs/bpf/xdplb-bench-health-{tag}"
     SOCK = f"/run/xdplb/bench-health-{tag}.sock"
@@ -147,10 +147,10 @@ def serve(port: int, out: str) -> None:
 
 def topology_up() -> None:
     topology_down()
-    lb, be = N.Netns(NS_LB, owned=False), N.Netns(NS_BE, owned=False)
+    lb, be = netns.Netns(NS_LB, owned=False), netns.Netns(NS_BE, owned=False)
     for ns in (lb, be):
         ns.set_link("lo", up=True)
-    N.add_veth("lb0", lb, "be0", be)
+    netns.add_veth("lb0", lb, "be0", be)
     lb.add_address("lb0", f"{LB_ADDR}/24")
     be.add_address("be0", f"{BE_ADDR}/24")
     lb.add_route(BACKEND_NET, via=BE_ADDR)
@@ -163,24 +163,24 @@ def topology_up() -> None:
 
 def topology_down() -> None:
     for ns in (NS_LB, NS_BE):
-        N.remove(ns)
+        netns.remove(ns)
 
 
 def napi_threaded(on: bool) -> None:
     """Receive processing of both veth ends in napi/* kernel threads (on), or in the
     sender's context as veths do by default (off). A veth end uses NAPI while it has an
     XDP program: xdp_pass on both ends here (the daemon replaces the one on lb0)."""
-    from lb.lab import _attach_pass
+    from lb.lab.decap import attach_pass
 
-    for ns, dev in ((NS_BE, "be0"), (NS_LB, "lb0")):
-        netns = N.Netns(ns, owned=False)
-        q = netns.xdp_query(dev)
+    for name, dev in ((NS_BE, "be0"), (NS_LB, "lb0")):
+        ns = netns.Netns(name, owned=False)
+        q = ns.xdp_query(dev)
         if on and not (q.get("drv") or q.get("skb")):
-            _attach_pass(netns, dev)
+            attach_pass(ns, dev)
         elif not on and (q.get("drv") or q.get("skb")):
-            netns.xdp_detach(dev, "native")
+            ns.xdp_detach(dev, "native")
         if on:  # /sys of a namespace's devices: `ip netns exec` mounts it
-            subprocess.run(["ip", "netns", "exec", ns, "sh", "-c",
+            subprocess.run(["ip", "netns", "exec", name, "sh", "-c",
                             f"echo 1 > /sys/class/net/{dev}/threaded"],
                            check=True, capture_output=True)
 
@@ -206,7 +206,7 @@ def _napi_threads_cpu() -> float:
 class Server:
     def __init__(self, tmp: str):
         self.out = tempfile.mktemp(prefix="arrivals-", suffix=".json", dir=tmp)
-        self.proc = N.spawn_in(NS_BE, [sys.executable, "-m", "bench.health", "--serve",
+        self.proc = netns.spawn_in(NS_BE, [sys.executable, "-m", "bench.health", "--serve",
                                        str(PORT), self.out])
         deadline = time.monotonic() + 20
         while not os.path.exists(self.out + ".ready"):
@@ -309,7 +309,7 @@ def run_daemon(kind: str, addrs: list[str], tmp: str, window: float, rounds: int
     napi_threaded(napi == "napi_threaded")
     server = Server(tmp)
     _cleanup_pins()
-    proc = N.spawn_in(NS_LB, [sys.executable, "-m", "lb.cli", "--config", cfg],
+    proc = netns.spawn_in(NS_LB, [sys.executable, "-m", "lb.cli", "--config", cfg],
                       stdout=open(log, "w"), stderr=subprocess.STDOUT)
     cpu, kcpu = [], []
     try:
@@ -395,7 +395,7 @@ def run_checker(kind: str, addrs: list[str], tmp: str, window: float) -> dict:
                 "checks_per_s": round((n1 - n0) / (t1 - t0), 1), "backends_up": up,
                 "_window": (t0, t1)}
     try:
-        with N.entered(NS_LB):
+        with netns.entered(NS_LB):
             r = asyncio.run(main())
     finally:
         arrivals = server.stop()

@@ -12,7 +12,8 @@ import re
 import time
 from typing import Optional, Sequence
 
-from lb import layout, netns
+from lb import layout
+from lb.lab import netns
 from lb.specs import VipSpec
 
 from .pktlab import MAC, PktLab

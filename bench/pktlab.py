@@ -26,7 +26,8 @@ import threading
 import time
 from typing import Optional, Sequence
 
-from lb import native, netns
+from lb import native
+from lb.lab import netns
 
 from . import frames
 from .benchobj import B_FLOOR_TX, B_GEN, B_SINK_BYTES, B_SINK_PKTS, BenchObject

@@ -101,4 +101,13 @@ int xdp_decap(struct xdp_md *ctx)
 	return XDP_PASS;
 }
 
+/* For a veth end that only has to accept XDP_TX / XDP_REDIRECT frames (a veth drops them
+ * unless it runs an XDP program itself): the lab's switch ports, without loading the
+ * bench object. */
+SEC("xdp")
+int xdp_pass(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
+
 char LICENSE[] SEC("license") = "GPL";

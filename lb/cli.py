@@ -156,7 +156,7 @@ def cmd_explain(path: str, a) -> int:
 
 
 def cmd_lab(action: str, variant: str) -> int:
-    from . import lab
+    from .lab import topology as lab
 
     return lab.up(variant) if action == "up" else lab.down()
 

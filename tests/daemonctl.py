@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional
 
-from lb import layout as L
+from lb import layout
 from lb.native import Map, lib
 
 
@@ -76,9 +76,9 @@ def pinned_ring(pin: str, vip_addr: str, port: int, proto: int) -> list:
     """The ring the data path uses now for a VIP, as backend addresses (None: empty
     slot; [] when the VIP has no ring), read from the maps pinned under `pin`."""
     with Map.from_pin(f"{pin}/vips") as vips:
-        raw = vips.lookup(L.vip_key(ipaddress.ip_address(vip_addr), port, proto))
+        raw = vips.lookup(layout.vip_key(ipaddress.ip_address(vip_addr), port, proto))
     assert raw is not None, "VIP not in the map"
-    meta = L.VipMeta.unpack(raw)
+    meta = layout.VipMeta.unpack(raw)
     with Map.from_pin(f"{pin}/rings") as rings:
         slot = rings.lookup(ctypes.c_uint32(meta.ring_id))
     if slot is None:
@@ -91,8 +91,8 @@ def pinned_ring(pin: str, vip_addr: str, port: int, proto: int) -> list:
         for i in range(inner.max_entries):
             bid = ctypes.c_uint32.from_buffer_copy(inner.lookup(ctypes.c_uint32(i))).value
             if bid not in names:
-                b = L.Backend.unpack(bes.lookup(ctypes.c_uint32(bid))) if bid else None
-                names[bid] = (str(L.words_addr(b.addr, b.family))
-                              if b is not None and b.family != L.AF_NONE else None)
+                b = layout.Backend.unpack(bes.lookup(ctypes.c_uint32(bid))) if bid else None
+                names[bid] = (str(layout.words_addr(b.addr, b.family))
+                              if b is not None and b.family != layout.AF_NONE else None)
             out.append(names[bid])
     return out

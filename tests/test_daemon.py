@@ -15,16 +15,15 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lb import lab, maglev
-from lb import layout as L
-from lb import netns as N
+from lb import layout, maglev
+from lb.lab import netns, topology
 from lb.datapath import MAP_NAMES
 from lb.native import Map
 from lb.specs import backend_key
 
 import daemonctl
 
-LAB = lab.Lab(prefix="xt-")
+LAB = topology.Lab(prefix="xt-")
 PIN = "/sys/fs/bpf/xdplb-test"
 SOCK = "/run/xdplb/test.sock"
 STATE = "/run/xdplb/test-state.json"
@@ -76,7 +75,7 @@ def wait_all_active(config: str, timeout: float = 20) -> None:
     raise AssertionError("backends never became active")
 
 
-def http(n: int, host: str = lab.VIP4) -> tuple[collections.Counter, int]:
+def http(n: int, host: str = topology.VIP4) -> tuple[collections.Counter, int]:
     return LAB.client_http(host, n)
 
 
@@ -87,10 +86,10 @@ def udp_from_ports(ports: list[int]) -> dict[int, str]:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.bind(("10.200.0.1", p))
                 s.settimeout(1)
-                s.sendto(b"x", (lab.VIP4, lab.UDP_PORT))
+                s.sendto(b"x", (topology.VIP4, topology.UDP_PORT))
                 out[p] = s.recvfrom(100)[0].split()[0].decode()
         return out
-    return N.run_in(LAB.client, work, ports, timeout=60)
+    return netns.run_in(LAB.client, work, ports, timeout=60)
 
 
 def ring_addresses(vip_addr: str, port: int, proto: int) -> list:
@@ -162,8 +161,8 @@ def test_explain_agrees_with_datapath(env):
     seen = udp_from_ports(ports)
     names = LAB.name_of()
     for p in ports:
-        r = cli("explain", "--config", cfg, "udp", "10.200.0.1", str(p), lab.VIP4,
-                str(lab.UDP_PORT))
+        r = cli("explain", "--config", cfg, "udp", "10.200.0.1", str(p), topology.VIP4,
+                str(topology.UDP_PORT))
         assert r.returncode == 0, r.stderr
         backend = re.search(r"backend (\S+)", r.stdout).group(1)
         assert names[backend] == seen[p], (p, r.stdout)
@@ -192,8 +191,8 @@ def test_admin_state_survives_reload(env):
 def test_reload_changes_only_expected_slots(env):
     tmp, cfg, d = env
     all3 = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
-    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring(all3)
-    udp_before = ring_addresses(lab.VIP4, lab.UDP_PORT, 17)
+    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring(all3)
+    udp_before = ring_addresses(topology.VIP4, topology.UDP_PORT, 17)
 
     # remove one backend: the ring equals the reference for the two others, and only
     # slots of the removed backend (plus Maglev's small extra) moved
@@ -202,9 +201,9 @@ def test_reload_changes_only_expected_slots(env):
     d.proc.send_signal(signal.SIGHUP)
     ev = d.wait("config_reloaded", after=n)
     assert ev["backends_removed"] == 1 and ev["rings_swapped"] == 1
-    after = ring_addresses(lab.VIP4, 80, 6)
+    after = ring_addresses(topology.VIP4, 80, 6)
     assert after == expected_ring(all3[:2])
-    assert ring_addresses(lab.VIP4, lab.UDP_PORT, 17) == udp_before  # untouched VIP
+    assert ring_addresses(topology.VIP4, topology.UDP_PORT, 17) == udp_before  # untouched VIP
 
     # a broken config changes nothing
     good = open(cfg).read()
@@ -213,7 +212,7 @@ def test_reload_changes_only_expected_slots(env):
     d.proc.send_signal(signal.SIGHUP)
     ev = d.wait("config_rejected", after=n)
     assert "name" in ev["error"]
-    assert ring_addresses(lab.VIP4, 80, 6) == after
+    assert ring_addresses(topology.VIP4, 80, 6) == after
     got, failed = http(20)
     assert failed == 0 and got.get("xt-be3", 0) == 0
 
@@ -224,9 +223,9 @@ def test_reload_changes_only_expected_slots(env):
     ev = d.wait("config_reloaded", after=n)
     assert ev["backends_added"] == 1
     # a backend new to the VIP starts down: no slots until it passes `rise` checks
-    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring(all3[:2])
+    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring(all3[:2])
     wait_all_active(cfg)
-    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring(all3)
+    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring(all3)
 
 
 def test_sigkill_keeps_forwarding_and_restart_adopts(env):
@@ -258,7 +257,7 @@ def test_prometheus_metrics(env):
     def scrape():
         import urllib.request
         return urllib.request.urlopen("http://127.0.0.1:19733/metrics", timeout=5).read()
-    text = N.run_in(LAB.lb, scrape).decode()
+    text = netns.run_in(LAB.lb, scrape).decode()
     assert '# TYPE xdplb_packets_total counter' in text
     # label order is the exposition library's (sorted): compare parsed samples
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -276,13 +275,13 @@ def test_nexthop_mac_change_is_followed(env):
     """A next hop's MAC changes (as when a gateway is replaced): within seconds the
     nexthops map carries the new one, and back again."""
     tmp, cfg, d = env
-    lbns = N.Netns(LAB.lb, create=False, owned=False)
-    real = N.Netns(LAB.backends[1], create=False, owned=False).mac("eth0")
+    lbns = netns.Netns(LAB.lb, create=False, owned=False)
+    real = netns.Netns(LAB.backends[1], create=False, owned=False).mac("eth0")
     fake = bytes.fromhex("02aabbccddee")
 
     def macs() -> set[bytes]:
         with Map.from_pin(f"{PIN}/nexthops") as m:
-            return {bytes(L.Nexthop.unpack(v).dmac) for _, v in m.items()}
+            return {bytes(layout.Nexthop.unpack(v).dmac) for _, v in m.items()}
 
     def wait_for(mac: bytes) -> float:
         t0 = time.monotonic()
@@ -314,7 +313,7 @@ def test_keep_datapath_on_exit(env):
     n = d.mark()
     d.stop()
     assert d.events("stopped", after=n)[0]["datapath_kept"] is True
-    lbns = N.Netns(LAB.lb, create=False, owned=False)
+    lbns = netns.Netns(LAB.lb, create=False, owned=False)
     assert lbns.xdp_query("lb0")["prog_id"] != 0
     assert os.path.exists(f"{PIN}/prog") and os.path.exists(f"{PIN}/flows")
     got, failed = http(10)
@@ -347,7 +346,7 @@ def test_burst_of_sighups_ends_on_the_last_file(env):
     assert seen >= 1
     assert not d.events("config_rejected", after=n)
     wait_all_active(cfg)  # backends the burst re-added pass their checks first
-    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring(all3[:2])
+    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring(all3[:2])
     os.replace(_config(tmp, name="next.toml"), cfg)
     n = d.mark()
     d.proc.send_signal(signal.SIGHUP)
@@ -363,7 +362,7 @@ def test_flow_insert_limit_reaches_the_datapath_on_sighup(env):
 
     def pinned_limit() -> int:
         with Map.from_pin(os.path.join(PIN, "config")) as m:
-            return L.LbConfig.unpack(m.lookup(ctypes.c_uint32(0))).flow_insert_limit
+            return layout.LbConfig.unpack(m.lookup(ctypes.c_uint32(0))).flow_insert_limit
 
     assert pinned_limit() == 0
     for limit in (125000, 0):

@@ -4,7 +4,6 @@ passes byte for byte untouched. (tests/test_redirect.py runs it on real traffic.
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -12,7 +11,8 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrHopByHop
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from lb.native import XDP_PASS, Skeleton, lib
+from lb.lab.decap import decap_stats, load_decap
+from lb.native import XDP_PASS, Skeleton
 from lb.native import test_run as prog_test_run  # not collected as a test
 
 GUE_PORT = 6080
@@ -29,33 +29,16 @@ O4 = dict(src="10.0.0.2", dst="10.0.1.11", ttl=64, flags="DF")
 O6 = dict(src="fd00::2", dst="fd00:1::11", hlim=64)
 
 
-def _load(gue_port: int) -> Skeleton:
-    skel = Skeleton("decap")
-    try:
-        assert lib.xdplb_decap_set_gue_port(skel.raw, socket.htons(gue_port)) == 0
-        skel.load()
-    except BaseException:
-        skel.close()
-        raise
-    return skel
-
-
 @pytest.fixture(scope="module")
 def decap():
-    with _load(GUE_PORT) as skel:
+    with load_decap(GUE_PORT) as skel:
         yield skel
 
 
 @pytest.fixture(scope="module")
 def decap_no_gue():
-    with _load(0) as skel:
+    with load_decap(0) as skel:
         yield skel
-
-
-def _stats(skel: Skeleton) -> tuple[int, int]:
-    m = skel.map("decap_stats")
-    return tuple(sum(int.from_bytes(v, "little") for v in m.lookup_percpu(i.to_bytes(4, "little")))
-                 for i in (0, 1))
 
 
 def _run(skel: Skeleton, pkt) -> tuple[int, bytes]:
@@ -83,13 +66,13 @@ STRIPPED = {
 @pytest.mark.parametrize("name", list(STRIPPED))
 def test_stripped_to_inner(decap, name):
     outer, ethertype, inner = STRIPPED[name]
-    s0 = _stats(decap)
+    s0 = decap_stats(decap)
     ret, out = _run(decap, outer)
     assert ret == XDP_PASS
     want = bytes(Ether(type=ethertype, **ETH) / inner)
     assert out == want
     assert Ether(out).type == ethertype
-    s1 = _stats(decap)
+    s1 = decap_stats(decap)
     assert (s1[0] - s0[0], s1[1] - s0[1]) == (1, 1)
 
 
@@ -115,11 +98,11 @@ UNTOUCHED = {
 @pytest.mark.parametrize("name", list(UNTOUCHED))
 def test_passes_untouched(decap, name):
     pkt = bytes(UNTOUCHED[name])
-    s0 = _stats(decap)
+    s0 = decap_stats(decap)
     ret, out = _run(decap, pkt)
     assert ret == XDP_PASS
     assert out == pkt
-    assert _stats(decap)[1] == s0[1]
+    assert decap_stats(decap)[1] == s0[1]
 
 
 def test_gue_off_when_port_unset(decap_no_gue):

@@ -1,5 +1,5 @@
 """End to end: the real daemon (`python -m lb.cli --config ...`) in labs this file builds
-(lb/lab.py), real clients in the client namespace, real backends (lb/labserver.py)
+(lb/lab/topology.py), real clients in the client namespace, real backends (lb/lab/server.py)
 answering straight to the client (DSR).
 
 Four setups, each a daemon of its own: the lab's "tx" variant (one interface, XDP_TX)
@@ -35,17 +35,15 @@ from typing import Callable, Optional
 
 import pytest
 
-from lb import lab as lab_mod
-from lb import layout as L
-from lb import maglev
-from lb import netns as N
+from lb import layout, maglev
+from lb.lab import netns, topology
 from lb.config import load_config
 from lb.control import NoInstance, request
 from lb.flowhash import flow_hash
 from lb.native import Map, lib
 from lb.specs import backend_key
 
-VIP4, VIP6 = lab_mod.VIP4, lab_mod.VIP6
+VIP4, VIP6 = topology.VIP4, topology.VIP6
 PREFIXES = {"tx": "xe-", "redirect": "xr-"}
 SETUPS = [("tx", "ipip"), ("tx", "gue"), ("redirect", "ipip"), ("redirect", "gue")]
 RING = 65537
@@ -64,12 +62,12 @@ WAIT = 20.0                             # upper bound of every wait; never reach
 
 # name: (family, port, protocol, weights of be1..be3). Unequal weights on three VIPs.
 BASE_VIPS = {
-    "web": (4, lab_mod.HTTP_PORT, "tcp", (1, 2, 3)),
-    "web6": (6, lab_mod.HTTP_PORT, "tcp", (3, 1, 2)),
-    "echo": (4, lab_mod.UDP_PORT, "udp", (1, 1, 1)),
-    "echo6": (6, lab_mod.UDP_PORT, "udp", (1, 2, 1)),
-    "long": (4, lab_mod.ECHO_PORT, "tcp", (1, 1, 1)),
-    "long6": (6, lab_mod.ECHO_PORT, "tcp", (1, 1, 1)),
+    "web": (4, topology.HTTP_PORT, "tcp", (1, 2, 3)),
+    "web6": (6, topology.HTTP_PORT, "tcp", (3, 1, 2)),
+    "echo": (4, topology.UDP_PORT, "udp", (1, 1, 1)),
+    "echo6": (6, topology.UDP_PORT, "udp", (1, 2, 1)),
+    "long": (4, topology.ECHO_PORT, "tcp", (1, 1, 1)),
+    "long6": (6, topology.ECHO_PORT, "tcp", (1, 1, 1)),
 }
 # short-request kinds: the VIP each goes to
 KINDS = {"http4": "web", "http6": "web6", "udp4": "echo", "udp6": "echo6"}
@@ -82,7 +80,7 @@ def report(line: str) -> None:
 
 # --- labs --------------------------------------------------------------------------------
 
-class E2ELab(lab_mod.Lab):
+class E2ELab(topology.Lab):
     """A lab plus the bookkeeping of this file: source ports handed out, in namespaces."""
 
     def __init__(self, variant: str):
@@ -92,7 +90,7 @@ class E2ELab(lab_mod.Lab):
 
     def up(self) -> "E2ELab":
         super().up()
-        N.Netns(self.client, create=False, owned=False).sysctl(
+        netns.Netns(self.client, create=False, owned=False).sysctl(
             "net.ipv4.ip_local_port_range", EPHEMERAL)
         return self
 
@@ -104,7 +102,7 @@ class E2ELab(lab_mod.Lab):
             return p
 
     def sock(self, family: int, kind: int) -> socket.socket:
-        with N.entered(self.client):
+        with netns.entered(self.client):
             return socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, kind)
 
     def src(self, family: int) -> str:
@@ -144,11 +142,11 @@ def base_conf(encap: str) -> dict:
 def render(setup: "Setup", conf: dict) -> str:
     """The lab config's interfaces, this file's everything else."""
     lab = setup.lab
-    lb = load_config(lab_mod.CONFIGS[lab.variant]).lb
+    lb = load_config(topology.CONFIGS[lab.variant]).lb
     out = ["[lb]", f'interface = "{lb.interface}"']
     if lb.egress_interface:
         out.append(f'egress_interface = "{lb.egress_interface}"')
-    out += [f'encap = "{conf["encap"]}"', f"gue_port = {lab_mod.GUE_PORT}",
+    out += [f'encap = "{conf["encap"]}"', f"gue_port = {topology.GUE_PORT}",
             f"ring_size = {RING}", "flow_table_size = 65536",
             f'bpf_pin_path = "{setup.pin}"', f'control_socket = "{setup.sock}"',
             f'state_file = "{setup.state}"', 'log_format = "json"', "",
@@ -159,8 +157,8 @@ def render(setup: "Setup", conf: dict) -> str:
         out += ["", "[[vip]]", f'name = "{name}"',
                 f'address = "{VIP6 if v["family"] == 6 else VIP4}"', f"port = {v['port']}",
                 f'protocol = "{v["protocol"]}"']
-        if v["port"] != lab_mod.HTTP_PORT:
-            out += ["[vip.health]", f"port = {lab_mod.HTTP_PORT}"]
+        if v["port"] != topology.HTTP_PORT:
+            out += ["[vip.health]", f"port = {topology.HTTP_PORT}"]
         for i, (w, state) in sorted(v["backends"].items()):
             out += ["[[vip.backend]]", f'address = "{lab.addr(i, v["family"])}"',
                     f"weight = {w}", f'state = "{state}"']
@@ -375,7 +373,7 @@ class Setup:
         proto = socket.IPPROTO_TCP if v["protocol"] == "tcp" else socket.IPPROTO_UDP
         for _ in range(10):  # a swap between the lookups frees the ring we found
             with Map.from_pin(f"{self.pin}/vips") as vips:
-                meta = L.VipMeta.unpack(vips.lookup(L.vip_key(addr, v["port"], proto)))
+                meta = layout.VipMeta.unpack(vips.lookup(layout.vip_key(addr, v["port"], proto)))
             with Map.from_pin(f"{self.pin}/rings") as rings:
                 inner_id = ctypes.c_uint32.from_buffer_copy(
                     rings.lookup(ctypes.c_uint32(meta.ring_id))).value
@@ -393,8 +391,8 @@ class Setup:
         by_id = {}
         with Map.from_pin(f"{self.pin}/backends") as bes:
             for bid in set(ids):
-                b = L.Backend.unpack(bes.lookup(ctypes.c_uint32(bid)))
-                by_id[bid] = names.get(str(L.words_addr(b.addr, b.family)), f"#{bid}")
+                b = layout.Backend.unpack(bes.lookup(ctypes.c_uint32(bid)))
+                by_id[bid] = names.get(str(layout.words_addr(b.addr, b.family)), f"#{bid}")
         return [by_id[i] for i in ids]
 
     def predict(self, ring: list[str], kind: str, sport: int) -> str:
@@ -446,7 +444,7 @@ def one_request(lab: E2ELab, kind: str, sport: Optional[int] = None) -> Rec:
         s.bind((lab.src(fam), sport))
         s.settimeout(3 if tcp else 1)
         if tcp:
-            s.connect((vip, lab_mod.HTTP_PORT))
+            s.connect((vip, topology.HTTP_PORT))
             s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
             data = b""
             while chunk := s.recv(4096):
@@ -457,7 +455,7 @@ def one_request(lab: E2ELab, kind: str, sport: Optional[int] = None) -> Rec:
             backend = body.strip().decode()
         else:
             payload = f"ping {sport}".encode()
-            s.connect((vip, lab_mod.UDP_PORT))
+            s.connect((vip, topology.UDP_PORT))
             s.send(payload)
             data = s.recv(2048)
             name, _, rest = data.partition(b" ")
@@ -585,7 +583,7 @@ class LongConns:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((self.lab.src(family), sport))
         s.settimeout(3)
-        s.connect((VIP6 if family == 6 else VIP4, lab_mod.ECHO_PORT))
+        s.connect((VIP6 if family == 6 else VIP4, topology.ECHO_PORT))
         s.sendall(b"hello\n")
         c = Conn(family, sport, s, "")
         name, _, rest = self._line(c).partition(b" ")
@@ -685,7 +683,7 @@ class Capture:
     PACKET_OUTGOING = 4
 
     def __init__(self, ns: str, ifname: str):
-        with N.entered(ns):
+        with netns.entered(ns):
             self.s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
                                    socket.htons(self.ETH_P_ALL))
         self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
@@ -711,7 +709,7 @@ class Capture:
             else:
                 continue
             if proto == socket.IPPROTO_UDP and len(l4) >= 4 and \
-                    struct.unpack("!H", l4[2:4])[0] == lab_mod.GUE_PORT:
+                    struct.unpack("!H", l4[2:4])[0] == topology.GUE_PORT:
                 name = "gue6" if etype == 0x86DD else "gue4"
             if name:
                 kinds[(name, src)] += 1
@@ -723,9 +721,9 @@ class Capture:
 
 def test_lab_configs_match_labs():
     """config/lab.toml and config/lab-redirect.toml name the backends their lab builds."""
-    for variant, path in lab_mod.CONFIGS.items():
+    for variant, path in topology.CONFIGS.items():
         cfg = load_config(path)
-        lab = lab_mod.Lab(variant=variant)
+        lab = topology.Lab(variant=variant)
         want = {h.v4 for n, h in lab.hosts().items() if n in lab.backends} | \
                {h.v6 for n, h in lab.hosts().items() if n in lab.backends}
         got = {str(b.address) for v in cfg.vips for b in v.backends}
@@ -743,7 +741,7 @@ def test_distribution(setup):
     lab = s.lab
     rings = {k: s.ring(v) for k, v in KINDS.items()}
     egress = "lb1" if lab.variant == "redirect" else "lb0"
-    smac = N.Netns(lab.lb, create=False, owned=False).mac(egress)
+    smac = netns.Netns(lab.lb, create=False, owned=False).mac(egress)
     caps = [Capture(lab.sw, f"sw-be{i}") for i in (1, 2, 3)]
     g0 = s.stats()["global"]
     recs = burst(lab, tuple(KINDS), DIST_N, PORT_LO + DIST_N * DIST_BLOCK[s.encap])

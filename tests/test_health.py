@@ -27,10 +27,8 @@ import time
 
 import pytest
 
-from lb import health as H
-from lb import lab, maglev
-from lb import layout as L
-from lb import netns as N
+from lb import health, layout, maglev
+from lb.lab import netns, topology
 from lb.native import Map
 from lb.specs import backend_key
 
@@ -67,7 +65,7 @@ class HealthServer:
 
     def _listen(self) -> None:
         fam = socket.AF_INET6 if ":" in self.addr else socket.AF_INET
-        with N.entered(self.ns):
+        with netns.entered(self.ns):
             s = socket.socket(fam, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((self.addr, self.port))
@@ -165,12 +163,12 @@ PORTS = {"ok": 18001, "500": 18002, "hang": 18003, "flap": 18004, "redirect": 18
 
 @pytest.fixture(scope="module")
 def unit():
-    N.remove(UNIT_NS)
-    ns = N.Netns(UNIT_NS, owned=False)
+    netns.remove(UNIT_NS)
+    ns = netns.Netns(UNIT_NS, owned=False)
     servers = {}
     try:
         ns.set_link("lo", up=True)
-        N.add_veth("hb0", ns, "hb1", ns)
+        netns.add_veth("hb0", ns, "hb1", ns)
         ns.add_address("hb0", "10.77.0.1/24")
         for name, mode in (("ok", 200), ("500", 500), ("hang", "hang"), ("flap", 200),
                            ("redirect", "redirect"), ("garbage", "garbage"),
@@ -181,20 +179,20 @@ def unit():
     finally:
         for s in servers.values():
             s.close()
-        N.remove(UNIT_NS)
+        netns.remove(UNIT_NS)
 
 
 def in_ns(coro):
     """Run a coroutine on a fresh loop with this thread in the unit namespace (its sockets
     are created there)."""
-    with N.entered(UNIT_NS):
+    with netns.entered(UNIT_NS):
         return asyncio.run(coro)
 
 
-def probe(kind: str, target: str, timeout: float = 0.3, **kw) -> H.Probe:
+def probe(kind: str, target: str, timeout: float = 0.3, **kw) -> health.Probe:
     addr = "::1" if target == "ok6" else (BLACKHOLE if target == "blackhole" else "127.0.0.1")
     port = 80 if target == "blackhole" else PORTS[target]
-    return H.Probe(kind, addr, port, timeout, kw.pop("path", "/healthz"), **kw)
+    return health.Probe(kind, addr, port, timeout, kw.pop("path", "/healthz"), **kw)
 
 
 @pytest.mark.parametrize("kind,target,ok,reason", [
@@ -205,7 +203,7 @@ def probe(kind: str, target: str, timeout: float = 0.3, **kw) -> H.Probe:
     ("http", "hang", False, "http response timeout after 0.3s"),
     ("http", "blackhole", False, "connect timeout after 0.3s"),
     ("http", "redirect", False, "http status 301"),
-    ("http", "garbage", False, f"http: no status line in the first {H.READ_CAP} bytes"),
+    ("http", "garbage", False, f"http: no status line in the first {health.READ_CAP} bytes"),
     ("http", "close", False, "http: connection closed without a response"),
     ("tcp", "ok", True, "connected"),
     ("tcp", "hang", True, "connected"),  # a tcp check only needs the connect
@@ -213,7 +211,7 @@ def probe(kind: str, target: str, timeout: float = 0.3, **kw) -> H.Probe:
     ("tcp", "blackhole", False, "connect timeout after 0.3s"),
 ])
 def test_probe_results(unit, kind, target, ok, reason):
-    r = in_ns(H.run_probe(probe(kind, target)))
+    r = in_ns(health.run_probe(probe(kind, target)))
     assert (r.ok, r.reason) == (ok, reason)
     assert 0 <= r.latency_s < 5
 
@@ -223,38 +221,38 @@ def test_http_probe_request_and_read_cap(unit):
     followed; at most READ_CAP bytes are read of an endless answer."""
     red = unit["redirect"]
     n0 = red.count()
-    r = in_ns(H.run_probe(probe("http", "redirect", path="/status/x?y=1")))
+    r = in_ns(health.run_probe(probe("http", "redirect", path="/status/x?y=1")))
     assert r.reason == "http status 301" and red.count() == n0 + 1  # no second request
     req = red.requests[-1].decode()
     assert req.startswith("GET /status/x?y=1 HTTP/1.0\r\n")
     assert f"\r\nHost: 127.0.0.1:{PORTS['redirect']}\r\n" in req
-    r = in_ns(H.run_probe(probe("http", "500", expect_status=500)))
+    r = in_ns(health.run_probe(probe("http", "500", expect_status=500)))
     assert r.ok and r.reason == "http status 500"
     r6 = unit["ok6"]
-    in_ns(H.run_probe(probe("http", "ok6")))
+    in_ns(health.run_probe(probe("http", "ok6")))
     assert f"\r\nHost: [::1]:{PORTS['ok6']}\r\n" in r6.requests[-1].decode()
 
 
 def test_probe_identity():
     """One probe per distinct check: a tcp check ignores path/status, so VIPs that differ
     only there share it; any difference in what is checked makes another probe."""
-    a = H.Probe("tcp", "10.0.0.1", 80, 1.0, "/a", 500)
-    b = H.Probe("tcp", "10.0.0.1", 80, 1.0)
+    a = health.Probe("tcp", "10.0.0.1", 80, 1.0, "/a", 500)
+    b = health.Probe("tcp", "10.0.0.1", 80, 1.0)
     assert a == b and hash(a) == hash(b) and len({a, b}) == 1
-    assert len({H.Probe("http", "10.0.0.1", 80, 1.0, "/a"),
-                H.Probe("http", "10.0.0.1", 80, 1.0, "/b"),
-                H.Probe("http", "10.0.0.1", 81, 1.0, "/a"),
-                H.Probe("http", "10.0.0.2", 80, 1.0, "/a")}) == 4
+    assert len({health.Probe("http", "10.0.0.1", 80, 1.0, "/a"),
+                health.Probe("http", "10.0.0.1", 80, 1.0, "/b"),
+                health.Probe("http", "10.0.0.1", 81, 1.0, "/a"),
+                health.Probe("http", "10.0.0.2", 80, 1.0, "/a")}) == 4
     with pytest.raises(ValueError):
-        H.Probe("ping", "10.0.0.1", 80, 1.0)
+        health.Probe("ping", "10.0.0.1", 80, 1.0)
 
 
 def _simulate(rise: int, fall: int, oks: list[bool], up: bool = False):
     """(check number, new state) of each flip a Verdict reports for the results `oks`."""
-    v = H.Verdict(rise, fall, up=up)
+    v = health.Verdict(rise, fall, up=up)
     out = []
     for i, ok in enumerate(oks, start=1):
-        flip = v.record(H.ProbeResult(ok, "x", 0.0))
+        flip = v.record(health.ProbeResult(ok, "x", 0.0))
         if flip:
             assert flip[0] != flip[1]
             out.append((i, "up" if flip[1] else "down"))
@@ -275,7 +273,7 @@ def test_verdict_rise_fall():
     assert _simulate(2, 2, [F, F], up=True)[0] == [(2, "down")]  # seeded up (adopted)
     _, v = _simulate(2, 3, [T, T, F])
     assert v.up and v.checked and v.checks == 3 and v.fail_run == 1 and v.run == 1
-    assert H.Verdict(2, 3).checked is False  # never checked: down, no traffic
+    assert health.Verdict(2, 3).checked is False  # never checked: down, no traffic
 
 
 def test_scheduler_transitions_against_servers(unit):
@@ -293,7 +291,7 @@ def test_scheduler_transitions_against_servers(unit):
     by_probe = {p: name for name, p in probes.items()}
     seen = {name: [] for name in probes}
     flips = {name: [] for name in probes}
-    verdicts = {name: H.Verdict(rise, fall) for name in probes}
+    verdicts = {name: health.Verdict(rise, fall) for name in probes}
     counts0 = {name: unit[t].count() for name, t in targets.items() if t in unit}
 
     async def main():
@@ -308,7 +306,7 @@ def test_scheduler_transitions_against_servers(unit):
             if all(len(v) >= len(script) for v in seen.values()):
                 done.set()
 
-        sched = H.Scheduler(cb)
+        sched = health.Scheduler(cb)
         sched.configure({p: interval for p in probes.values()})
         assert len(sched.intervals) == 5
         await asyncio.wait_for(done.wait(), 30)
@@ -337,8 +335,8 @@ def test_scheduler_jitter_and_spread():
     """First checks spread over the first 10% of the interval; each next one 90-110% of the
     interval after the previous one was due (planned times, read from the heap)."""
     async def main():
-        s = H.Scheduler(lambda p, r: None)
-        ps = {H.Probe("tcp", f"127.0.1.{i}", 9, 0.5): 10.0 for i in range(1, 201)}
+        s = health.Scheduler(lambda p, r: None)
+        ps = {health.Probe("tcp", f"127.0.1.{i}", 9, 0.5): 10.0 for i in range(1, 201)}
         t0 = asyncio.get_running_loop().time()
         s.configure(ps)
         offsets = sorted(due - t0 for due, _, _ in s._due)
@@ -347,7 +345,7 @@ def test_scheduler_jitter_and_spread():
     offsets = asyncio.run(main())
     assert len(offsets) == 200 and 0 <= offsets[0] and offsets[-1] <= 1.0 + 0.01
     assert offsets[-1] - offsets[0] > 0.5  # spread, not all at once
-    s = H.Scheduler(lambda p, r: None)
+    s = health.Scheduler(lambda p, r: None)
     gaps = [s.interval_after(2.0) for _ in range(2000)]
     assert 1.8 <= min(gaps) < 1.85 and 2.15 < max(gaps) <= 2.2
 
@@ -368,7 +366,7 @@ def test_scheduler_survives_callback_errors_and_reconfigures(unit):
             if name[p] == "ok" and results["ok"] % 2:
                 raise RuntimeError("boom")
 
-        s = H.Scheduler(cb, on_error=lambda p, e: errors.append((p, str(e))))
+        s = health.Scheduler(cb, on_error=lambda p, e: errors.append((p, str(e))))
         s.configure({p_ok: 0.05})
         while results["ok"] < 6:
             await asyncio.sleep(0.02)
@@ -420,7 +418,7 @@ def test_moved_flow_stays_moved_on_every_cpu():
 
 # --- part 2: the daemon in a lab ------------------------------------------------------------
 
-LAB = lab.Lab(prefix="xh-")
+LAB = topology.Lab(prefix="xh-")
 PIN = "/sys/fs/bpf/xdplb-health"
 SOCK = "/run/xdplb/health.sock"
 STATE = "/run/xdplb/health-state.json"
@@ -466,19 +464,19 @@ fall = {FALL}
 
 [[vip]]
 name = "web"
-address = "{lab.VIP4}"
+address = "{topology.VIP4}"
 port = 80
 protocol = "tcp"
 {backends(v4, web_states)}
 [[vip]]
 name = "echo"
-address = "{lab.VIP4}"
-port = {lab.UDP_PORT}
+address = "{topology.VIP4}"
+port = {topology.UDP_PORT}
 protocol = "udp"
 {backends(v4)}
 [[vip]]
 name = "slow"
-address = "{lab.VIP4}"
+address = "{topology.VIP4}"
 port = 8443
 protocol = "tcp"
 [vip.health]
@@ -488,7 +486,7 @@ timeout = 50.0
 {backends(v4[2:])}
 [[vip]]
 name = "open"
-address = "{lab.VIP4}"
+address = "{topology.VIP4}"
 port = 9000
 protocol = "udp"
 [vip.health]
@@ -496,8 +494,8 @@ type = "none"
 {backends(v4)}
 [[vip]]
 name = "spread"
-address = "{lab.VIP6}"
-port = {lab.UDP_PORT}
+address = "{topology.VIP6}"
+port = {topology.UDP_PORT}
 protocol = "udp"
 all_down = "spread"
 [vip.health]
@@ -506,7 +504,7 @@ port = 9
 {backends(V6)}
 [[vip]]
 name = "dropper"
-address = "{lab.VIP6}"
+address = "{topology.VIP6}"
 port = 80
 protocol = "tcp"
 all_down = "drop"
@@ -541,27 +539,27 @@ def expected_ring(addresses) -> list:
     return [str(addrs[i]) for i in table]
 
 
-def assert_rings(in_ring, vips=(("web", 80, 6), ("echo", lab.UDP_PORT, 17))):
+def assert_rings(in_ring, vips=(("web", 80, 6), ("echo", topology.UDP_PORT, 17))):
     want = expected_ring(in_ring)
     for name, port, proto in vips:
-        assert ring_addresses(lab.VIP4, port, proto) == want, name
+        assert ring_addresses(topology.VIP4, port, proto) == want, name
 
 
 def flow_backend(sport: int) -> str | None:
     """The backend the pinned connection table holds for client:sport -> echo VIP."""
-    key = L.flow_key(17, ipaddress.ip_address(LAB.hosts()["client"].v4), sport,
-                     ipaddress.ip_address(lab.VIP4), lab.UDP_PORT)
+    key = layout.flow_key(17, ipaddress.ip_address(LAB.hosts()["client"].v4), sport,
+                     ipaddress.ip_address(topology.VIP4), topology.UDP_PORT)
     with Map.from_pin(f"{PIN}/flows") as flows:
         raw = flows.lookup(key)
     if raw is None:
         return None
-    bid = L.FlowVal.unpack(raw).backend_id
+    bid = layout.FlowVal.unpack(raw).backend_id
     with Map.from_pin(f"{PIN}/backends") as bes:
-        b = L.Backend.unpack(bes.lookup(ctypes.c_uint32(bid)))
-    return str(L.words_addr(b.addr, b.family))
+        b = layout.Backend.unpack(bes.lookup(ctypes.c_uint32(bid)))
+    return str(layout.words_addr(b.addr, b.family))
 
 
-def udp_from_ports(ports, host: str = lab.VIP4, cpu: int = 0) -> dict[int, str | None]:
+def udp_from_ports(ports, host: str = topology.VIP4, cpu: int = 0) -> dict[int, str | None]:
     """One datagram to the echo VIP from each client source port: who answered (None:
     nobody). The client runs on one CPU, and so does the data path for its packets (veth
     receive runs on the sender's CPU): see test_moved_flow_stays_moved_on_every_cpu for
@@ -574,14 +572,14 @@ def udp_from_ports(ports, host: str = lab.VIP4, cpu: int = 0) -> dict[int, str |
             with socket.socket(fam, socket.SOCK_DGRAM) as s:
                 s.bind((client, p))
                 s.settimeout(1)
-                s.sendto(b"x", (host, lab.UDP_PORT))
+                s.sendto(b"x", (host, topology.UDP_PORT))
                 try:
                     out[p] = s.recvfrom(100)[0].split()[0].decode()
                 except OSError:
                     out[p] = None
         return out
     h = LAB.hosts()["client"]
-    return N.run_in(LAB.client, work, list(ports), h.v6 if ":" in host else h.v4, host,
+    return netns.run_in(LAB.client, work, list(ports), h.v6 if ":" in host else h.v4, host,
                     timeout=60)
 
 
@@ -597,7 +595,7 @@ def tcp_connects(host: str, port: int, n: int) -> int:
                 except OSError:
                     pass
         return ok
-    return N.run_in(LAB.client, work, host, port, n, timeout=60)
+    return netns.run_in(LAB.client, work, host, port, n, timeout=60)
 
 
 def wait_for(pred, what: str, timeout: float = 20):
@@ -654,16 +652,16 @@ def test_never_checked_backend_gets_no_slot(env):
     row = backend_rows(doc, "slow")[B["xh-be3"]]
     assert row["last_check"] == "not checked" and row["checks"] == 0
     assert row["healthy"] is False and row["state"] == "down"
-    assert ring_addresses(lab.VIP4, 8443, 6) == [None] * RING
+    assert ring_addresses(topology.VIP4, 8443, 6) == [None] * RING
     before = doc["global"]["drops"]["no_backend"]
-    assert tcp_connects(lab.VIP4, 8443, 3) == 0
+    assert tcp_connects(topology.VIP4, 8443, 3) == 0
     assert stats(env["cfg"])["global"]["drops"]["no_backend"] >= before + 3
     assert env["d"].events("backend_state_changed", vip="slow") == []
 
 
 def test_health_type_none_serves_at_once(env):
     """With health checks off every backend takes traffic from the start, unchecked."""
-    assert ring_addresses(lab.VIP4, 9000, 17) == expected_ring(list(B.values()))
+    assert ring_addresses(topology.VIP4, 9000, 17) == expected_ring(list(B.values()))
     for row in backend_rows(stats(env["cfg"]), "open").values():
         assert (row["state"], row["healthy"], row["last_check"], row["checks"]) == (
             "active", True, "health checks off", 0)
@@ -704,12 +702,12 @@ def test_all_down_drop_and_spread(env):
         wait_for(lambda: all(r["last_check"] == "connection refused" for r in
                              backend_rows(stats(env["cfg"]), vip).values()), "checks")
         assert all(r["state"] == "down" and not r["healthy"] for r in rows.values())
-    assert ring_addresses(lab.VIP6, lab.UDP_PORT, 17) == expected_ring(V6)
-    assert ring_addresses(lab.VIP6, 80, 6) == [None] * RING
-    got = udp_from_ports(range(41100, 41120), host=lab.VIP6)
+    assert ring_addresses(topology.VIP6, topology.UDP_PORT, 17) == expected_ring(V6)
+    assert ring_addresses(topology.VIP6, 80, 6) == [None] * RING
+    got = udp_from_ports(range(41100, 41120), host=topology.VIP6)
     assert None not in got.values() and len(set(got.values())) == 3
     before = stats(env["cfg"])["global"]["drops"]["no_backend"]
-    assert tcp_connects(lab.VIP6, 80, 3) == 0
+    assert tcp_connects(topology.VIP6, 80, 3) == 0
     assert stats(env["cfg"])["global"]["drops"]["no_backend"] >= before + 3
 
 
@@ -792,9 +790,9 @@ def test_drain_keeps_flows_maint_and_down_move_them(env):
     assert cli("backend", "drain", "echo", B["xh-be1"], "--config", cfg).returncode == 0
     ev = wait_state(env, "echo", B["xh-be1"], "drain", n)
     assert ev["from"] == "active" and ev["reason"] == "admin drain"
-    assert ring_addresses(lab.VIP4, lab.UDP_PORT, 17) == expected_ring(
+    assert ring_addresses(topology.VIP4, topology.UDP_PORT, 17) == expected_ring(
         [B["xh-be2"], B["xh-be3"]])
-    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring(list(B.values()))
+    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring(list(B.values()))
     assert udp_from_ports(ports) == first
     for p in on["xh-be1"]:
         assert flow_backend(p) == B["xh-be1"]
@@ -871,12 +869,12 @@ def test_admin_states_survive_sighup_and_restart(env):
     assert ev["from"] == "active" and ev["reason"] == "config reload"
     web = backend_rows(stats(cfg), "web")
     assert web[B["xh-be3"]]["state"] == "maint" and web[B["xh-be2"]]["state"] == "drain"
-    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
+    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
     n = d.mark()
     d.proc.send_signal(signal.SIGHUP)  # again, nothing changes
     d.wait("config_reloaded", n)
     assert d.events("backend_state_changed", n) == []
-    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
+    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
 
     # restart: a new daemon reads the state file and the config
     d.stop()
@@ -895,6 +893,6 @@ def test_admin_states_survive_sighup_and_restart(env):
     assert web[B["xh-be3"]]["state"] == "maint" and web[B["xh-be3"]]["admin_state"] == "maint"
     assert web[B["xh-be3"]]["healthy"] is True
     assert web[B["xh-be2"]]["state"] == "drain"
-    assert ring_addresses(lab.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
-    wait_for(lambda: ring_addresses(lab.VIP4, lab.UDP_PORT, 17) == expected_ring(
+    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
+    wait_for(lambda: ring_addresses(topology.VIP4, topology.UDP_PORT, 17) == expected_ring(
         list(B.values())), "echo ring with every backend")

@@ -1,4 +1,4 @@
-"""lb/netns.py: namespaces, veths, addresses, routes, sysctls, offloads, XDP attachment
+"""lb/lab/netns.py: namespaces, veths, addresses, routes, sysctls, offloads, XDP attachment
 and running code inside a namespace, on real namespaces this test creates."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import subprocess
 
 import pytest
 
-from lb import netns as N
-from lb.native import Skeleton
+from lb.lab import netns
+from lb.lab.decap import load_decap
 
 
 @pytest.fixture
 def pair():
-    a = N.Netns(N.unique_name("xta"))
-    b = N.Netns(N.unique_name("xtb"))
+    a = netns.Netns(netns.unique_name("xta"))
+    b = netns.Netns(netns.unique_name("xtb"))
     try:
         yield a, b
     finally:
@@ -26,34 +26,34 @@ def pair():
 
 
 def test_create_remove_idempotent():
-    name = N.unique_name("xtc")
+    name = netns.unique_name("xtc")
     try:
-        assert N.create(name) is True
-        assert N.create(name) is False
-        assert N.exists(name) and name in N.list_namespaces()
-        assert N.Netns(name, create=False).links() == ["lo"]
+        assert netns.create(name) is True
+        assert netns.create(name) is False
+        assert netns.exists(name) and name in netns.list_namespaces()
+        assert netns.Netns(name, create=False).links() == ["lo"]
     finally:
-        assert N.remove(name) is True
-    assert N.remove(name) is False
-    assert not N.exists(name) and not os.path.exists(N.ns_path(name))
+        assert netns.remove(name) is True
+    assert netns.remove(name) is False
+    assert not netns.exists(name) and not os.path.exists(netns.ns_path(name))
 
 
 def test_context_manager_owned_and_not():
-    with N.Netns(N.unique_name("xtd")) as ns:
-        assert N.exists(ns.name)
-    assert not N.exists(ns.name)
-    keep = N.Netns(N.unique_name("xte"), owned=False)
+    with netns.Netns(netns.unique_name("xtd")) as ns:
+        assert netns.exists(ns.name)
+    assert not netns.exists(ns.name)
+    keep = netns.Netns(netns.unique_name("xte"), owned=False)
     with keep:
         pass
     try:
-        assert N.exists(keep.name)
+        assert netns.exists(keep.name)
     finally:
-        N.remove(keep.name)
+        netns.remove(keep.name)
 
 
 def test_veth_addresses_routes_and_traffic(pair):
     a, b = pair
-    ia, ib = N.add_veth("va", a, "vb", b, mac_a=b"\x02\0\0\0\0\x0a", mac_b="02:00:00:00:00:0b",
+    ia, ib = netns.add_veth("va", a, "vb", b, mac_a=b"\x02\0\0\0\0\x0a", mac_b="02:00:00:00:00:0b",
                         mtu=1400)
     assert ia == a.ifindex("va") and ib == b.ifindex("vb")
     assert a.mac("va") == b"\x02\0\0\0\0\x0a" and b.mac("vb") == b"\x02\0\0\0\0\x0b"
@@ -97,7 +97,7 @@ def test_veth_to_callers_namespace(pair):
     a, _ = pair
     name = f"xtr{os.getpid() % 100000}"
     try:
-        ia, ir = N.add_veth("vx", a, name, None)
+        ia, ir = netns.add_veth("vx", a, name, None)
         assert os.path.exists(f"/sys/class/net/{name}")
         with open(f"/sys/class/net/{name}/ifindex") as f:
             assert int(f.read()) == ir
@@ -108,7 +108,7 @@ def test_veth_to_callers_namespace(pair):
 def test_bridge_and_master(pair):
     a, b = pair
     a.add_bridge("br0")
-    N.add_veth("p0", a, "q0", b)
+    netns.add_veth("p0", a, "q0", b)
     a.set_link("p0", master="br0", up=True)
     assert "master br0" in a.check_output(["ip", "link", "show", "p0"])
 
@@ -120,14 +120,14 @@ def test_sysctl_is_per_namespace(pair):
     assert a.sysctl_get("net.ipv6.conf.all.forwarding") == "1"
     assert a.sysctl_get("net.ipv4.conf.all.rp_filter") == "0"
     assert b.sysctl_get("net.ipv4.ip_forward") == "0"
-    N.add_veth("s0", b, "s1", a)
+    netns.add_veth("s0", b, "s1", a)
     b.sysctl("net/ipv4/conf/s0/accept_local", 1)
     assert b.sysctl_get("net.ipv4.conf.s0.accept_local") == "1"
 
 
 def test_tx_checksum_toggle(pair):
     a, b = pair
-    N.add_veth("t0", a, "t1", b)
+    netns.add_veth("t0", a, "t1", b)
     assert a.tx_checksum("t0") is True
     a.set_tx_checksum("t0", False)
     assert a.tx_checksum("t0") is False
@@ -143,10 +143,10 @@ def test_run_returns_and_raises(pair):
     assert os.readlink("/proc/thread-self/ns/net") == here  # we never moved
     with pytest.raises(ZeroDivisionError):
         a.run(lambda: 1 / 0)
-    with pytest.raises(N.NetnsError) as e:
+    with pytest.raises(netns.NetnsError) as e:
         a.run(lambda: socket.socket())  # unpicklable result
     assert "netns" in str(e.value)
-    with pytest.raises(N.NetnsError) as e:
+    with pytest.raises(netns.NetnsError) as e:
         a.run(lambda: __import__("time").sleep(10), timeout=0.3)
     assert e.value.errno == errno.ETIMEDOUT
 
@@ -171,25 +171,24 @@ def test_entered_restores_on_error(pair):
 
 def test_errors_name_what_failed(pair):
     a, _ = pair
-    with pytest.raises(N.NetnsError) as e:
+    with pytest.raises(netns.NetnsError) as e:
         a.ifindex("nope0")
     assert e.value.errno == errno.ENODEV and "nope0" in str(e.value) and a.name in str(e.value)
-    with pytest.raises(N.NetnsError) as e:
+    with pytest.raises(netns.NetnsError) as e:
         a.add_route("10.1.0.0/16", via="10.99.99.99")  # gateway unreachable
     assert e.value.errno == errno.ENETUNREACH and "10.1.0.0/16" in str(e.value)
-    with pytest.raises(N.NetnsError) as e:
-        N.Netns(N.unique_name("xtz"), create=False).links()
+    with pytest.raises(netns.NetnsError) as e:
+        netns.Netns(netns.unique_name("xtz"), create=False).links()
     assert e.value.errno == errno.ENOENT
-    with pytest.raises(N.NetnsError) as e:
+    with pytest.raises(netns.NetnsError) as e:
         a.sysctl("net.ipv4.no_such_knob", 1)
     assert e.value.errno == errno.ENOENT
 
 
 def test_xdp_attach_inside_namespace(pair):
     a, b = pair
-    N.add_veth("x0", a, "x1", b)
-    with Skeleton("bench") as sk:
-        sk.load()
+    netns.add_veth("x0", a, "x1", b)
+    with load_decap() as sk:
         fd = sk.prog_fd("xdp_pass")
         idx = a.xdp_attach("x0", fd, "native")
         assert idx == a.ifindex("x0")
@@ -199,3 +198,12 @@ def test_xdp_attach_inside_namespace(pair):
         assert a.xdp_query("x0")["drv"] == 0
         b.xdp_attach("x1", fd, "generic")
         assert b.xdp_query("x1")["skb"]
+
+
+def test_veth_queues(pair):
+    """queues= gives both ends that many TX and RX queues (several CPUs sending at once)."""
+    a, b = pair
+    netns.add_veth("q0", a, "q1", b, queues=4, up=False)
+    for ns, name in ((a, "q0"), (b, "q1")):
+        out = ns.check_output(["ip", "-d", "link", "show", name])
+        assert "numtxqueues 4 numrxqueues 4" in out and "state DOWN" in out

@@ -16,8 +16,8 @@ in a finalizer:
       Replies: backend -> bridge -> client, never seen by the LB.
 
 Every frame XDP sends into a veth needs an XDP program on the receiving peer (else the
-veth drops it, counting xdp_tx_errors): decap on the backend ends, xdp_pass on the
-switch's LB port.
+veth drops it, counting xdp_tx_errors): decap on the backend ends, xdp_pass (from the
+decap object) on the switch's LB port.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from lb import layout as L
-from lb import netns as N
+from lb import layout
+from lb.lab import netns
 from lb.datapath import Datapath, EgressConfig, Limits
 from lb.flowhash import flow_hash
-from lb.native import BpfError, Skeleton, lib
+from lb.lab.decap import decap_stats, load_decap
+from lb.native import BpfError, Skeleton
 from lb.programmer import Programmer
 from lb.specs import BackendSpec, VipSpec
 
@@ -50,7 +51,7 @@ SO_NO_CHECK = 11
 DEADLINE = 5.0  # seconds to wait for a burst to arrive; never reached when all is well
 
 
-def _attach(ns: N.Netns, ifname: str, prog_fd: int) -> str:
+def _attach(ns: netns.Netns, ifname: str, prog_fd: int) -> str:
     """Native XDP if the driver takes it (veth does), else generic."""
     try:
         ns.xdp_attach(ifname, prog_fd, "native")
@@ -60,22 +61,12 @@ def _attach(ns: N.Netns, ifname: str, prog_fd: int) -> str:
         return "generic"
 
 
-def _decap_stats(skel: Skeleton) -> tuple[int, int]:
-    """(seen, stripped) summed over CPUs."""
-    m = skel.map("decap_stats")
-    out = []
-    for idx in (0, 1):
-        out.append(sum(int.from_bytes(v, "little") for v in
-                       m.lookup_percpu(idx.to_bytes(4, "little"))))
-    return out[0], out[1]
-
-
 @dataclass
 class Lab:
     kind: str
-    client: N.Netns
-    lb: N.Netns
-    backend: N.Netns
+    client: netns.Netns
+    lb: netns.Netns
+    backend: netns.Netns
     dp: Datapath
     prog: Programmer
     decap: Skeleton
@@ -90,7 +81,6 @@ class Lab:
     source_v4: ipaddress.IPv4Address
     source_v6: ipaddress.IPv6Address
     tx_mode: int
-    bench: Skeleton = None  # for xdp_pass
     lb_mode: str = ""
 
     def configure(self, encap: int, vip: ipaddress._BaseAddress, backends: tuple) -> None:
@@ -110,25 +100,14 @@ def _mac(n: int) -> bytes:
 
 @contextlib.contextmanager
 def _namespaces(*roles: str):
-    made: list[N.Netns] = []
+    made: list[netns.Netns] = []
     try:
         for r in roles:
-            made.append(N.Netns(N.unique_name(f"xr{r}")))
+            made.append(netns.Netns(netns.unique_name(f"xr{r}")))
         yield made
     finally:
         for ns in reversed(made):
             ns.remove()
-
-
-def _load_decap() -> Skeleton:
-    skel = Skeleton("decap")
-    try:
-        assert lib.xdplb_decap_set_gue_port(skel.raw, socket.htons(GUE_PORT)) == 0
-        skel.load()
-    except BaseException:
-        skel.close()
-        raise
-    return skel
 
 
 def _load_dp() -> Datapath:
@@ -140,8 +119,8 @@ def _load_dp() -> Datapath:
 def redirect_lab():
     with contextlib.ExitStack() as stack:
         cl, lbn, be = stack.enter_context(_namespaces("c", "l", "b"))
-        N.add_veth("c0", cl, "cin", lbn, mac_a=_mac(1), mac_b=_mac(2))
-        N.add_veth("lout", lbn, "b0", be, mac_a=_mac(3), mac_b=_mac(4))
+        netns.add_veth("c0", cl, "cin", lbn, mac_a=_mac(1), mac_b=_mac(2))
+        netns.add_veth("lout", lbn, "b0", be, mac_a=_mac(3), mac_b=_mac(4))
         cl.add_address("c0", "10.11.0.1/24")
         cl.add_address("c0", "fd11::1/64")
         lbn.add_address("cin", "10.11.0.2/24")
@@ -169,16 +148,14 @@ def redirect_lab():
         be.set_tx_checksum("b0", False)
 
         dp = stack.enter_context(_load_dp())
-        decap = stack.enter_context(_load_decap())
-        bench = stack.enter_context(Skeleton("bench"))
-        bench.load()
+        decap = stack.enter_context(load_decap(GUE_PORT))
         with lbn.entered():  # the devmap resolves the ifindex in the caller's netns
             dp.set_tx_port(lbn.ifindex("lout"))
         lab = Lab("redirect", cl, lbn, be, dp, Programmer(dp), decap,
                   ip("10.11.0.1"), ip("fd11::1"),
                   (ip("10.12.0.2"), ip("10.12.0.3")), (ip("fd12::2"), ip("fd12::3")),
                   ip("10.100.0.1"), ip("fd00:100::1"), _mac(3), _mac(4),
-                  ip("10.12.0.1"), ip("fd12::1"), L.TX_REDIRECT, bench=bench)
+                  ip("10.12.0.1"), ip("fd12::1"), layout.TX_REDIRECT)
         _attach(be, "b0", decap.prog_fd("xdp_decap"))
         lab.lb_mode = _attach(lbn, "cin", dp.prog_fd)
         # Tests close their sockets (an open one would keep its namespace alive); the
@@ -194,7 +171,7 @@ def tx_lab():
         sw.add_bridge("br0")
         for name, ns, peer, n in (("c0", cl, "swc", 0x21), ("l0", lbn, "swl", 0x22),
                                   ("b0", be, "swb", 0x23)):
-            N.add_veth(name, ns, peer, sw, mac_a=_mac(n))
+            netns.add_veth(name, ns, peer, sw, mac_a=_mac(n))
             sw.set_link(peer, master="br0", up=True)
         cl.add_address("c0", "10.21.0.1/24")
         cl.add_address("c0", "fd21::1/64")
@@ -215,15 +192,13 @@ def tx_lab():
         be.set_tx_checksum("b0", False)
 
         dp = stack.enter_context(_load_dp())
-        decap = stack.enter_context(_load_decap())
-        bench = stack.enter_context(Skeleton("bench"))
-        bench.load()
+        decap = stack.enter_context(load_decap(GUE_PORT))
         lab = Lab("tx", cl, lbn, be, dp, Programmer(dp), decap,
                   ip("10.21.0.1"), ip("fd21::1"),
                   (ip("10.21.0.3"), ip("10.21.0.4")), (ip("fd21::3"), ip("fd21::4")),
                   ip("10.100.1.1"), ip("fd00:101::1"), _mac(0x22), _mac(0x23),
-                  ip("10.21.0.2"), ip("fd21::2"), L.TX_XDP_TX, bench=bench)
-        _attach(sw, "swl", bench.prog_fd("xdp_pass"))  # receives the LB's XDP_TX frames
+                  ip("10.21.0.2"), ip("fd21::2"), layout.TX_XDP_TX)
+        _attach(sw, "swl", decap.prog_fd("xdp_pass"))  # receives the LB's XDP_TX frames
         _attach(be, "b0", decap.prog_fd("xdp_decap"))
         lab.lb_mode = _attach(lbn, "l0", dp.prog_fd)
         yield lab
@@ -289,13 +264,13 @@ def _expected_backends(lab: Lab, vip, seen: dict) -> collections.Counter:
 
 CASES = [
     # id, vip family, backend family, encap
-    ("ipip", 4, 4, L.ENCAP_IPIP),
-    ("ip6ip6", 6, 6, L.ENCAP_IPIP),
-    ("4in6", 4, 6, L.ENCAP_IPIP),
-    ("6in4", 6, 4, L.ENCAP_IPIP),
-    ("gue4", 4, 4, L.ENCAP_GUE),
-    ("gue6", 6, 6, L.ENCAP_GUE),
-    ("gue6in4", 6, 4, L.ENCAP_GUE),
+    ("ipip", 4, 4, layout.ENCAP_IPIP),
+    ("ip6ip6", 6, 6, layout.ENCAP_IPIP),
+    ("4in6", 4, 6, layout.ENCAP_IPIP),
+    ("6in4", 6, 4, layout.ENCAP_IPIP),
+    ("gue4", 4, 4, layout.ENCAP_GUE),
+    ("gue6", 6, 6, layout.ENCAP_GUE),
+    ("gue6in4", 6, 4, layout.ENCAP_GUE),
 ]
 
 
@@ -304,7 +279,7 @@ def _run_case(lab: Lab, vfam: int, bfam: int, encap: int, n: int = 24) -> None:
     backends = lab.backends_v4 if bfam == 4 else lab.backends_v6
     lab.configure(encap, vip, backends)
     g0 = lab.dp.global_counters()
-    d0 = _decap_stats(lab.decap)
+    d0 = decap_stats(lab.decap)
     installed = lab.prog.installed((vip, VIP_PORT, socket.IPPROTO_UDP))
     bids = installed.backends
     b0 = {bid: lab.dp.backend_counters(bid) for bid in bids.values()}
@@ -313,9 +288,9 @@ def _run_case(lab: Lab, vfam: int, bfam: int, encap: int, n: int = 24) -> None:
     seen = _burst(lab, vip, n)
 
     g1 = lab.dp.global_counters()
-    d1 = _decap_stats(lab.decap)
+    d1 = decap_stats(lab.decap)
     delta = {k: g1[k] - g0[k] for k in g1}
-    sent_kind = "redirect" if lab.tx_mode == L.TX_REDIRECT else "tx"
+    sent_kind = "redirect" if lab.tx_mode == layout.TX_REDIRECT else "tx"
     other_kind = "tx" if sent_kind == "redirect" else "redirect"
     assert delta[sent_kind] == n, delta
     assert delta[other_kind] == 0, delta
@@ -362,7 +337,7 @@ def test_gue_zero_checksum_inner(redirect_lab):
     """An inner IPv4 UDP datagram sent without checksum (SO_NO_CHECK) is carried in GUE
     with UDP checksum 0 (counted) and still delivered."""
     lab = redirect_lab
-    lab.configure(L.ENCAP_GUE, lab.vip4, lab.backends_v4)
+    lab.configure(layout.ENCAP_GUE, lab.vip4, lab.backends_v4)
     g0 = lab.dp.global_counters()
     _burst(lab, lab.vip4, 8, no_check=True, reply=False)
     g1 = lab.dp.global_counters()
@@ -377,7 +352,7 @@ def test_replies_bypass_the_lb(tx_lab):
     chatter on the bridge, were passed)."""
     lab = tx_lab
     assert lab.lb.sysctl_get("net.ipv4.ip_forward") == "0"
-    lab.configure(L.ENCAP_IPIP, lab.vip4, lab.backends_v4)
+    lab.configure(layout.ENCAP_IPIP, lab.vip4, lab.backends_v4)
     g0 = lab.dp.global_counters()
     _burst(lab, lab.vip4, 16, reply=True)
     g1 = lab.dp.global_counters()
@@ -404,7 +379,7 @@ def test_too_big_is_dropped(redirect_lab):
     """Inner 1500-byte IPv4 packet + 20-byte outer header exceeds mtu 1500: dropped and
     counted, nothing reaches the backend."""
     lab = redirect_lab
-    lab.configure(L.ENCAP_IPIP, lab.vip4, lab.backends_v4)
+    lab.configure(layout.ENCAP_IPIP, lab.vip4, lab.backends_v4)
     with lab.backend.socket() as srv, lab.client.socket() as c:
         srv.bind((str(lab.vip4), VIP_PORT))
         g0 = lab.dp.global_counters()
@@ -439,7 +414,7 @@ def test_gue_checksum_accepted_by_kernel(redirect_lab, vfam, bfam):
     lab = redirect_lab
     vip = lab.vip4 if vfam == 4 else lab.vip6
     backends = lab.backends_v4 if bfam == 4 else lab.backends_v6
-    lab.configure(L.ENCAP_GUE, vip, backends)
+    lab.configure(layout.ENCAP_GUE, vip, backends)
     fam_b = socket.AF_INET6 if bfam == 6 else socket.AF_INET
     fam_v = socket.AF_INET6 if vfam == 6 else socket.AF_INET
     errors0 = lab.backend.run(_udp_csum_errors)
@@ -447,7 +422,7 @@ def test_gue_checksum_accepted_by_kernel(redirect_lab, vfam, bfam):
         if fam_b == socket.AF_INET6:
             gue.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         gue.bind(("::" if bfam == 6 else "0.0.0.0", GUE_PORT))
-        lab.backend.xdp_attach("b0", lab.bench.prog_fd("xdp_pass"), "native")  # for decap
+        lab.backend.xdp_attach("b0", lab.decap.prog_fd("xdp_pass"), "native")  # for decap
         try:
             n = 8
             for i in range(n):

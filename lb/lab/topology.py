@@ -27,9 +27,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import netns as N
-from ._native import lib
-from .native import Skeleton
+from . import netns
+from .decap import attach_decap, attach_pass
 
 VIP4, VIP6 = "10.200.1.10", "fd00:201::10"
 HTTP_PORT, UDP_PORT = 80, 5353
@@ -46,29 +45,15 @@ class Host:
     v6: str
 
 
-def _netns(name: str) -> N.Netns:
+def _netns(name: str) -> netns.Netns:
     """A lab namespace whose interfaces skip IPv6 duplicate address detection: while
     an interface's link-local address is tentative (about a second after it comes up),
     the kernel cannot resolve neighbours from it, so a backend's first IPv6 answers
     to the client were lost."""
-    ns = N.Netns(name, owned=False)
+    ns = netns.Netns(name, owned=False)
     for conf in ("all", "default"):
         ns.sysctl(f"net.ipv6.conf.{conf}.accept_dad", 0)
     return ns
-
-
-def _attach_pass(ns: N.Netns, ifname: str) -> None:
-    """An XDP_PASS program on a veth end that must receive XDP_TX/REDIRECT frames."""
-    with Skeleton("bench") as sk:
-        sk.load()
-        ns.xdp_attach(ifname, sk.prog_fd("xdp_pass"), "native")
-
-
-def _attach_decap(ns: N.Netns, ifname: str) -> None:
-    with Skeleton("decap") as sk:
-        lib.xdplb_decap_set_gue_port(sk.raw, socket.htons(GUE_PORT))
-        sk.load()
-        ns.xdp_attach(ifname, sk.prog_fd("xdp_decap"), "native")
 
 
 class Lab:
@@ -118,7 +103,7 @@ class Lab:
                 sw.add_address(br, a4)
                 sw.add_address(br, a6)
 
-        N.add_veth("c0", client, "sw-c", sw)
+        netns.add_veth("c0", client, "sw-c", sw)
         sw.set_link("sw-c", master=seg_c, up=True)
         client.add_address("c0", f"{h['client'].v4}/24")
         client.add_address("c0", f"{h['client'].v6}/64")
@@ -129,21 +114,21 @@ class Lab:
             client.add_route("default", via="10.200.0.254")
             client.add_route("default", via="fd00:200::254")
 
-        N.add_veth("lb0", lb, "sw-lb0", sw)
+        netns.add_veth("lb0", lb, "sw-lb0", sw)
         sw.set_link("sw-lb0", master=seg_c, up=True)
         lb.add_address("lb0", f"{h['lb'].v4}/24")
         lb.add_address("lb0", f"{h['lb'].v6}/64")
-        _attach_pass(sw, "sw-lb0")
+        attach_pass(sw, "sw-lb0")
         if self.variant != "tx":
-            N.add_veth("lb1", lb, "sw-lb1", sw)
+            netns.add_veth("lb1", lb, "sw-lb1", sw)
             sw.set_link("sw-lb1", master=seg_b, up=True)
             lb.add_address("lb1", "10.200.2.2/24")
             lb.add_address("lb1", "fd00:202::2/64")
-            _attach_pass(sw, "sw-lb1")
+            attach_pass(sw, "sw-lb1")
 
         for i, name in enumerate(self.backends, start=1):
             ns = _netns(name)
-            N.add_veth("eth0", ns, f"sw-be{i}", sw)
+            netns.add_veth("eth0", ns, f"sw-be{i}", sw)
             sw.set_link(f"sw-be{i}", master=seg_b, up=True)
             b = h[name]
             ns.set_link("lo", up=True)
@@ -155,14 +140,14 @@ class Lab:
             if self.variant != "tx":
                 ns.add_route("default", via="10.200.2.254")
                 ns.add_route("default", via="fd00:202::254")
-            _attach_decap(ns, "eth0")
+            attach_decap(ns, "eth0", GUE_PORT)
             self.start_server(name)
         return self
 
     def start_server(self, name: str) -> None:
         os.makedirs(self.piddir, exist_ok=True)
         log = open(os.path.join(self.piddir, f"{name}.log"), "ab")
-        p = N.spawn_in(name, [sys.executable, "-m", "lb.labserver", name, "--http",
+        p = netns.spawn_in(name, [sys.executable, "-m", "lb.lab.server", name, "--http",
                               str(HTTP_PORT), "--udp", str(UDP_PORT), "--echo",
                               str(ECHO_PORT), "--vip", VIP4,
                               "--vip", VIP6], stdout=log, stderr=log, start_new_session=True)
@@ -190,23 +175,23 @@ class Lab:
         """Remove everything `up` made, whatever state it is in."""
         for name in self.backends:
             self.stop_server(name)
-        for name in N.list_namespaces():
+        for name in netns.list_namespaces():
             if name in (self.client, self.lb, self.sw, *self.backends):
-                N.remove(name)
+                netns.remove(name)
         if not quiet:
             print("lab down")
 
     def spawn_lb(self, argv, **kw):
-        return N.spawn_in(self.lb, argv, **kw)
+        return netns.spawn_in(self.lb, argv, **kw)
 
     def client_http(self, host: str, n: int, port: int = HTTP_PORT
                     ) -> tuple[collections.Counter, int]:
         """n HTTP GETs from the client namespace: (answers per backend name, failures)."""
-        return N.run_in(self.client, _http_work, host, port, n, timeout=120)
+        return netns.run_in(self.client, _http_work, host, port, n, timeout=120)
 
     def client_udp(self, host: str, n: int) -> tuple[collections.Counter, int]:
         """n UDP echo requests from the client namespace, likewise."""
-        return N.run_in(self.client, _udp_work, host, n, timeout=120)
+        return netns.run_in(self.client, _udp_work, host, n, timeout=120)
 
 
 def _running(pid: int) -> bool:

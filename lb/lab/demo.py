@@ -10,8 +10,8 @@ import subprocess
 import sys
 import time
 
-from . import lab
-from .control import NoInstance, request
+from . import topology as lab
+from ..control import NoInstance, request
 
 CONFIG = "config/lab.toml"
 SOCK = "/run/xdplb/lab.sock"

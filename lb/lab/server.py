@@ -2,7 +2,7 @@
 its name, on every address of its namespace (the VIPs sit on its `lo`); optionally a
 line echo over TCP for long-lived connections (each line comes back as "NAME LINE").
 Used by `xdplb lab up`; run as
-`python -m lb.labserver NAME --http PORT --udp PORT [--echo PORT] [--vip ADDR ...]`."""
+`python -m lb.lab.server NAME --http PORT --udp PORT [--echo PORT] [--vip ADDR ...]`."""
 
 from __future__ import annotations
 
