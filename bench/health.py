@@ -53,7 +53,9 @@ import sys
 import tempfile
 import time
 
+from lb.control import NoInstance
 from lb.lab import netns
+from lb.lab.instance import Instance, RunFiles
 
 LB_ADDR, BE_ADDR = "10.250.0.1", "10.250.0.2"
 BACKEND_NET = "10.251.0.0/16"
@@ -64,18 +66,13 @@ RING = 10007  # prime > 100 x 100 backends per VIP
 
 # set per run by _names(): concurrent runs (e.g. `bench all` elsewhere) must not collide
 NS_LB, NS_BE = "xhb-lb", "xhb-be"
-PIN = "/sys/fs/bpf/xdplb-bench-health"
-SOCK = "/run/xdplb/bench-health.sock"
-STATE = "/run/xdplb/bench-health-state.json"
+FILES = RunFiles("bench-health")
 
 
 def _names() -> None:
-    global NS_LB, NS_BE, PIN, SOCK, STATE
+    global NS_LB, NS_BE, FILES
     NS_LB, NS_BE = netns.unique_name("xhbl"), netns.unique_name("xhbb")
-    tag = f"{os.getpid()}"
-    PIN = f"/sys/fs/bpf/xdplb-bench-health-{tag}"
-    SOCK = f"/run/xdplb/bench-health-{tag}.sock"
-    STATE = f"/run/xdplb/bench-health-state-{tag}.json"
+    FILES = RunFiles(f"bench-health-{os.getpid()}")
 
 
 def backend_addrs(n: int) -> list[str]:
@@ -254,15 +251,7 @@ def daemon_config(kind: str, addrs: list[str]) -> str:
                       for a in addrs[v * per_vip:(v + 1) * per_vip])
         vips.append(f'[[vip]]\nname = "v{v}"\naddress = "10.252.0.{v + 1}"\nport = 80\n'
                     f'protocol = "tcp"\n{bes}')
-    return f"""[lb]
-interface = "lb0"
-ring_size = {RING}
-flow_table_size = 65536
-bpf_pin_path = "{PIN}"
-control_socket = "{SOCK}"
-state_file = "{STATE}"
-log_format = "json"
-
+    return FILES.lb_table("lb0", ring_size=RING, flow_table_size=65536) + f"""
 [health]
 type = "{kind}"
 port = {PORT}
@@ -283,23 +272,6 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / tck
 
 
-def _stats(cfg: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "lb.cli", "stats", "--json", "--config", cfg],
-                       capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr)
-    return json.loads(r.stdout)
-
-
-def _cleanup_pins() -> None:
-    if os.path.isdir(PIN):
-        for name in os.listdir(PIN):
-            os.unlink(os.path.join(PIN, name))
-        os.rmdir(PIN)
-    if os.path.exists(STATE):
-        os.unlink(STATE)
-
-
 def run_daemon(kind: str, addrs: list[str], tmp: str, window: float, rounds: int,
                napi: str) -> dict:
     cfg = os.path.join(tmp, f"lb-{kind}-{napi}.toml")
@@ -308,46 +280,31 @@ def run_daemon(kind: str, addrs: list[str], tmp: str, window: float, rounds: int
     log = os.path.join(tmp, f"daemon-{kind}-{napi}.log")
     napi_threaded(napi == "napi_threaded")
     server = Server(tmp)
-    _cleanup_pins()
-    proc = netns.spawn_in(NS_LB, [sys.executable, "-m", "lb.cli", "--config", cfg],
-                      stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    FILES.clean()
+    daemon = Instance(NS_LB, cfg, log)
     cpu, kcpu = [], []
     try:
-        deadline = time.monotonic() + 120
         t_start = time.monotonic()
-        while True:  # until every backend is up
-            if proc.poll() is not None:
-                raise RuntimeError(f"xdplb exited: {open(log).read()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("backends never all came up")
-            try:
-                doc = _stats(cfg)
-                if all(b["healthy"] for v in doc["vips"] for b in v["backends"]):
-                    break
-            except (RuntimeError, ValueError):
-                pass
-            time.sleep(0.5)
+        daemon.wait_until(lambda: all(b["healthy"] for v in daemon.stats()["vips"]
+                                      for b in v["backends"]),
+                          "every backend up", timeout=120, ignore=(NoInstance, KeyError),
+                          poll=0.5)
         all_up_s = time.monotonic() - t_start
         time.sleep(2 * INTERVAL)  # the last ring swaps settle
         t_first = time.monotonic()
         for _ in range(rounds):
-            c0, k0, t0 = _proc_cpu(proc.pid), _napi_threads_cpu(), time.monotonic()
+            c0, k0, t0 = _proc_cpu(daemon.pid), _napi_threads_cpu(), time.monotonic()
             time.sleep(window)
-            c1, k1, t1 = _proc_cpu(proc.pid), _napi_threads_cpu(), time.monotonic()
+            c1, k1, t1 = _proc_cpu(daemon.pid), _napi_threads_cpu(), time.monotonic()
             cpu.append((c1 - c0) / (t1 - t0))
             kcpu.append((k1 - k0) / (t1 - t0))
-        doc = _stats(cfg)
+        doc = daemon.stats()
         hc = doc["global"].get("health_checks", {})
         up = sum(b["healthy"] for v in doc["vips"] for b in v["backends"])
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        daemon.stop(20)
         arrivals = server.stop()
-        _cleanup_pins()
+        FILES.clean()
     gaps = probe_gaps(arrivals, addrs, t_first, t1)
     return {"cpu_fraction": round(statistics.median(cpu), 4),
             "cpu_fraction_max": round(max(cpu), 4),

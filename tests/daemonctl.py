@@ -1,64 +1,17 @@
-"""Driving a real xdplb daemon from tests: start it in a lab's LB namespace, read its JSON
-log events, call the CLI, and read the rings it installed from the pinned maps."""
+"""A real xdplb daemon from the tests' side: the CLI, and the rings it installed read from
+the pinned maps. (Starting, waiting for and stopping it: lb.lab.instance.)"""
 
 from __future__ import annotations
 
 import ctypes
 import ipaddress
 import json
-import signal
 import subprocess
 import sys
-import time
 from typing import Optional
 
 from lb import layout
 from lb.native import Map, lib
-
-
-class Daemon:
-    """`python -m lb.cli --config CONFIG` in `lab`'s LB namespace, logging JSON to `log`."""
-
-    def __init__(self, lab, config: str, log: str):
-        self.config, self.logpath = config, log
-        self.proc = lab.spawn_lb([sys.executable, "-m", "lb.cli", "--config", config],
-                                 stdout=open(log, "a"), stderr=subprocess.STDOUT)
-
-    def events(self, name: Optional[str] = None, after: int = 0, **match) -> list[dict]:
-        out = []
-        with open(self.logpath) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    out.append({})
-        return [e for e in out[after:] if (name is None or e.get("event") == name)
-                and all(e.get(k) == v for k, v in match.items())]
-
-    def mark(self) -> int:
-        return len(self.events())
-
-    def wait(self, name: str, after: int = 0, timeout: float = 20, **match) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ev = self.events(name, after, **match)
-            if ev:
-                return ev[0]
-            assert self.proc.poll() is None, f"daemon exited: {self.tail()}"
-            time.sleep(0.03)
-        raise AssertionError(f"no {name} {match}; log: {self.tail()}")
-
-    def tail(self) -> str:
-        return open(self.logpath).read()[-3000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

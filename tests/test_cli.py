@@ -11,19 +11,16 @@ import tempfile
 
 import pytest
 
-CONFIG = """
-[lb]
-interface = "{iface}"
+from test_config import MINIMAL  # one VIP, one backend
+
+
+def config_text(iface: str, tmp) -> str:
+    """MINIMAL on `iface`, with pins, control socket and state file of this test's own."""
+    return MINIMAL.replace('interface = "eth0"\n', f'''interface = "{iface}"
 bpf_pin_path = "/sys/fs/bpf/xdplb-clitest"
 control_socket = "/run/xdplb/clitest.sock"
 state_file = "{tmp}/state.json"
-[[vip]]
-name = "web"
-address = "192.0.2.10"
-port = 80
-[[vip.backend]]
-address = "10.1.0.11"
-"""
+''', 1)
 
 
 def run(*args: str, prefix: tuple = ()) -> subprocess.CompletedProcess:
@@ -35,7 +32,7 @@ def run(*args: str, prefix: tuple = ()) -> subprocess.CompletedProcess:
 def cfg(tmp_path):
     def make(iface: str = "eth9") -> str:
         p = tmp_path / "lb.toml"
-        p.write_text(CONFIG.format(iface=iface, tmp=tmp_path))
+        p.write_text(config_text(iface, tmp_path))
         return str(p)
     return make
 
@@ -96,7 +93,7 @@ def test_not_root():
         os.chmod(d, 0o755)
         p = os.path.join(d, "lb.toml")
         with open(p, "w") as f:
-            f.write(CONFIG.format(iface="lo", tmp=d))
+            f.write(config_text("lo", d))
         os.chmod(p, 0o644)
         nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                   "--inh-caps=-all", "--bounding-set=-all")

@@ -4,29 +4,29 @@ SIGKILL and restart with adoption of pinned maps."""
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb import layout, maglev
-from lb.lab import netns, topology
 from lb.datapath import MAP_NAMES
+from lb.lab import netns, topology
+from lb.lab.instance import Instance, RunFiles
 from lb.native import Map
 from lb.specs import backend_key
 
 import daemonctl
+import traffic
 
 LAB = topology.Lab(prefix="xt-")
-PIN = "/sys/fs/bpf/xdplb-test"
-SOCK = "/run/xdplb/test.sock"
-STATE = "/run/xdplb/test-state.json"
+FILES = RunFiles("test")
+PIN, STATE = FILES.pin, FILES.state
 
 
 def _config(tmp_path, web_backends=("10.200.0.11", "10.200.0.12", "10.200.0.13"),
@@ -35,7 +35,7 @@ def _config(tmp_path, web_backends=("10.200.0.11", "10.200.0.12", "10.200.0.13")
     over the running one, as an operator should (the daemon may read at any moment)."""
     text = open("config/lab.toml").read()
     text = text.replace('bpf_pin_path = "/sys/fs/bpf/xdplb-lab"', f'bpf_pin_path = "{PIN}"')
-    text = text.replace('control_socket = "/run/xdplb/lab.sock"', f'control_socket = "{SOCK}"')
+    text = text.replace('control_socket = "/run/xdplb/lab.sock"', f'control_socket = "{FILES.sock}"')
     text = text.replace('state_file = "/run/xdplb/lab-state.json"', f'state_file = "{STATE}"')
     text = text.replace('log_format = "console"',
                         'log_format = "json"\nmetrics_listen = "127.0.0.1:19733"')
@@ -47,14 +47,14 @@ def _config(tmp_path, web_backends=("10.200.0.11", "10.200.0.12", "10.200.0.13")
     return str(path)
 
 
-SPAWNED: list = []
+SPAWNED: list[Instance] = []
 cli, stats = daemonctl.cli, daemonctl.stats
 
 
-class Daemon(daemonctl.Daemon):
-    def __init__(self, config: str, log: str):
-        super().__init__(LAB, config, log)
-        SPAWNED.append(self.proc)
+def Daemon(config: str, log: str) -> Instance:
+    d = Instance(LAB.lb, config, log)
+    SPAWNED.append(d)
+    return d
 
 
 def states(doc: dict, vip: str) -> dict[str, str]:
@@ -79,17 +79,7 @@ def http(n: int, host: str = topology.VIP4) -> tuple[collections.Counter, int]:
     return LAB.client_http(host, n)
 
 
-def udp_from_ports(ports: list[int]) -> dict[int, str]:
-    def work(ports):
-        out = {}
-        for p in ports:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.bind(("10.200.0.1", p))
-                s.settimeout(1)
-                s.sendto(b"x", (topology.VIP4, topology.UDP_PORT))
-                out[p] = s.recvfrom(100)[0].split()[0].decode()
-        return out
-    return netns.run_in(LAB.client, work, ports, timeout=60)
+udp_from_ports = functools.partial(traffic.udp_from_ports, LAB)
 
 
 def ring_addresses(vip_addr: str, port: int, proto: int) -> list:
@@ -106,9 +96,7 @@ def expected_ring(addresses: list[str], m: int = 65537) -> list[str]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("daemon")
-    for f in (STATE,):
-        if os.path.exists(f):
-            os.unlink(f)
+    FILES.clean()
     LAB.up()
     cfg = _config(tmp)
     d = Daemon(cfg, str(tmp / "daemon.log"))
@@ -118,18 +106,9 @@ def env(tmp_path_factory):
         yield tmp, cfg, d
     finally:
         for p in SPAWNED:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            p.stop()
         LAB.down()
-        # a daemon killed with SIGKILL leaves the program attached and pins behind
-        for name in os.listdir(PIN) if os.path.isdir(PIN) else []:
-            os.unlink(os.path.join(PIN, name))
-        if os.path.isdir(PIN):
-            os.rmdir(PIN)
+        FILES.clean()  # a daemon killed with SIGKILL leaves the program's pins behind
 
 
 def test_stats_shape_and_counts(env):

@@ -115,37 +115,43 @@ def _load_dp() -> Datapath:
                            flow_table_size=4096))
 
 
+def _plumb(cl: netns.Netns, be: netns.Netns, addresses, neighbours, routes) -> None:
+    """Addresses (ns, ifname, prefixes), static neighbours (ns, ifname, mac, addresses:
+    no ARP/NDP races in the first burst) and routes (ns, dst, via); the backend accepts
+    packets for addresses it owns from anywhere, and neither client nor backend leaves
+    a UDP checksum to an offload (XDP handles their frames on the way)."""
+    for ns, ifname, prefixes in addresses:
+        for prefix in prefixes:
+            ns.add_address(ifname, prefix)
+    for ns, ifname, mac, addrs in neighbours:
+        for addr in addrs:
+            ns.add_neighbor(ifname, addr, mac)
+    for ns, dst, via in routes:
+        ns.add_route(dst, via=via)
+    be.relaxed(["b0"])
+    cl.set_tx_checksum("c0", False)
+    be.set_tx_checksum("b0", False)
+
+
 @pytest.fixture(scope="module")
 def redirect_lab():
     with contextlib.ExitStack() as stack:
         cl, lbn, be = stack.enter_context(_namespaces("c", "l", "b"))
         netns.add_veth("c0", cl, "cin", lbn, mac_a=_mac(1), mac_b=_mac(2))
         netns.add_veth("lout", lbn, "b0", be, mac_a=_mac(3), mac_b=_mac(4))
-        cl.add_address("c0", "10.11.0.1/24")
-        cl.add_address("c0", "fd11::1/64")
-        lbn.add_address("cin", "10.11.0.2/24")
-        lbn.add_address("cin", "fd11::2/64")
-        lbn.add_address("lout", "10.12.0.1/24")
-        lbn.add_address("lout", "fd12::1/64")
-        for a in ("10.12.0.2/24", "10.12.0.3/24", "fd12::2/64", "fd12::3/64"):
-            be.add_address("b0", a)
-        be.add_address("lo", "10.100.0.1/32")
-        be.add_address("lo", "fd00:100::1/128")
-        # static neighbours: no ARP/NDP races in the first burst
-        cl.add_neighbor("c0", "10.11.0.2", _mac(2))
-        cl.add_neighbor("c0", "fd11::2", _mac(2))
-        lbn.add_neighbor("cin", "10.11.0.1", _mac(1))
-        lbn.add_neighbor("cin", "fd11::1", _mac(1))
-        be.add_neighbor("b0", "10.12.0.1", _mac(3))
-        be.add_neighbor("b0", "fd12::1", _mac(3))
-        cl.add_route("10.100.0.0/24", via="10.11.0.2")
-        cl.add_route("fd00:100::/64", via="fd11::2")
-        be.add_route("default", via="10.12.0.1")
-        be.add_route("default", via="fd12::1")
+        _plumb(cl, be,
+               addresses=[(cl, "c0", ("10.11.0.1/24", "fd11::1/64")),
+                          (lbn, "cin", ("10.11.0.2/24", "fd11::2/64")),
+                          (lbn, "lout", ("10.12.0.1/24", "fd12::1/64")),
+                          (be, "b0", ("10.12.0.2/24", "10.12.0.3/24", "fd12::2/64",
+                                      "fd12::3/64")),
+                          (be, "lo", ("10.100.0.1/32", "fd00:100::1/128"))],
+               neighbours=[(cl, "c0", _mac(2), ("10.11.0.2", "fd11::2")),
+                           (lbn, "cin", _mac(1), ("10.11.0.1", "fd11::1")),
+                           (be, "b0", _mac(3), ("10.12.0.1", "fd12::1"))],
+               routes=[(cl, "10.100.0.0/24", "10.11.0.2"), (cl, "fd00:100::/64", "fd11::2"),
+                       (be, "default", "10.12.0.1"), (be, "default", "fd12::1")])
         lbn.router()
-        be.relaxed(["b0"])
-        cl.set_tx_checksum("c0", False)
-        be.set_tx_checksum("b0", False)
 
         dp = stack.enter_context(_load_dp())
         decap = stack.enter_context(load_decap(GUE_PORT))
@@ -173,23 +179,15 @@ def tx_lab():
                                   ("b0", be, "swb", 0x23)):
             netns.add_veth(name, ns, peer, sw, mac_a=_mac(n))
             sw.set_link(peer, master="br0", up=True)
-        cl.add_address("c0", "10.21.0.1/24")
-        cl.add_address("c0", "fd21::1/64")
-        lbn.add_address("l0", "10.21.0.2/24")
-        lbn.add_address("l0", "fd21::2/64")
-        for a in ("10.21.0.3/24", "10.21.0.4/24", "fd21::3/64", "fd21::4/64"):
-            be.add_address("b0", a)
-        be.add_address("lo", "10.100.1.1/32")
-        be.add_address("lo", "fd00:101::1/128")
-        cl.add_neighbor("c0", "10.21.0.2", _mac(0x22))
-        cl.add_neighbor("c0", "fd21::2", _mac(0x22))
-        be.add_neighbor("b0", "10.21.0.1", _mac(0x21))
-        be.add_neighbor("b0", "fd21::1", _mac(0x21))
-        cl.add_route("10.100.1.0/24", via="10.21.0.2")
-        cl.add_route("fd00:101::/64", via="fd21::2")
-        be.relaxed(["b0"])
-        cl.set_tx_checksum("c0", False)
-        be.set_tx_checksum("b0", False)
+        _plumb(cl, be,
+               addresses=[(cl, "c0", ("10.21.0.1/24", "fd21::1/64")),
+                          (lbn, "l0", ("10.21.0.2/24", "fd21::2/64")),
+                          (be, "b0", ("10.21.0.3/24", "10.21.0.4/24", "fd21::3/64",
+                                      "fd21::4/64")),
+                          (be, "lo", ("10.100.1.1/32", "fd00:101::1/128"))],
+               neighbours=[(cl, "c0", _mac(0x22), ("10.21.0.2", "fd21::2")),
+                           (be, "b0", _mac(0x21), ("10.21.0.1", "fd21::1"))],
+               routes=[(cl, "10.100.1.0/24", "10.21.0.2"), (cl, "fd00:101::/64", "fd21::2")])
 
         dp = stack.enter_context(_load_dp())
         decap = stack.enter_context(load_decap(GUE_PORT))

@@ -5,32 +5,22 @@ from __future__ import annotations
 
 import collections
 import os
-import signal
-import subprocess
 import sys
 import time
 
+from ..control import NoInstance
 from . import topology as lab
-from ..control import NoInstance, request
+from .instance import Instance, InstanceError, RunFiles
 
 CONFIG = "config/lab.toml"
-SOCK = "/run/xdplb/lab.sock"
 
 
-def _stats() -> dict:
-    return request(SOCK, {"cmd": "stats"})["result"]
-
-
-def _wait(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except (NoInstance, OSError, KeyError):
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"demo: timed out waiting for {what}")
+def _wait(daemon: Instance, pred, timeout: float, what: str) -> None:
+    try:
+        daemon.wait_until(pred, what, timeout, ignore=(NoInstance, OSError, KeyError),
+                          poll=0.1)
+    except InstanceError:
+        raise SystemExit(f"demo: timed out waiting for {what}") from None
 
 
 def _backend_states(doc: dict, vip: str) -> dict[str, str]:
@@ -60,15 +50,14 @@ def main() -> int:
     demo_lab = lab.Lab().up()
     try:
         os.makedirs("/run/xdplb", exist_ok=True)
-        for f in ("/run/xdplb/lab-state.json",):
-            if os.path.exists(f):
-                os.unlink(f)
+        RunFiles("lab").clean()  # config/lab.toml's pins, socket and state file
         os.makedirs(demo_lab.piddir, exist_ok=True)
-        log = open(os.path.join(demo_lab.piddir, "xdplb.log"), "w")
-        daemon = demo_lab.spawn_lb([sys.executable, "-m", "lb.cli", "--config", CONFIG],
-                            stdout=log, stderr=subprocess.STDOUT)
-        _wait(lambda: all(s == "active" for v in ("web", "echo", "web6", "echo6")
-                          for s in _backend_states(_stats(), v).values()), 20,
+        log = os.path.join(demo_lab.piddir, "xdplb.log")
+        if os.path.exists(log):
+            os.unlink(log)
+        daemon = Instance(demo_lab.lb, CONFIG, log)
+        _wait(daemon, lambda: all(s == "active" for v in ("web", "echo", "web6", "echo6")
+                                  for s in _backend_states(daemon.stats(), v).values()), 20,
               "every backend to pass its health checks")
         print("xdplb is up; every backend passed its health checks\n")
 
@@ -83,41 +72,38 @@ def main() -> int:
             print(f"{vip:<6} {n} requests to {host}: {sum(got.values())} answered, "
                   f"{failed} failed")
         print()
-        print(_table(_stats(), answered))
+        print(_table(daemon.stats(), answered))
 
         # drain: be1 takes no new connections
         print("\n$ xdplb backend drain web 10.200.0.11")
-        request(SOCK, {"cmd": "backend", "action": "drain", "vip": "web",
-                       "backend": "10.200.0.11"})
+        daemon.request({"cmd": "backend", "action": "drain", "vip": "web",
+                        "backend": "10.200.0.11"})
         got, failed = demo_lab.client_http(lab.VIP4, 60)
         bad += failed + got.get("xl-be1", 0)
         print(f"drain: 60 new connections -> {dict(got)}; xl-be1 got "
               f"{got.get('xl-be1', 0)}, {failed} failed")
-        request(SOCK, {"cmd": "backend", "action": "activate", "vip": "web",
-                       "backend": "10.200.0.11"})
+        daemon.request({"cmd": "backend", "action": "activate", "vip": "web",
+                        "backend": "10.200.0.11"})
 
         # failover: be2's server dies; health checks take it out
         print("\n$ kill the server of xl-be2")
         t0 = time.monotonic()
         demo_lab.stop_server("xl-be2")
-        _wait(lambda: _backend_states(_stats(), "web")["10.200.0.12"] == "down", 20,
-              "xl-be2 to be marked down")
+        _wait(daemon, lambda: _backend_states(daemon.stats(), "web")["10.200.0.12"] == "down",
+              20, "xl-be2 to be marked down")
         took = time.monotonic() - t0
         got, failed = demo_lab.client_http(lab.VIP4, 60)
         bad += failed + got.get("xl-be2", 0)
         print(f"failover: xl-be2 down after {took:.1f}s (fall=2 checks every 0.5s); "
               f"60 new connections -> {dict(got)}, {failed} failed")
         demo_lab.start_server("xl-be2")
-        _wait(lambda: _backend_states(_stats(), "web")["10.200.0.12"] == "active", 20,
+        _wait(daemon, lambda: _backend_states(daemon.stats(), "web")["10.200.0.12"] == "active",
+              20,
               "xl-be2 to come back")
         print("xl-be2 restarted: back in service after rise=2 checks")
     finally:
         if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+            daemon.stop()
         demo_lab.down(quiet=False)
     print(f"\ndemo {'passed' if bad == 0 else 'FAILED'}: {bad} unexpected failures")
     return 0 if bad == 0 else 1

@@ -30,9 +30,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from .. import layout
 from . import namespaces
-from .namespaces import (NETNS_DIR, NetnsError, NsLike, create, entered, exists,  # noqa: F401
-                         ipr_in, list_namespaces, nl_errors, ns_name, ns_path, remove,
-                         run_in, spawn_in, unique_name)
+from .namespaces import (NETNS_DIR, NetnsError, NsLike, create, entered, exists, ipr_in,
+                         list_namespaces, nl_errors, ns_name, ns_path, remove, run_in,
+                         spawn_in, unique_name)
+
+__all__ = ["NETNS_DIR", "NetnsError", "Netns", "add_veth", "create", "entered", "exists",
+           "list_namespaces", "ns_path", "remove", "run_in", "spawn_in", "unique_name"]
 
 _IFA_F_NODAD = 0x02
 _TX_CSUM = "tx-checksumming"

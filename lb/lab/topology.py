@@ -181,9 +181,6 @@ class Lab:
         if not quiet:
             print("lab down")
 
-    def spawn_lb(self, argv, **kw):
-        return netns.spawn_in(self.lb, argv, **kw)
-
     def client_http(self, host: str, n: int, port: int = HTTP_PORT
                     ) -> tuple[collections.Counter, int]:
         """n HTTP GETs from the client namespace: (answers per backend name, failures)."""
