@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 STATES = ("active", "drain", "maint")
 
@@ -54,3 +55,14 @@ class AdminStates:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+def admin_lookup(states: Optional[AdminStates], cfg) -> Callable[[str, str], str]:
+    """admin_of(vip, backend) for cfg (a Config): the runtime state, else the config's
+    `state`, else active."""
+    configured = {(v.name, str(b.address)): b.state for v in cfg.vips for b in v.backends}
+
+    def admin_of(vip: str, backend: str) -> str:
+        runtime = states.get(vip, backend) if states is not None else None
+        return runtime or configured.get((vip, backend), "active")
+    return admin_of

@@ -117,7 +117,7 @@ def cmd_backend(path: str, action: str, vip: str, backend: str) -> int:
 
 
 def cmd_explain(path: str, a) -> int:
-    from .adminstate import AdminStates
+    from .adminstate import AdminStates, admin_lookup
     from .config import load_config
     from .control import NoInstance, request
     from .explain import explain_offline
@@ -132,14 +132,12 @@ def cmd_explain(path: str, a) -> int:
             return reply.get("code", 1)
         r = reply["result"]
     except (NoInstance, PermissionError):
-        states = {(v.name, str(b.address)): b.state for v in cfg.vips for b in v.backends}
         try:
             admin = AdminStates(cfg.lb.state_file)
         except ValueError:
             admin = None
         try:
-            r = explain_offline(cfg, lambda v, b: (admin.get(v, b) if admin else None)
-                                or states.get((v, b), "active"), a.proto, a.src, a.sport,
+            r = explain_offline(cfg, admin_lookup(admin, cfg), a.proto, a.src, a.sport,
                                 a.dst, a.dport)
         except KeyError as e:
             print(f"xdplb: {str(e).strip(chr(39))}", file=sys.stderr)

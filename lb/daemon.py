@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import policy, preflight
-from .adminstate import AdminStates
+from .adminstate import AdminStates, admin_lookup
 from .attach import attach
 from .config import Config, load_config
 from .control import ControlServer
@@ -57,11 +57,11 @@ class BackendView:
 
 class Daemon:
     def __init__(self, path: str, cfg: Config, log):
+        self.admin = AdminStates(cfg.lb.state_file)
         self.path, self.cfg, self.log = path, cfg, log
         self.nl: Optional[Netlink] = None
         self.dp: Optional[Datapath] = None
         self.programmer: Optional[Programmer] = None
-        self.admin = AdminStates(cfg.lb.state_file)
         self.health = HealthBook(log, self._admin_of, lambda flips: self.apply())
         self.resolver = Resolver(log)
         self.nexthops = Nexthops()
@@ -112,11 +112,10 @@ class Daemon:
     def cfg(self, cfg: Config) -> None:
         self._cfg = cfg
         self._vip_by_name = {v.name: v for v in cfg.vips}
-        self._cfg_state = {(v.name, str(b.address)): b.state for v in cfg.vips
-                           for b in v.backends}
+        self._admin_lookup = admin_lookup(self.admin, cfg)
 
     def _admin_of(self, vip: str, backend: str) -> str:
-        return self.admin.get(vip, backend) or self._cfg_state.get((vip, backend), "active")
+        return self._admin_lookup(vip, backend)
 
     def _up_of(self, vip: str, backend: str) -> bool:
         v = self._vip_by_name.get(vip)
