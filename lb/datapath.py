@@ -1,7 +1,8 @@
 """The loaded xdplb program and typed operations on its maps.
 
-This module knows map names and encodings (lb/layout.py); it decides nothing. What goes in
-the maps (ids, rings, states) is decided by lb/programmer.py.
+This module knows map names, key encodings and flag bits (lb/layout.py); its methods take
+plain values and decide nothing. What goes in the maps (ids, rings, states) is decided by
+lb/programmer.py.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
-from . import layout as L
-from .layout import IPAddress
+from . import layout
+from .flowhash import prefilter_index
+from .layout import BackendEntry, IPAddress, VipEntry
 from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, num_cpus, obj_pin
 
 MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", "flows",
@@ -24,7 +26,7 @@ MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", 
 
 BPF_F_RDONLY_PROG = 1 << 7
 
-GLOBAL_NAMES = {s.name.lower(): s for s in L.Stat}
+GLOBAL_NAMES = {s.name.lower(): s for s in layout.Stat}
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,8 @@ class Limits:
 @dataclass(frozen=True)
 class EgressConfig:
     smac: bytes = bytes(6)
-    encap: int = L.ENCAP_IPIP
-    tx_mode: int = L.TX_XDP_TX
+    encap: int = layout.ENCAP_IPIP
+    tx_mode: int = layout.TX_XDP_TX
     source_v4: Optional[ipaddress.IPv4Address] = None
     source_v6: Optional[ipaddress.IPv6Address] = None
     gue_port: int = 6080
@@ -99,9 +101,10 @@ class Datapath:
         # kind -> (map, stride, blocks, element size, offset of the counters in an
         # element); vip_stats has one block per CPU and one for removed backends' counts
         self._counter_maps = {
-            "vip": ("vip_stats", limits.max_vips, self.ncpus + 1, ctypes.sizeof(L.Counters), 0),
+            "vip": ("vip_stats", limits.max_vips, self.ncpus + 1,
+                    ctypes.sizeof(layout.Counters), 0),
             "backend": ("backends", limits.max_backends, self.ncpus,
-                        ctypes.sizeof(L.BackendSlot), L.BackendSlot.c.offset)}
+                        ctypes.sizeof(layout.BackendSlot), layout.BackendSlot.c.offset)}
         self._views: dict[str, mmap.mmap] = {}
         try:
             for name in ("vip_stats", "backends"):
@@ -168,14 +171,14 @@ class Datapath:
 
     # --- configuration -------------------------------------------------------------
     def set_config(self, cfg: EgressConfig) -> None:
-        c = L.LbConfig()
+        c = layout.LbConfig()
         c.smac[:] = cfg.smac
         c.encap = cfg.encap
         c.tx_mode = cfg.tx_mode
-        c.src_v4 = L.addr_words(cfg.source_v4)[0] if cfg.source_v4 else 0
+        c.src_v4 = layout.addr_words(cfg.source_v4)[0] if cfg.source_v4 else 0
         if cfg.source_v6:
-            c.src_v6[:] = L.addr_words(cfg.source_v6)
-        c.gue_port = L.port_be(cfg.gue_port)
+            c.src_v6[:] = layout.addr_words(cfg.source_v6)
+        c.gue_port = layout.port_be(cfg.gue_port)
         c.mtu = min(cfg.mtu, 0xFFFF)
         c.flow_insert_limit = cfg.flow_insert_limit
         self.maps["config"].update(_u32(0), c)
@@ -184,44 +187,49 @@ class Datapath:
         self.maps["tx_port"].update(_u32(0), _u32(ifindex))
 
     def set_nexthop(self, nid: int, mac: bytes) -> None:
-        nh = L.Nexthop()
+        nh = layout.Nexthop()
         nh.dmac[:] = mac
         self.maps["nexthops"].update(_u32(nid), nh)
 
     def set_backend(self, bid: int, addr: IPAddress, vip_id: int, nexthop_id: int,
-                    flags: int, gen: int = 0) -> None:
-        b = L.Backend()
+                    keep_flows: bool, gen: int = 0) -> None:
+        b = layout.Backend()
         b.gen = gen & 0xFFFF
-        b.addr[:] = L.addr_words(addr)
-        b.family = L.family_of(addr)
-        b.flags = flags
+        b.addr[:] = layout.addr_words(addr)
+        b.family = layout.family_of(addr)
+        b.flags = layout.BE_F_FLOWS_STAY if keep_flows else 0
         b.vip_id = vip_id
         b.nexthop_id = nexthop_id
         self._write_backend(bid, bytes(b))
 
     def clear_backend(self, bid: int) -> None:
         """Zero the entry: flows still pointing here are moved by the data path."""
-        self._write_backend(bid, bytes(ctypes.sizeof(L.Backend)))
+        self._write_backend(bid, bytes(ctypes.sizeof(layout.Backend)))
 
     def _write_backend(self, bid: int, entry: bytes) -> None:
         """The entry into every CPU's copy (each a single memcpy; the counters beside it
         are left alone)."""
         if not 0 < bid < self.limits.max_backends:
             raise ValueError(f"backend id {bid} out of range 1..{self.limits.max_backends - 1}")
-        view, size = self._views["backends"], ctypes.sizeof(L.BackendSlot)
+        view, size = self._views["backends"], ctypes.sizeof(layout.BackendSlot)
         for cpu in range(self.ncpus):
             off = (cpu * self.limits.max_backends + bid) * size
             view[off:off + len(entry)] = entry
 
-    def backend(self, bid: int) -> L.Backend:
+    def backend(self, bid: int) -> layout.Backend:
         """The entry of backend `bid` (CPU 0's copy; all copies are written alike)."""
-        off = bid * ctypes.sizeof(L.BackendSlot)
-        return L.Backend.unpack(self._views["backends"][off:off + ctypes.sizeof(L.Backend)])
+        off = bid * ctypes.sizeof(layout.BackendSlot)
+        return layout.Backend.unpack(
+            self._views["backends"][off:off + ctypes.sizeof(layout.Backend)])
+
+    def backend_entries(self) -> Iterator[tuple[int, BackendEntry]]:
+        """(backend id, entry) of every backend in the map."""
+        for bid in range(1, self.limits.max_backends):
+            b = self.backend(bid)
+            if b.family != layout.AF_NONE:
+                yield bid, layout.backend_entry(b)
 
     # --- rings ---------------------------------------------------------------------
-    def install_ring(self, ring_id: int, ids: array.array) -> None:
-        self.install_rings([(ring_id, ids)])
-
     def install_rings(self, rings: list[tuple[int, array.array]], chunk: int = 256) -> None:
         """Fill a new inner map per ring completely (one memcpy into its mmap), then swap
         them into their rings[ring_id] slots: packets see a VIP's whole old ring or its
@@ -255,28 +263,22 @@ class Datapath:
 
     def read_ring(self, ring_id: int) -> Optional[array.array]:
         """The ring installed in rings[ring_id] (for tests and `explain`)."""
-        raw = self.maps["rings"].lookup(_u32(ring_id))
-        if raw is None:
-            return None
-        inner_id = ctypes.c_uint32.from_buffer_copy(raw).value
-        fd = lib.bpf_map_get_fd_by_id(inner_id)
-        if fd < 0:
-            return None
-        with Map.from_fd(fd) as inner:
-            m = inner.max_entries
-            size = -(-8 * m // mmap.PAGESIZE) * mmap.PAGESIZE
-            with mmap.mmap(inner.fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
-                out = array.array("I", mm[: 8 * m])[0::2]
-        return out
+        return read_ring(self.maps["rings"], ring_id)
 
     # --- VIPs ----------------------------------------------------------------------
-    def set_vip(self, key: L.VipKey, vip_id: int, flags: int, ring_size: int,
-                ring_id: int) -> None:
-        meta = L.VipMeta(vip_id=vip_id, flags=flags, ring_size=ring_size, ring_id=ring_id)
-        self.maps["vips"].update(key, meta)
+    def set_vip(self, addr: IPAddress, port: int, proto: int, vip_id: int, ring_id: int,
+                ring_size: int, hash_src_only: bool = False) -> None:
+        meta = layout.VipMeta(vip_id=vip_id, ring_size=ring_size, ring_id=ring_id,
+                              flags=layout.VIP_F_HASH_SRC_ONLY if hash_src_only else 0)
+        self.maps["vips"].update(layout.vip_key(addr, port, proto), meta)
 
-    def delete_vip(self, key: L.VipKey) -> None:
-        self.maps["vips"].delete(key)
+    def delete_vip(self, addr: IPAddress, port: int, proto: int) -> None:
+        self.maps["vips"].delete(layout.vip_key(addr, port, proto))
+
+    def vip_entries(self) -> Iterator[tuple[tuple, VipEntry]]:
+        """((address, port, proto), entry) of every VIP in the map."""
+        for k, v in self.maps["vips"].items():
+            yield layout.vip_ident(k), layout.vip_entry(v)
 
     def set_vip_addrs(self, addrs: Iterable[IPAddress], previous: Iterable[IPAddress] = ()
                       ) -> None:
@@ -285,24 +287,24 @@ class Datapath:
         now, before = set(addrs), set(previous)
         pf = self.maps["prefilter"]
         for a in now - before:
-            self.maps["vip_addrs"].update(L.addr_key(a), _u32(1))
+            self.maps["vip_addrs"].update(layout.addr_key(a), _u32(1))
         words: dict[int, int] = {}
         for a in now:
-            idx = _prefilter_index(a)
+            idx = prefilter_index(a)
             words[idx >> 6] = words.get(idx >> 6, 0) | (1 << (idx & 63))
-        touched = {(_prefilter_index(a) >> 6) for a in now | before}
+        touched = {(prefilter_index(a) >> 6) for a in now | before}
         for w in sorted(touched):
             pf.update(_u32(w), ctypes.c_uint64(words.get(w, 0)))
         for a in before - now:
-            self.maps["vip_addrs"].delete(L.addr_key(a))
+            self.maps["vip_addrs"].delete(layout.addr_key(a))
 
     # --- counters ------------------------------------------------------------------
     def global_counters(self) -> dict[str, int]:
         per_cpu = self.maps["stats"].lookup_percpu(_u32(0))
-        sums = [0] * L.GLOBAL_SLOTS
+        sums = [0] * layout.GLOBAL_SLOTS
         for raw in per_cpu:
-            g = L.Global.unpack(raw)
-            for i in range(L.GLOBAL_SLOTS):
+            g = layout.Global.unpack(raw)
+            for i in range(layout.GLOBAL_SLOTS):
                 sums[i] += g.c[i]
         return {name: sums[int(s)] for name, s in GLOBAL_NAMES.items()}
 
@@ -357,12 +359,36 @@ class Datapath:
         keys = array.array("I", range(m.max_entries))
         m.update_batch(keys.tobytes(), bytes(m.value_size * m.max_entries), m.max_entries)
 
-    def flow_backend(self, fk: L.FlowKey) -> Optional[int]:
+    def flow_backend(self, fk: layout.FlowKey) -> Optional[int]:
         raw = self.maps["flows"].lookup(fk)
-        return None if raw is None else L.FlowVal.unpack(raw).backend_id
+        return None if raw is None else layout.FlowVal.unpack(raw).backend_id
 
 
-def _prefilter_index(a: IPAddress) -> int:
-    from .flowhash import prefilter_index
+def read_ring(rings: Map, ring_id: int) -> Optional[array.array]:
+    """The ring in rings[ring_id] as backend ids (None: no ring there, or it was swapped
+    out while being read). The one ring reader: Datapath.read_ring, pinned_ring."""
+    raw = rings.lookup(_u32(ring_id))
+    if raw is None:
+        return None
+    fd = lib.bpf_map_get_fd_by_id(ctypes.c_uint32.from_buffer_copy(raw).value)
+    if fd < 0:
+        return None
+    with Map.from_fd(fd) as inner:
+        m = inner.max_entries
+        size = -(-8 * m // mmap.PAGESIZE) * mmap.PAGESIZE
+        with mmap.mmap(inner.fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+            return array.array("I", mm[: 8 * m])[0::2]  # stride 8: see install_rings
 
-    return prefilter_index(a)
+
+def pinned_ring(pin_dir: str, addr: IPAddress, port: int, proto: int
+                ) -> Optional[array.array]:
+    """The ring a running instance uses for a VIP, read from the maps pinned in `pin_dir`
+    (None: the VIP has no ring, or it is being swapped: read again). KeyError: no VIP."""
+    with Map.from_pin(os.path.join(pin_dir, "vips")) as vips:
+        raw = vips.lookup(layout.vip_key(addr, port, proto))
+    if raw is None:
+        raise KeyError(f"{addr}:{port}/{proto} is not in {pin_dir}/vips")
+    entry = layout.vip_entry(raw)
+    with Map.from_pin(os.path.join(pin_dir, "rings")) as rings:
+        ring = read_ring(rings, entry.ring_id)
+    return ring if ring is None or len(ring) == entry.ring_size else None

@@ -12,7 +12,7 @@ import enum
 import ipaddress
 import socket
 import struct
-from typing import Union
+from typing import NamedTuple, Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -51,9 +51,6 @@ class Stat(enum.IntEnum):
 
 
 class _S(ctypes.Structure):
-    def pack(self) -> bytes:
-        return bytes(self)
-
     @classmethod
     def unpack(cls, data: bytes):
         return cls.from_buffer_copy(data[: ctypes.sizeof(cls)])
@@ -185,3 +182,39 @@ def flow_key(proto: int, src: IPAddress, sport: int, dst: IPAddress, dport: int)
     k.proto = proto
     k.family = family_of(dst)
     return k
+
+
+class VipEntry(NamedTuple):
+    """A `vips` entry, decoded."""
+
+    vip_id: int
+    ring_id: int
+    ring_size: int
+    hash_src_only: bool
+
+
+class BackendEntry(NamedTuple):
+    """A `backends` entry, decoded."""
+
+    addr: IPAddress
+    vip_id: int
+    nexthop_id: int
+    keep_flows: bool  # flows already on it stay (BE_F_FLOWS_STAY)
+    gen: int
+
+
+def vip_ident(raw: bytes) -> tuple:
+    """(address, port, proto) of a raw `vips` key."""
+    key = VipKey.unpack(raw)
+    return words_addr(key.addr, key.family), socket.ntohs(key.port), key.proto
+
+
+def vip_entry(raw: bytes) -> VipEntry:
+    meta = VipMeta.unpack(raw)
+    return VipEntry(meta.vip_id, meta.ring_id, meta.ring_size,
+                    bool(meta.flags & VIP_F_HASH_SRC_ONLY))
+
+
+def backend_entry(b: Backend) -> BackendEntry:
+    return BackendEntry(words_addr(b.addr, b.family), b.vip_id, b.nexthop_id,
+                        bool(b.flags & BE_F_FLOWS_STAY), b.gen)

@@ -1,11 +1,15 @@
-"""Turn a desired state (VIPs, backends, next hops) into map contents, changing only what
-differs, in an order that never lets a packet see a half-built state:
+"""Turn a desired state (VIPs, backends, next hops, egress) into map contents, changing only
+what differs, in an order that never lets a packet see a half-built state:
 
+0. egress settings: the redirect port, then the config (never a redirect to an empty slot);
 1. next-hop MACs, then backend entries that gain something (new, or may now keep flows);
 2. each changed ring, filled completely in a new inner map and swapped in atomically
    (all of one apply in batches: the kernel waits an RCU grace period per update call);
 3. VIP entries, then VIP addresses (vip_addrs, then the prefilter bit that makes them live);
 4. only then what loses something: backend flags removed, backends and VIPs released.
+
+`_diff` decides (takes ids, updates the records) and writes nothing: it returns a `_Plan`
+whose lists are these steps; `_execute` writes them in that order.
 
 Ids: a VIP gets an id (ring slot and counters), each VIP/backend pair a backend id. Freed
 ids go to the back of a FIFO, so an id is reused as late as possible; the data path also
@@ -17,31 +21,15 @@ from __future__ import annotations
 import array
 import collections
 import hashlib
-import socket
-import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
-from . import layout as L
 from .datapath import Datapath, EgressConfig
-from .layout import IPAddress
+from .layout import TX_XDP_TX, IPAddress
 from .specs import VipSpec, ring_for
 
-
 RING_BATCH = 64  # rings held before a batched swap (memory vs. RCU waits)
-
-
-@dataclass
-class _Vip:
-    vip_id: int
-    spec: Optional[VipSpec]  # None: adopted from pinned maps, not yet reconciled
-    ring: Optional[array.array] = None  # kept only with Programmer(keep_rings=True)
-    digest: Optional[bytes] = None      # of the installed ring
-    bids: dict = field(default_factory=dict)  # backend address -> backend id
-    flags: dict = field(default_factory=dict)  # backend id -> written BE flags
-    ring_id: int = 0                    # slot in `rings` of the installed ring
-    ring_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,6 +44,57 @@ class InstalledVip:
 
 
 @dataclass
+class _InstalledVip:
+    """The programmer's record of one installed VIP."""
+
+    vip_id: int
+    spec: Optional[VipSpec]  # None: adopted from pinned maps, not yet reconciled
+    ring: Optional[array.array] = None  # kept only with Programmer(keep_rings=True)
+    digest: Optional[bytes] = None      # of the installed ring
+    bids: dict = field(default_factory=dict)  # backend address -> backend id
+    written: dict = field(default_factory=dict)  # backend id -> (keep_flows, nexthop id)
+    ring_id: int = 0                    # slot in `rings` of the installed ring
+    ring_size: int = 0
+
+
+class _BackendWrite(NamedTuple):
+    bid: int
+    addr: IPAddress
+    vip_id: int
+    nexthop_id: int
+    keep_flows: bool
+    gen: int
+
+
+class _VipWrite(NamedTuple):
+    ident: tuple
+    vip_id: int
+    ring_id: int
+    ring_size: int
+    hash_src_only: bool
+
+
+@dataclass
+class _Plan:
+    """One apply's map writes; _execute runs the lists in this order (see above)."""
+
+    tx_port: Optional[int] = None           # 0. None: unchanged
+    config: Optional[EgressConfig] = None   # 0. None: unchanged
+    counter_resets: list = field(default_factory=list)  # 1. (kind, id) of ids taken now
+    nexthops: list = field(default_factory=list)        # 1. (next-hop id, MAC)
+    gains: list = field(default_factory=list)           # 1. _BackendWrite
+    rings: list = field(default_factory=list)           # 2. (ring id, ring)
+    # 3. (rings that must be in first, _VipWrite), in that order
+    vip_entries: list = field(default_factory=list)
+    vip_deletes: list = field(default_factory=list)     # 3. idents
+    addrs: tuple = (set(), set())                       # 3. (VIP addresses, previous)
+    demotions: list = field(default_factory=list)       # 4. _BackendWrite, new generation
+    ring_releases: list = field(default_factory=list)   # 4. ring ids
+    backend_removals: list = field(default_factory=list)  # 4. (backend id, its VIP's id)
+    vip_releases: list = field(default_factory=list)    # 4. _InstalledVip
+
+
+@dataclass
 class ApplyReport:
     vips_added: int = 0
     vips_removed: int = 0
@@ -63,11 +102,14 @@ class ApplyReport:
     backends_added: int = 0
     backends_removed: int = 0
     rings_swapped: int = 0
-    duration_s: float = 0.0
 
 
 def _digest(ring: array.array) -> bytes:
     return hashlib.blake2b(ring.tobytes(), digest_size=16).digest()
+
+
+def _next_gen(gen: int) -> int:
+    return (gen + 1) & 0xFFFF
 
 
 class Programmer:
@@ -76,7 +118,7 @@ class Programmer:
         would hold 256 MB in Python); the installed ring stays readable from the map."""
         self.dp = dp
         self.keep_rings = keep_rings
-        self.vips: dict[tuple, _Vip] = {}
+        self._vips: dict[tuple, _InstalledVip] = {}
         self._free_vip = collections.deque(range(1, dp.limits.max_vips))
         self._free_ring = collections.deque(range(1, 2 * dp.limits.max_vips))
         self._free_be = collections.deque(range(1, dp.limits.max_backends))
@@ -103,11 +145,20 @@ class Programmer:
     def apply(self, vips: Sequence[VipSpec], macs: Mapping[str, bytes],
               egress: Optional[EgressConfig] = None) -> ApplyReport:
         """Make the maps hold `vips`, next-hop `macs` and (unless None) `egress`."""
-        t0 = time.perf_counter()
-        rep = ApplyReport()
-        dp = self.dp
+        plan, rep = self._diff(vips, macs, egress)
+        self._execute(plan)
+        return rep
+
+    def _diff(self, vips: Sequence[VipSpec], macs: Mapping[str, bytes],
+              egress: Optional[EgressConfig]) -> tuple[_Plan, ApplyReport]:
+        plan, rep = _Plan(), ApplyReport()
         if egress is not None:
-            self._set_egress(egress)
+            if (egress.tx_port is None) != (egress.tx_mode == TX_XDP_TX):
+                raise ValueError("egress: tx_port is the XDP_REDIRECT target, and only that")
+            if egress.tx_port is not None and egress.tx_port != self._tx_port:
+                plan.tx_port = self._tx_port = egress.tx_port
+            if egress != self._egress:
+                plan.config = self._egress = egress
         # every next hop gets its id now, resolved or not, so backend entries point at
         # it from the start and a MAC learnt later needs only the nexthops write
         for v in vips:
@@ -116,74 +167,55 @@ class Programmer:
         for key, mac in macs.items():
             nid = self._nexthop_id(key)
             if self._macs.get(nid) != mac:
-                dp.set_nexthop(nid, mac)
+                plan.nexthops.append((nid, mac))
                 self._macs[nid] = mac
 
         wanted = {v.ident: v for v in vips}
-        old_addrs = {ident[0] for ident in self.vips}
-        later: list = []  # releases, run after every swap
-        self._rings: list = []  # (ring_id, ring) to swap in, in one batch
-        self._after_rings: list = []  # VIP entries, written once their ring is in
+        old_addrs = {ident[0] for ident in self._vips}
         for ident, spec in wanted.items():
-            cur = self.vips.get(ident)
+            cur = self._vips.get(ident)
             if cur is None:
                 vid = self._take(self._free_vip, "VIP")
-                dp.reset_counters("vip", vid)
-                cur = self.vips[ident] = _Vip(vid, spec)
+                plan.counter_resets.append(("vip", vid))
+                cur = self._vips[ident] = _InstalledVip(vid, None)
                 rep.vips_added += 1
             elif cur.spec == spec:
                 continue
             else:
                 rep.vips_changed += 1
-            self._apply_vip(cur, spec, rep, later)
-        self._flush_rings()
-        for ident in [i for i in self.vips if i not in wanted]:
-            cur = self.vips.pop(ident)
+            self._diff_vip(cur, spec, plan, rep)
+        for ident in [i for i in self._vips if i not in wanted]:
+            plan.vip_deletes.append(ident)
+            plan.vip_releases.append(self._vips.pop(ident))
             rep.vips_removed += 1
-            dp.delete_vip(L.vip_key(*ident))
-            later.append(lambda c=cur: self._release_vip(c))
-        dp.set_vip_addrs({v.spec.address for v in self.vips.values()}, old_addrs)
-        for fn in later:
-            fn()
-        rep.duration_s = time.perf_counter() - t0
-        return rep
+        plan.addrs = ({v.spec.address for v in self._vips.values()}, old_addrs)
+        return plan, rep
 
-    def _set_egress(self, egress: EgressConfig) -> None:
-        if (egress.tx_port is None) != (egress.tx_mode == L.TX_XDP_TX):
-            raise ValueError("egress: tx_port is the XDP_REDIRECT target, and only that")
-        # the port first: never a redirect to an empty slot
-        if egress.tx_port is not None and egress.tx_port != self._tx_port:
-            self.dp.set_tx_port(egress.tx_port)
-            self._tx_port = egress.tx_port
-        if egress != self._egress:
-            self.dp.set_config(egress)
-            self._egress = egress
-
-    def _apply_vip(self, cur: _Vip, spec: VipSpec, rep: ApplyReport, later: list) -> None:
-        dp = self.dp
+    def _diff_vip(self, cur: _InstalledVip, spec: VipSpec, plan: _Plan,
+                  rep: ApplyReport) -> None:
         first = cur.digest is None
         new_bids: dict = {}
-        demote: list = []
         for b in spec.backends:
             bid = cur.bids.get(b.address)
             if bid is None:
                 bid = self._take(self._free_be, "backend")
-                dp.reset_counters("backend", bid)
+                plan.counter_resets.append(("backend", bid))
                 rep.backends_added += 1
             new_bids[b.address] = bid
-            flags = L.BE_F_FLOWS_STAY if b.keep_flows else 0
-            nid = self.nexthops.get(b.nexthop, 0)
-            entry = (flags, nid)
-            if cur.flags.get(bid) == entry:
+            entry = (b.keep_flows, self.nexthops.get(b.nexthop, 0))
+            old = cur.written.get(bid)
+            if old == entry:
                 continue
-            old = cur.flags.get(bid)
-            if old is not None and old[0] & ~flags:
+            if old is not None and old[0] and not b.keep_flows:
                 # loses FLOWS_STAY: after the swap, and in a new generation, so no stale
                 # copy of one of its flow entries (another CPU's cache) is honoured again
-                demote.append((b, bid, flags, nid))
+                gen = self._gen[bid] = _next_gen(self._gen.get(bid, 0))
+                plan.demotions.append(_BackendWrite(bid, b.address, cur.vip_id, entry[1],
+                                                    False, gen))
             else:
-                dp.set_backend(bid, b.address, cur.vip_id, nid, flags, self._gen.get(bid, 0))
-            cur.flags[bid] = entry
+                plan.gains.append(_BackendWrite(bid, b.address, cur.vip_id, entry[1],
+                                                b.keep_flows, self._gen.get(bid, 0)))
+            cur.written[bid] = entry
         ring = ring_for(spec, new_bids)
         digest = _digest(ring)
         old_ring_id = cur.ring_id
@@ -192,86 +224,93 @@ class Programmer:
                 # a new size goes to a new slot; the VIP entry switches id and size at once
                 cur.ring_id, cur.ring_size = self._take(self._free_ring, "ring"), len(ring)
                 if old_ring_id:
-                    later.append(lambda r=old_ring_id: self._release_ring(r))
-            self._rings.append((cur.ring_id, ring))
-            if len(self._rings) >= RING_BATCH:
-                self._flush_rings()
+                    plan.ring_releases.append(old_ring_id)
+            plan.rings.append((cur.ring_id, ring))
             cur.digest = digest
             cur.ring = ring if self.keep_rings else None
             rep.rings_swapped += 1
-        vflags = L.VIP_F_HASH_SRC_ONLY if spec.hash_src_only else 0
         if (first or cur.spec is None or cur.ring_id != old_ring_id
-                or vflags != self._vflags(cur.spec)):
-            self._after_rings.append(lambda k=L.vip_key(*spec.ident), v=cur.vip_id, f=vflags,
-                                     m=cur.ring_size, r=cur.ring_id: dp.set_vip(k, v, f, m, r))
-        gone = [bid for addr, bid in cur.bids.items() if addr not in new_bids]
-        for b, bid, flags, nid in demote:
-            gen = self._gen[bid] = (self._gen.get(bid, 0) + 1) & 0xFFFF
-            later.append(lambda b=b, bid=bid, f=flags, n=nid, v=cur.vip_id, g=gen:
-                         dp.set_backend(bid, b.address, v, n, f, g))
-        for bid in gone:
-            rep.backends_removed += 1
-            cur.flags.pop(bid, None)
-            later.append(lambda bid=bid, v=cur.vip_id: self._remove_backend(bid, v))
+                or spec.hash_src_only != cur.spec.hash_src_only):
+            plan.vip_entries.append((len(plan.rings), _VipWrite(
+                spec.ident, cur.vip_id, cur.ring_id, cur.ring_size, spec.hash_src_only)))
+        for addr, bid in cur.bids.items():
+            if addr not in new_bids:
+                rep.backends_removed += 1
+                cur.written.pop(bid, None)
+                plan.backend_removals.append((bid, cur.vip_id))
         cur.bids = new_bids
         cur.spec = spec
 
-    def _flush_rings(self) -> None:
-        """Swap pending rings in, then write the VIP entries that wait for them."""
-        if self._rings:
-            self.dp.install_rings(self._rings)
-        after = self._after_rings
-        self._rings, self._after_rings = [], []
-        for fn in after:
-            fn()
+    def _execute(self, plan: _Plan) -> None:
+        dp = self.dp
+        if plan.tx_port is not None:
+            dp.set_tx_port(plan.tx_port)
+        if plan.config is not None:
+            dp.set_config(plan.config)
+        for kind, idx in plan.counter_resets:
+            dp.reset_counters(kind, idx)
+        for nid, mac in plan.nexthops:
+            dp.set_nexthop(nid, mac)
+        for w in plan.gains:
+            dp.set_backend(w.bid, w.addr, w.vip_id, w.nexthop_id, w.keep_flows, w.gen)
+        # each batch of rings, then the VIP entries that wait for no later ring
+        entries = collections.deque(plan.vip_entries)
+        for start in range(0, len(plan.rings), RING_BATCH):
+            dp.install_rings(plan.rings[start:start + RING_BATCH])
+            while entries and entries[0][0] <= start + RING_BATCH:
+                self._write_vip(entries.popleft()[1])
+        for _, v in entries:
+            self._write_vip(v)
+        for ident in plan.vip_deletes:
+            dp.delete_vip(*ident)
+        dp.set_vip_addrs(*plan.addrs)
+        for w in plan.demotions:
+            dp.set_backend(w.bid, w.addr, w.vip_id, w.nexthop_id, w.keep_flows, w.gen)
+        for ring_id in plan.ring_releases:
+            self._release_ring(ring_id)
+        for bid, vip_id in plan.backend_removals:
+            # a backend leaves a VIP that stays: its counts stay in the VIP's total
+            self._release_backend(bid)
+            dp.retire_backend_counters(bid, vip_id)
+        for cur in plan.vip_releases:
+            if cur.ring_id:
+                self._release_ring(cur.ring_id)
+            for bid in cur.bids.values():
+                self._release_backend(bid)
+            self._free_vip.append(cur.vip_id)
 
-    @staticmethod
-    def _vflags(spec: VipSpec) -> int:
-        return L.VIP_F_HASH_SRC_ONLY if spec.hash_src_only else 0
-
-    def _remove_backend(self, bid: int, vip_id: int) -> None:
-        """A backend leaves a VIP that stays: its counts stay in the VIP's total."""
-        self._release_backend(bid)
-        self.dp.retire_backend_counters(bid, vip_id)
+    def _write_vip(self, v: _VipWrite) -> None:
+        self.dp.set_vip(*v.ident, vip_id=v.vip_id, ring_id=v.ring_id, ring_size=v.ring_size,
+                        hash_src_only=v.hash_src_only)
 
     def _release_backend(self, bid: int) -> None:
         self.dp.clear_backend(bid)
-        self._gen[bid] = (self._gen.get(bid, 0) + 1) & 0xFFFF  # its reuse starts anew
+        self._gen[bid] = _next_gen(self._gen.get(bid, 0))  # its reuse starts anew
         self._free_be.append(bid)
 
     def _release_ring(self, ring_id: int) -> None:
         self.dp.remove_ring(ring_id)
         self._free_ring.append(ring_id)
 
-    def _release_vip(self, cur: _Vip) -> None:
-        if cur.ring_id:
-            self._release_ring(cur.ring_id)
-        for bid in cur.bids.values():
-            self._release_backend(bid)
-        self._free_vip.append(cur.vip_id)
-
     def adopt(self) -> int:
         """Rebuild ids from the maps an earlier instance left pinned (the Datapath adopted
         them), so the next apply() changes only what differs. Returns VIPs adopted."""
         dp = self.dp
-        by_id: dict[int, _Vip] = {}
-        for k, v in dp.maps["vips"].items():
-            key, meta = L.VipKey.unpack(k), L.VipMeta.unpack(v)
-            ident = (L.words_addr(key.addr, key.family), socket.ntohs(key.port), key.proto)
-            ring = dp.read_ring(meta.ring_id) if meta.ring_id else None
-            cur = _Vip(meta.vip_id, None, ring if self.keep_rings else None,
-                       _digest(ring) if ring is not None else None,
-                       ring_id=meta.ring_id if ring is not None else 0,
-                       ring_size=len(ring) if ring is not None else 0)
-            self.vips[ident] = by_id[meta.vip_id] = cur
+        by_id: dict[int, _InstalledVip] = {}
+        for ident, e in dp.vip_entries():
+            ring = dp.read_ring(e.ring_id) if e.ring_id else None
+            cur = _InstalledVip(e.vip_id, None, ring if self.keep_rings else None,
+                                _digest(ring) if ring is not None else None,
+                                ring_id=e.ring_id if ring is not None else 0,
+                                ring_size=len(ring) if ring is not None else 0)
+            self._vips[ident] = by_id[e.vip_id] = cur
         used_be, used_nh = set(), set()
-        for bid in range(1, dp.limits.max_backends):
-            b = dp.backend(bid)
-            if b.family == L.AF_NONE or b.vip_id not in by_id:
+        for bid, b in dp.backend_entries():
+            if b.vip_id not in by_id:
                 continue
             cur = by_id[b.vip_id]
-            cur.bids[L.words_addr(b.addr, b.family)] = bid
-            cur.flags[bid] = (b.flags, b.nexthop_id)
+            cur.bids[b.addr] = bid
+            cur.written[bid] = (b.keep_flows, b.nexthop_id)
             self._gen[bid] = b.gen
             used_be.add(bid)
             used_nh.add(b.nexthop_id)
@@ -285,17 +324,16 @@ class Programmer:
     # --- read-only views for stats, explain and tests ------------------------------
     def installed(self, ident: tuple) -> Optional[InstalledVip]:
         """What the maps hold for VIP `ident` (address, port, proto); None: not installed."""
-        v = self.vips.get(ident)
+        v = self._vips.get(ident)
         if v is None:
             return None
-        stay = frozenset(a for a, bid in v.bids.items()
-                         if v.flags.get(bid, (0, 0))[0] & L.BE_F_FLOWS_STAY)
+        stay = frozenset(a for a, bid in v.bids.items() if v.written.get(bid, (False,))[0])
         return InstalledVip(v.vip_id, v.ring_id, v.ring_size, MappingProxyType(dict(v.bids)),
                             stay)
 
     def ring(self, ident: tuple) -> Optional[array.array]:
         """The installed ring of VIP `ident` (the kept copy, or read from the map)."""
-        v = self.vips.get(ident)
+        v = self._vips.get(ident)
         if v is None or not v.ring_id:
             return None
         return v.ring if v.ring is not None else self.dp.read_ring(v.ring_id)

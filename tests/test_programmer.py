@@ -1,5 +1,6 @@
 """Programmer: ring-size changes switch ring id and size in one VIP-entry update, ids are
-released, and adoption rebuilds the same state from the maps."""
+released, adoption rebuilds the same state from the maps, egress settings go through
+apply(), and the map writes follow the order in the module docstring."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import ipaddress
 
 import pytest
 
-from lb import layout as L
+from lb import layout
 from lb.datapath import Datapath, EgressConfig, Limits
 from lb.programmer import Programmer
 from lb.specs import BackendSpec, VipSpec, ring_for
@@ -29,8 +30,13 @@ def dp():
         yield d
 
 
-def meta(dp) -> L.VipMeta:
-    return L.VipMeta.unpack(dp.maps["vips"].lookup(L.vip_key(A("192.0.2.10"), 80, 6)))
+def meta(dp) -> layout.VipMeta:
+    key = layout.vip_key(A("192.0.2.10"), 80, 6)
+    return layout.VipMeta.unpack(dp.maps["vips"].lookup(key))
+
+
+def backends(prog: Programmer, s: VipSpec) -> dict:
+    return dict(prog.installed(s.ident).backends)
 
 
 def test_ring_size_change_switches_id_and_size_together(dp):
@@ -38,13 +44,13 @@ def test_ring_size_change_switches_id_and_size_together(dp):
     prog.apply([spec(4099)], MAC)
     m1 = meta(dp)
     assert (m1.ring_size, m1.vip_id) == (4099, 1) and m1.ring_id
-    assert dp.read_ring(m1.ring_id) == ring_for(spec(4099), prog.installed(spec(4099).ident).backends)
+    assert dp.read_ring(m1.ring_id) == ring_for(spec(4099), backends(prog, spec(4099)))
 
     rep = prog.apply([spec(4111)], MAC)
     m2 = meta(dp)
     assert rep.rings_swapped == 1 and m2.ring_size == 4111 and m2.vip_id == m1.vip_id
     assert m2.ring_id != m1.ring_id
-    assert dp.read_ring(m2.ring_id) == ring_for(spec(4111), prog.installed(spec(4111).ident).backends)
+    assert dp.read_ring(m2.ring_id) == ring_for(spec(4111), backends(prog, spec(4111)))
     assert dp.maps["rings"].lookup(ctypes.c_uint32(m1.ring_id)) is None  # old slot released
 
     # same size, other backends: swapped in place, same slot
@@ -65,24 +71,67 @@ def test_adopt_rebuilds_state(dp):
     assert rep.rings_swapped == 0 and rep.backends_added == 0
 
 
+def recorder(dp, monkeypatch, names) -> list:
+    """Datapath writes in the order they happen (and still done)."""
+    calls = []
+    for name in names:
+        real = getattr(dp, name)
+
+        def record(*a, real=real, name=name, **kw):
+            calls.append(name)
+            return real(*a, **kw)
+        monkeypatch.setattr(dp, name, record)
+    return calls
+
+
 def test_egress_goes_through_apply(dp, monkeypatch):
     prog = Programmer(dp)
-    calls = []
-    for name in ("set_tx_port", "set_config"):
-        real = getattr(dp, name)
-        monkeypatch.setattr(dp, name, lambda *a, real=real, name=name: (calls.append(name),
-                                                                        real(*a)))
-    eg = EgressConfig(smac=bytes(6), source_v4=A("10.0.0.2"), tx_mode=L.TX_REDIRECT, tx_port=1)
+    calls = recorder(dp, monkeypatch, ("set_tx_port", "set_config", "install_rings"))
+    eg = EgressConfig(smac=bytes(6), source_v4=A("10.0.0.2"), tx_mode=layout.TX_REDIRECT,
+                      tx_port=1)
     prog.apply([spec(4099)], MAC, egress=eg)
-    assert calls == ["set_tx_port", "set_config"]  # the port first
+    assert calls == ["set_tx_port", "set_config", "install_rings"]  # the port first
     port = dp.maps["tx_port"].lookup(ctypes.c_uint32(0))
     assert ctypes.c_uint32.from_buffer_copy(port[:4]).value == 1
-    assert L.LbConfig.unpack(dp.maps["config"].lookup(ctypes.c_uint32(0))).tx_mode == \
-        L.TX_REDIRECT
+    cfg = layout.LbConfig.unpack(dp.maps["config"].lookup(ctypes.c_uint32(0)))
+    assert cfg.tx_mode == layout.TX_REDIRECT
+    del calls[:]
     prog.apply([spec(4099)], MAC, egress=eg)
     prog.apply([spec(4099)], MAC)  # None: left as it is
-    assert calls == ["set_tx_port", "set_config"]  # only when changed
-    prog.apply([spec(4099)], MAC, egress=EgressConfig(source_v4=A("10.0.0.2"), tx_port=None))
-    assert calls[2:] == ["set_config"]
+    assert calls == []  # only when changed
+    prog.apply([spec(4099)], MAC, egress=EgressConfig(source_v4=A("10.0.0.2")))
+    assert calls == ["set_config"]
     with pytest.raises(ValueError, match="tx_port"):
-        prog.apply([], MAC, egress=EgressConfig(tx_mode=L.TX_REDIRECT))
+        prog.apply([], MAC, egress=EgressConfig(tx_mode=layout.TX_REDIRECT))
+
+
+def test_writes_follow_the_documented_order(dp, monkeypatch):
+    """Gains, rings, VIP entries, addresses, then demotions and releases."""
+    prog = Programmer(dp)
+    s = spec(4099, n=3)
+    prog.apply([s], MAC)
+    calls = recorder(dp, monkeypatch, ("set_nexthop", "set_backend", "install_rings",
+                                       "set_vip", "delete_vip", "set_vip_addrs",
+                                       "clear_backend", "remove_ring"))
+    # one backend stops keeping flows (a demotion), one leaves (a release), one joins (a
+    # gain); the ring changes size (a new slot, the old one released); a second VIP comes
+    b = s.backends
+    changed = VipSpec(s.address, s.port, s.proto,
+                      (b[0], BackendSpec(b[1].address, in_ring=False, keep_flows=False,
+                                         nexthop="gw"),
+                       BackendSpec(A("10.1.0.99"), nexthop="gw")), ring_size=4111)
+    other = VipSpec(A("192.0.2.11"), 53, 17, (BackendSpec(A("10.1.0.50"), nexthop="gw"),),
+                    ring_size=13)
+    rep = prog.apply([changed, other], MAC)
+    assert (rep.backends_added, rep.backends_removed, rep.rings_swapped) == (2, 1, 2)
+    assert calls == ["set_backend", "set_backend",  # the joining backends
+                     "install_rings",               # both rings in one batch
+                     "set_vip", "set_vip",
+                     "set_vip_addrs",
+                     "set_backend",                 # b[1] loses FLOWS_STAY
+                     "remove_ring",                 # the old 4099 slot
+                     "clear_backend"]               # b[2] released
+    assert not dp.backend(prog.installed(changed.ident).backends[b[1].address]).flags
+    del calls[:]
+    prog.apply([changed], MAC)
+    assert calls == ["delete_vip", "set_vip_addrs", "remove_ring", "clear_backend"]
