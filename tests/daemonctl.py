@@ -10,8 +10,8 @@ import subprocess
 import sys
 from typing import Optional
 
-from lb import layout
-from lb.native import Map, lib
+from lb import datapath, layout
+from lb.native import Map
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -27,25 +27,15 @@ def stats(config: str) -> dict:
 
 def pinned_ring(pin: str, vip_addr: str, port: int, proto: int) -> list:
     """The ring the data path uses now for a VIP, as backend addresses (None: empty
-    slot; [] when the VIP has no ring), read from the maps pinned under `pin`."""
-    with Map.from_pin(f"{pin}/vips") as vips:
-        raw = vips.lookup(layout.vip_key(ipaddress.ip_address(vip_addr), port, proto))
-    assert raw is not None, "VIP not in the map"
-    meta = layout.VipMeta.unpack(raw)
-    with Map.from_pin(f"{pin}/rings") as rings:
-        slot = rings.lookup(ctypes.c_uint32(meta.ring_id))
-    if slot is None:
+    slot; [] when the VIP has no ring or it is being swapped), read from the maps pinned
+    under `pin` (KeyError: no such VIP)."""
+    ids = datapath.pinned_ring(pin, ipaddress.ip_address(vip_addr), port, proto)
+    if ids is None:
         return []
-    inner_id = ctypes.c_uint32.from_buffer_copy(slot).value
     names: dict[int, Optional[str]] = {}
-    out = []
-    with Map.from_fd(lib.bpf_map_get_fd_by_id(inner_id)) as inner, \
-            Map.from_pin(f"{pin}/backends") as bes:
-        for i in range(inner.max_entries):
-            bid = ctypes.c_uint32.from_buffer_copy(inner.lookup(ctypes.c_uint32(i))).value
-            if bid not in names:
-                b = layout.Backend.unpack(bes.lookup(ctypes.c_uint32(bid))) if bid else None
-                names[bid] = (str(layout.words_addr(b.addr, b.family))
-                              if b is not None and b.family != layout.AF_NONE else None)
-            out.append(names[bid])
-    return out
+    with Map.from_pin(f"{pin}/backends") as bes:
+        for bid in set(ids):
+            b = layout.Backend.unpack(bes.lookup(ctypes.c_uint32(bid))) if bid else None
+            names[bid] = (str(layout.words_addr(b.addr, b.family))
+                          if b is not None and b.family != layout.AF_NONE else None)
+    return [names[bid] for bid in ids]

@@ -7,26 +7,23 @@ config's interfaces, everything else from a dict the tests edit), and Setup: one
 from __future__ import annotations
 
 import copy
-import ctypes
 import ipaddress
-import mmap
 import os
 import signal
 import socket
-import struct
 import threading
 import time
 from typing import Callable, Optional
 
-from lb import layout, maglev
+from lb import maglev
 from lb.config import load_config
 from lb.control import NoInstance, request
 from lb.flowhash import flow_hash
 from lb.lab import netns, topology
 from lb.lab.instance import Instance, RunFiles
-from lb.native import Map, lib
 from lb.specs import backend_key
 
+import daemonctl
 from traffic import DYN_LO, KINDS, PORT_HI, VIP4, VIP6, WAIT
 
 PREFIXES = {"tx": "xe-", "redirect": "xr-"}
@@ -264,31 +261,15 @@ class Setup:
     def ring(self, vip: str) -> list[str]:
         """The installed ring of a VIP, as backend namespace names per slot."""
         v = self.conf["vips"][vip]
-        addr = ipaddress.ip_address(VIP6 if v["family"] == 6 else VIP4)
+        addr = str(VIP6 if v["family"] == 6 else VIP4)
         proto = socket.IPPROTO_TCP if v["protocol"] == "tcp" else socket.IPPROTO_UDP
         for _ in range(10):  # a swap between the lookups frees the ring we found
-            with Map.from_pin(f"{self.files.pin}/vips") as vips:
-                meta = layout.VipMeta.unpack(vips.lookup(layout.vip_key(addr, v["port"], proto)))
-            with Map.from_pin(f"{self.files.pin}/rings") as rings:
-                inner_id = ctypes.c_uint32.from_buffer_copy(
-                    rings.lookup(ctypes.c_uint32(meta.ring_id))).value
-            fd = lib.bpf_map_get_fd_by_id(inner_id)
-            if fd >= 0:
+            addrs = daemonctl.pinned_ring(self.files.pin, addr, v["port"], proto)
+            if addrs:
                 break
-        assert fd >= 0, f"ring map {inner_id} of {vip} is gone"
-        with Map.from_fd(fd) as inner:
-            m = inner.max_entries
-            size = -(-8 * m // mmap.PAGESIZE) * mmap.PAGESIZE
-            with mmap.mmap(inner.fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
-                ids = struct.unpack(f"={2 * m}I", mm[: 8 * m])[0::2]
-        assert m == meta.ring_size == RING
+        assert len(addrs) == RING, f"the ring of {vip} is gone"
         names = self.lab.name_of()
-        by_id = {}
-        with Map.from_pin(f"{self.files.pin}/backends") as bes:
-            for bid in set(ids):
-                b = layout.Backend.unpack(bes.lookup(ctypes.c_uint32(bid)))
-                by_id[bid] = names.get(str(layout.words_addr(b.addr, b.family)), f"#{bid}")
-        return [by_id[i] for i in ids]
+        return [names.get(a, f"#{a}") for a in addrs]
 
     def predict(self, ring: list[str], kind: str, sport: int) -> str:
         vip = self.conf["vips"][KINDS.get(kind, kind)]
