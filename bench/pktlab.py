@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import threading
 import time
 from typing import Optional, Sequence
@@ -43,12 +42,6 @@ SINK_GW = "10.31.0.2"
 BACKEND_NET4 = "10.244.0.0/16"   # backends (iptables DNAT targets) routed to the sink side
 BACKEND_NET6 = "fd44::/64"
 OTHER_NET = "10.33.0.0/16"       # non-VIP destinations, routed by the LB's stack to the sink
-
-
-def _ip(argv: Sequence[str]) -> None:
-    r = subprocess.run(["ip", *argv], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise netns.NetnsError(5, f"ip {' '.join(argv)}: {r.stderr.strip()}")
 
 
 class PktLab:
@@ -78,15 +71,12 @@ class PktLab:
             for k in ("all", "default"):
                 ns.sysctl(f"net.ipv6.conf.{k}.disable_ipv6", 1)
         g, lb, s = self.ns["g"], self.ns["l"], self.ns["s"]
-        q = str(self.queues)
-        for a, na, b, nb in (("g0", g, "l0", lb), ("l1", lb, "s0", s)):
-            _ip(["-n", na.name, "link", "add", a, "address", MAC[a].hex(":"),
-                 "numtxqueues", q, "numrxqueues", q, "type", "veth", "peer", "name", b,
-                 "netns", nb.name, "address", MAC[b].hex(":"), "numtxqueues", q,
-                 "numrxqueues", q])
+        self.g0_index, _ = netns.add_veth("g0", g, "l0", lb, mac_a=MAC["g0"], mac_b=MAC["l0"],
+                                          queues=self.queues)
+        self.l1_index, _ = netns.add_veth("l1", lb, "s0", s, mac_a=MAC["l1"], mac_b=MAC["s0"],
+                                          queues=self.queues)
         for name, ns in (("g0", g), ("l0", lb), ("l1", lb), ("s0", s)):
             ns.add_address(name, NET[name])
-            ns.set_link(name, up=True)
         lb.router()
         lb.add_neighbor("l1", SINK_GW, MAC["s0"])
         lb.add_neighbor("l0", NET["g0"].split("/")[0], MAC["g0"])
@@ -96,8 +86,6 @@ class PktLab:
         self.gen_fd = self.bench.prog_fd("bench_gen")
         g.xdp_attach("g0", self.bench.prog_fd("bench_sink"), "native")
         s.xdp_attach("s0", self.bench.prog_fd("bench_sink"), "native")
-        self.g0_index = g.ifindex("g0")
-        self.l1_index = lb.ifindex("l1")
 
     def down(self) -> None:
         for ns in reversed(list(self.ns.values())):
