@@ -1,12 +1,17 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* Flow hash: MurmurHash3 (x86, 32-bit) over 32-bit words read in host order. The
- * Python mirror in lb/flowhash.py computes the same value bit for bit. */
+/* Flow hash: MurmurHash3 (x86, 32-bit) over 32-bit words read in host order. Also
+ * compiled into the user-space extension (csrc/), so lb/flowhash.py and the Maglev
+ * build use this very code. */
 #ifndef XDPLB_FLOWHASH_H
 #define XDPLB_FLOWHASH_H
 
 #include <linux/types.h>
 #include "lb_consts.h"
 #include "lb_structs.h"
+
+#ifndef __always_inline /* user space without glibc's sys/cdefs.h */
+#define __always_inline inline __attribute__((always_inline))
+#endif
 
 static __always_inline __u32 rotl32(__u32 x, int r)
 {
@@ -32,6 +37,17 @@ static __always_inline __u32 mm3_final(__u32 h, __u32 nbytes)
 	h *= 0xc2b2ae35u;
 	h ^= h >> 16;
 	return h;
+}
+
+/* MurmurHash3 over n words: the generic form, for user space (the data path unrolls
+ * flow_hash below instead). */
+static inline __u32 murmur3_words(const __u32 *w, __u32 n, __u32 seed)
+{
+	__u32 h = seed;
+
+	for (__u32 i = 0; i < n; i++)
+		h = mm3_step(h, w[i]);
+	return mm3_final(h, n * 4);
 }
 
 /* Words: src address (1 or 4), then for the 5-tuple the dst address, the two ports as

@@ -82,14 +82,15 @@ class Datapath:
             self.skel.set_max_entries("backends", limits.max_backends * self.ncpus)
             # one block per CPU, and one more for the counts of removed backends
             self.skel.set_max_entries("vip_stats", limits.max_vips * (self.ncpus + 1))
-            lib.xdplb_lb_set_strides(self.skel.raw, limits.max_vips, limits.max_backends)
+            self.skel.rodata.vip_stats_stride = limits.max_vips
+            self.skel.rodata.backends_stride = limits.max_backends
             self.skel.set_max_entries("nexthops", limits.max_nexthops)
             self.skel.set_max_entries("flows", limits.flow_table_size)
             slots = limits.flow_cache_slots
             if slots < 1 or slots & (slots - 1):
                 raise ValueError(f"flow_cache_slots must be a power of two, not {slots}")
             self.skel.set_max_entries("flow_cache", slots * self.ncpus)  # a range per CPU
-            lib.xdplb_lb_set_flow_cache_mask(self.skel.raw, slots - 1)
+            self.skel.rodata.flow_cache_mask = slots - 1
             if pin_dir:
                 self._adopt_pins(pin_dir)
             self.skel.load()

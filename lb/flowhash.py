@@ -1,46 +1,28 @@
 """The data path's flow hash and VIP prefilter index, bit for bit (bpf/flowhash.h).
 
 MurmurHash3 x86_32 over 32-bit words read in host byte order from the packet's
-network-order fields, so `xdplb explain` predicts exactly what the data path picks.
+network-order fields, so `xdplb explain` predicts exactly what the data path picks. The
+hash itself is the data path's C (bpf/flowhash.h, compiled into lb._native): this module
+only lays out the words as the data path does.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import Sequence
 
 from .layout import IPAddress, addr_words
+from .native import ffi, lib
 
 FLOW_HASH_SEED = 0x8F0A5C31
 PREFILTER_MULT = 0x9E3779B1
 MASK = 0xFFFFFFFF
 
 
-def _rotl(x: int, r: int) -> int:
-    return ((x << r) | (x >> (32 - r))) & MASK
-
-
-def _step(h: int, k: int) -> int:
-    k = (k * 0xCC9E2D51) & MASK
-    k = _rotl(k, 15)
-    k = (k * 0x1B873593) & MASK
-    h ^= k
-    h = _rotl(h, 13)
-    return (h * 5 + 0xE6546B64) & MASK
-
-
-def murmur3_words(words, seed: int) -> int:
-    h = seed & MASK
-    n = 0
-    for w in words:
-        h = _step(h, w & MASK)
-        n += 1
-    h ^= n * 4
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & MASK
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & MASK
-    h ^= h >> 16
-    return h
+def murmur3_words(words: Sequence[int], seed: int) -> int:
+    """MurmurHash3 of a sequence of 32-bit words (bpf/flowhash.h's murmur3_words)."""
+    buf = ffi.new("uint32_t[]", [w & MASK for w in words])
+    return lib.xdplb_murmur3(buf, len(buf), seed & MASK)
 
 
 def _u16_raw(port: int) -> int:

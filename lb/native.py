@@ -19,15 +19,11 @@ try:
 except ImportError as e:  # pragma: no cover - only without a build
     raise ImportError(f"xdplb's native extension is not built ({e}); run: make build") from e
 
-BPF_MAP_TYPE_HASH = 1
+# map types this module needs by number (bpf_map_type in linux/bpf.h)
 BPF_MAP_TYPE_ARRAY = 2
-BPF_MAP_TYPE_PROG_ARRAY = 3
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
-BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
-BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
-BPF_MAP_TYPE_DEVMAP = 14
 PERCPU_TYPES = {BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY,
                 BPF_MAP_TYPE_LRU_PERCPU_HASH}
 
@@ -253,13 +249,6 @@ def obj_pin(fd: int, path: str) -> None:
     _check(lib.bpf_obj_pin(fd, path.encode()), f"pinning to {path}")
 
 
-def obj_get(path: str) -> int:
-    fd = lib.bpf_obj_get(path.encode())
-    if fd < 0:
-        raise BpfError(f"opening pinned object {path}", -fd)
-    return fd
-
-
 class Skeleton:
     """One of our BPF objects through its generated skeleton: open, size maps, load.
 
@@ -273,11 +262,18 @@ class Skeleton:
         if ptr == ffi.NULL:
             raise BpfError(f"opening BPF object {name}", ffi.errno or errno.EINVAL)
         self._skel = ptr
-        self.loaded = False
+        self._loaded = False
 
     @property
-    def raw(self):
-        return self._skel
+    def rodata(self):
+        """The object's `const volatile` globals, as libbpf-bootstrap's skel->rodata: set
+        them between open and load (after load they are mapped read-only)."""
+        if self._loaded:
+            raise RuntimeError(f"BPF object {self.name}: rodata is read-only once loaded")
+        rodata = self._skel.rodata
+        if rodata == ffi.NULL:
+            raise BpfError(f"BPF object {self.name} has no rodata", errno.EINVAL)
+        return rodata
 
     @property
     def obj(self):
@@ -288,13 +284,6 @@ class Skeleton:
         if m == ffi.NULL:
             raise KeyError(f"BPF object {self.name} has no map {name}")
         return m
-
-    def map_names(self) -> list[str]:
-        names, m = [], lib.bpf_object__next_map(self.obj, ffi.NULL)
-        while m != ffi.NULL:
-            names.append(ffi.string(lib.bpf_map__name(m)).decode())
-            m = lib.bpf_object__next_map(self.obj, m)
-        return names
 
     def set_max_entries(self, name: str, n: int) -> None:
         _check(lib.bpf_map__set_max_entries(self._map(name), n),
@@ -321,7 +310,7 @@ class Skeleton:
                                                          or -ret == errno.EACCES):
                 raise VerifierError(f"BPF object {self.name}", -ret, log)
             raise BpfError(f"loading BPF object {self.name}: {log.strip()[-300:]}", -ret)
-        self.loaded = True
+        self._loaded = True
 
     def map(self, name: str) -> Map:
         m = self._map(name)

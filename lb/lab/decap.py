@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import socket
 
-from .._native import lib
 from ..native import Skeleton
 from .netns import Netns
 
@@ -16,8 +15,7 @@ def load_decap(gue_port: int = 0) -> Skeleton:
     """The decap object, loaded; gue_port 0 leaves GUE alone (IPIP is still stripped)."""
     skel = Skeleton("decap")
     try:
-        if lib.xdplb_decap_set_gue_port(skel.raw, socket.htons(gue_port)) != 0:
-            raise OSError("setting the decap object's gue_port failed")
+        skel.rodata.gue_port = socket.htons(gue_port)
         skel.load()
     except BaseException:
         skel.close()
