@@ -222,14 +222,17 @@ class Checker:
             self._finish(f, False, "http: request not sent at once")
 
     def _read(self, f: _Flight) -> None:
-        try:
-            chunk = f.sock.recv(READ_CAP - len(f.buf))
-        except BlockingIOError:
-            return
-        eof = not chunk
-        f.buf += chunk
-        if not eof and b"\n" not in f.buf and len(f.buf) < READ_CAP:
-            return  # the status line is not complete yet
+        # edge-triggered: one event may stand for data and the peer's FIN together, so
+        # read until the kernel has nothing more (EAGAIN), the end, or enough
+        while True:
+            try:
+                chunk = f.sock.recv(READ_CAP - len(f.buf))
+            except BlockingIOError:
+                return  # the status line is not complete yet: the next edge brings more
+            eof = not chunk
+            f.buf += chunk
+            if eof or b"\n" in f.buf or len(f.buf) >= READ_CAP:
+                break
         status, why = _status(f.buf, eof)
         if status is None:
             self._finish(f, False, why)
@@ -428,7 +431,11 @@ class Scheduler:
             self._checker.start(p, lambda r, w=when, t=token, p=p: self._done(p, t, w, r))
         while due and self._token.get(due[0][2]) != due[0][1]:
             heapq.heappop(due)
-        if due and self._timer is None:
+        # a check that failed at once (inside connect) planned its next run already and
+        # may have armed the timer for it: the heap's head decides, not that check
+        if due and (self._timer is None or due[0][0] < self._timer_at):
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer_at = due[0][0]
             self._timer = loop.call_at(self._timer_at, self._tick)
 
