@@ -10,7 +10,10 @@ import asyncio
 import json
 import os
 import socket
-from typing import Any
+import stat
+from typing import Any, Optional
+
+from .errors import XdplbError
 
 ACTIONS = {"drain": "drain", "maint": "maint", "activate": "active"}
 
@@ -20,30 +23,59 @@ class NoInstance(Exception):
 
 
 class ControlServer:
+    """Serves `path`. Only a socket is ever removed there: a stale one at start, and at
+    exit the very socket this instance bound (same device and inode); anything else at
+    that path is refused, never deleted."""
+
     def __init__(self, daemon, path: str):
         self.d, self.path = daemon, path
         self.server = None
+        self.bound: Optional[tuple[int, int]] = None  # (st_dev, st_ino) of our socket
+
+    def claim(self) -> None:
+        """Make sure the path is free for us, before the daemon touches anything:
+        XdplbError for a live instance or for anything but a stale socket."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise XdplbError(f"control_socket {self.path} is {_kind(st.st_mode)}, not a "
+                             f"socket: point control_socket at a free path (xdplb removes "
+                             f"only sockets)")
+        if _alive(self.path):
+            raise XdplbError(f"another xdplb serves {self.path}: stop it first")
+        os.unlink(self.path)
 
     async def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        if os.path.exists(self.path):
-            if _alive(self.path):
-                from .errors import XdplbError
-                raise XdplbError(f"another xdplb serves {self.path}: stop it first")
-            os.unlink(self.path)
-        old = os.umask(0o077)
+        self.claim()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # created 0600: root only from the first moment
         try:
-            self.server = await asyncio.start_unix_server(self._client, path=self.path)
+            sock.bind(self.path)  # never replaces anything that appeared meanwhile
+            st = os.lstat(self.path)
+            self.bound = (st.st_dev, st.st_ino)
+            self.server = await asyncio.start_unix_server(self._client, sock=sock)
+        except OSError as e:
+            sock.close()
+            raise XdplbError(f"cannot serve control_socket {self.path}: {e.strerror}") from None
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
         if self.server:
             self.server.close()
             await self.server.wait_closed()
-        if os.path.exists(self.path):
+        if self.bound is None:
+            return
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self.bound:
             os.unlink(self.path)
+        self.bound = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -77,6 +109,16 @@ class ControlServer:
             return explain_running(self.d, req["proto"], req["src"], int(req["sport"]),
                                    req["dst"], int(req["dport"]))
         raise KeyError(f"unknown command {cmd!r}")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "a special file"
 
 
 def _alive(path: str) -> bool:

@@ -33,6 +33,7 @@ from .health import ProbeResult
 from .healthstate import HealthBook
 from .metrics import MetricsServer
 from .native import xdp_detach
+from .instancelock import InstanceLocks
 from .nexthop import Netlink, Nexthops, Resolver
 from .programmer import Programmer
 from .stats import stats_snapshot
@@ -67,6 +68,7 @@ class Daemon:
         self.nexthops = Nexthops()
         self.egress_cfg: Optional[EgressConfig] = None
         self.control: Optional[ControlServer] = None
+        self.locks = InstanceLocks()
         self.attached: Optional[tuple[int, str]] = None
         self.applied: dict[tuple[str, str], str] = {}  # effective state the maps hold
 
@@ -74,6 +76,11 @@ class Daemon:
     def start(self) -> None:
         cfg = self.cfg
         preflight.check_privileges()
+        # nothing is touched before this instance owns its pin path, interface and
+        # control socket: a second instance must leave the first one alone
+        self.locks.acquire(cfg.lb.bpf_pin_path, [cfg.lb.interface])
+        self.control = ControlServer(self, cfg.lb.control_socket)
+        self.control.claim()
         preflight.ensure_bpffs(cfg.lb.bpf_pin_path)
         self.nl = Netlink()
         self.ingress = self.nl.interface(cfg.lb.interface)
@@ -233,7 +240,6 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         self.health.start(self.cfg.vips)
-        self.control = ControlServer(self, self.cfg.lb.control_socket)
         await self.control.start()
         metrics = None
         if self.cfg.lb.metrics_address:
