@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 from . import layout
+from .adopt import misfit
 from .flowhash import prefilter_index
 from .layout import BackendEntry, IPAddress, VipEntry
-from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, num_cpus, obj_pin
+from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, num_cpus
+from .pindir import PinDir
 
 MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", "flows",
              "config", "tx_port", "stats", "vip_stats")
-
-BPF_F_RDONLY_PROG = 1 << 7
 
 GLOBAL_NAMES = {s.name.lower(): s for s in layout.Stat}
 
@@ -72,6 +72,7 @@ class Datapath:
         self.pin_dir = pin_dir
         self.adopted: list[str] = []
         self.replaced: dict[str, str] = {}
+        self.pins: Optional[PinDir] = None
         self.skel = Skeleton("lb")
         try:
             self.skel.set_max_entries("vips", limits.max_vips)
@@ -92,10 +93,13 @@ class Datapath:
             self.skel.set_max_entries("flow_cache", slots * self.ncpus)  # a range per CPU
             self.skel.rodata.flow_cache_mask = slots - 1
             if pin_dir:
-                self._adopt_pins(pin_dir)
+                self.pins = PinDir(pin_dir)
+                self._adopt_pins()
             self.skel.load()
         except BaseException:
             self.skel.close()
+            if self.pins is not None:
+                self.pins.close()
             raise
         self.maps: dict[str, Map] = {n: self.skel.map(n) for n in MAP_NAMES}
         self.prog_fd = self.skel.prog_fd("xdplb")
@@ -116,53 +120,52 @@ class Datapath:
         except BaseException:
             self.close()
             raise
-        if pin_dir:
+        if self.pins is not None:
             for name in MAP_NAMES:
                 if name not in self.adopted:
-                    obj_pin(self.maps[name].fd, os.path.join(pin_dir, name))
+                    self.pins.pin(self.maps[name].fd, name)
 
-    def _adopt_pins(self, pin_dir: str) -> None:
-        os.makedirs(pin_dir, exist_ok=True)
+    def _adopt_pins(self) -> None:
         for name in MAP_NAMES:
-            path = os.path.join(pin_dir, name)
-            if not os.path.exists(path):
+            what = self.pins.kind(name)
+            if what is None:
                 continue
-            with Map.from_pin(path) as old:
-                have, want = old.info(), self.skel.map_spec(name)
-                # the kernel adds BPF_F_RDONLY_PROG to DEVMAPs by itself
-                have["map_flags"] &= ~BPF_F_RDONLY_PROG
-                want["map_flags"] &= ~BPF_F_RDONLY_PROG
-                diff = [f"{k} {have[k]} != {want[k]}" for k in want if have[k] != want[k]]
-                if diff:
-                    self.replaced[name] = ", ".join(diff)
-                    os.unlink(path)
+            if what != "pin":
+                self.pins.clear(name)
+                self.replaced[name] = f"a {what}, not a pinned map"
+                continue
+            with Map.from_fd(self.pins.get(name)) as old:
+                why = misfit(name, old, self.skel.map_spec(name), self.limits)
+                if why:
+                    self.replaced[name] = why
+                    self.pins.clear(name)
                     continue
                 self.skel.reuse_map_fd(name, old.fd)
                 self.adopted.append(name)
+        what = self.pins.kind("prog")
+        if what not in (None, "pin"):  # it would fail the pin after attaching
+            self.pins.clear("prog")
+            self.replaced["prog"] = f"a {what}, not a pinned program"
 
     def pin_program(self) -> None:
-        path = os.path.join(self.pin_dir, "prog")
-        if os.path.exists(path):
-            os.unlink(path)
-        obj_pin(self.prog_fd, path)
+        self.pins.clear("prog")
+        self.pins.pin(self.prog_fd, "prog")
 
     def unpin_all(self) -> None:
-        if not self.pin_dir or not os.path.isdir(self.pin_dir):
+        """Remove what this instance pinned or adopted, and the directory when empty."""
+        if self.pins is None:
             return
         for name in list(MAP_NAMES) + ["prog"]:
-            path = os.path.join(self.pin_dir, name)
-            if os.path.exists(path):
-                os.unlink(path)
-        try:
-            os.rmdir(self.pin_dir)
-        except OSError:
-            pass
+            self.pins.unpin(name)
+        self.pins.remove()
 
     def close(self) -> None:
         for v in getattr(self, "_views", {}).values():
             v.close()
         self._views = {}
         self.skel.close()
+        if self.pins is not None:
+            self.pins.close()
 
     def __enter__(self) -> "Datapath":
         return self

@@ -41,11 +41,14 @@ def ensure_bpffs(pin_path: str) -> None:
     """The pin path must live on a bpffs; mount /sys/fs/bpf if nothing is mounted there."""
     parent = os.path.dirname(pin_path.rstrip("/")) or "/"
     if _fs_magic(parent) != "bpf" and parent.startswith("/sys/fs/bpf"):
-        r = subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], capture_output=True,
-                           text=True)
+        # mode 0700 as systemd mounts it: a bpffs mounted without a mode is 1777, where
+        # any user may create the pin directory before xdplb does
+        r = subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", "/sys/fs/bpf"],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             raise XdplbError(f"bpffs is not mounted at /sys/fs/bpf and mounting it failed "
-                             f"({r.stderr.strip()}): mount -t bpf bpf /sys/fs/bpf")
+                             f"({r.stderr.strip()}): mount -t bpf -o mode=0700 bpf "
+                             f"/sys/fs/bpf")
     if _fs_magic(parent) != "bpf":
         raise XdplbError(f"bpf_pin_path {pin_path} is not on a bpf filesystem: use a path "
                          f"under /sys/fs/bpf")

@@ -12,4 +12,5 @@ def pytest_configure(config):
     if os.geteuid() != 0:
         raise pytest.UsageError("xdplb tests load BPF programs: run them as root (make test)")
     if subprocess.run(["mountpoint", "-q", "/sys/fs/bpf"]).returncode != 0:
-        subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True)
+        subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", "/sys/fs/bpf"],
+                       check=True)

@@ -1,0 +1,281 @@
+"""What a local user or a second instance can do to a running xdplb (lab xs-*): the
+attacking steps run as `nobody`. A second instance on the same interface or pin path, a
+pin directory made or swapped by nobody, a control_socket path that is not a socket,
+idle connections to the metrics endpoint: the daemon refuses with one line (exit 2) or
+shrugs, and never touches what is not its own."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lb import lab
+from lb import netns as N
+from lb.datapath import MAP_NAMES
+from lb.native import BPF_MAP_TYPE_ARRAY, Map, create_map, obj_pin
+
+import daemonctl
+
+LAB = lab.Lab(prefix="xs-")
+PIN = "/sys/fs/bpf/xdplb-sec"
+SOCK = "/run/xdplb/sec.sock"
+STATE = "/run/xdplb/sec-state.json"
+METRICS = ("127.0.0.1", 19735)
+# a directory anyone may add to, as bpffs mounted without mode=0700 is (1777)
+STICKY = "/sys/fs/bpf/xdplb-sec-sticky"
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+HELD_CONNECTIONS = 1100  # past a 1024 descriptor limit
+
+
+def config(tmp_path, name: str = "lb.toml", interface: str = "lb0", pin: str = PIN,
+           sock: str = SOCK, metrics: bool = False) -> str:
+    text = open("config/lab.toml").read()
+    text = text.replace('interface = "lb0"', f'interface = "{interface}"')
+    text = text.replace('bpf_pin_path = "/sys/fs/bpf/xdplb-lab"', f'bpf_pin_path = "{pin}"')
+    text = text.replace('control_socket = "/run/xdplb/lab.sock"', f'control_socket = "{sock}"')
+    text = text.replace('state_file = "/run/xdplb/lab-state.json"', f'state_file = "{STATE}"')
+    extra = f'\nmetrics_listen = "{METRICS[0]}:{METRICS[1]}"' if metrics else ""
+    text = text.replace('log_format = "console"', 'log_format = "json"' + extra)
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def run_xdplb(cfg: str, timeout: float = 15) -> tuple[int, str]:
+    """Another xdplb in the lab's LB namespace: (exit code, stderr). One that keeps
+    running is stopped after `timeout` (that is a failure of the test: -1)."""
+    p = LAB.spawn_lb([sys.executable, "-m", "lb.cli", "--config", cfg],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = p.communicate(timeout=timeout)
+        return p.returncode, err
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=15)
+        return -1, err
+
+
+def as_nobody(*argv: str) -> None:
+    subprocess.run([*NOBODY, *argv], check=True, capture_output=True, timeout=30)
+
+
+def remove_pins(path: str) -> None:
+    if os.path.islink(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        for name in os.listdir(path):
+            p = os.path.join(path, name)
+            (remove_pins if os.path.isdir(p) and not os.path.islink(p) else os.unlink)(p)
+        os.rmdir(path)
+
+
+def snapshot() -> dict:
+    """What a second instance must not change: the attached program, the pinned maps'
+    identities and their contents."""
+    out = {"xdp": N.Netns(LAB.lb, owned=False).xdp_query("lb0")}
+    for name in ("vips", "vip_addrs", "config", "tx_port", "nexthops", "rings"):
+        with Map.from_pin(f"{PIN}/{name}") as m:
+            out[name] = (m.info()["id"], sorted(m.items()))
+    with Map.from_pin(f"{PIN}/backends") as m:
+        out["backends"] = [m.lookup(ctypes.c_uint32(i)) for i in range(1, 16)]
+    for name in MAP_NAMES + ("prog",):
+        out[f"{name}_ino"] = os.stat(f"{PIN}/{name}").st_ino
+    return out
+
+
+def forwarding() -> int:
+    answers, failed = LAB.client_http(lab.VIP4, 20)
+    return failed
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hardening")
+    for p in (PIN, STICKY):
+        remove_pins(p)
+    if os.path.exists(STATE):
+        os.unlink(STATE)
+    LAB.up()
+    cfg = config(tmp, metrics=True)
+    log = str(tmp / "daemon.log")
+    # a daemon started with the common 1024 soft limit (and a higher hard one)
+    d = daemonctl.Daemon.__new__(daemonctl.Daemon)
+    d.config, d.logpath = cfg, log
+    d.proc = LAB.spawn_lb(["prlimit", "--nofile=1024:8192", sys.executable, "-m", "lb.cli",
+                           "--config", cfg], stdout=open(log, "a"), stderr=subprocess.STDOUT)
+    try:
+        d.wait("datapath_attached")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                doc = daemonctl.stats(cfg)
+                if all(b["state"] == "active" for v in doc["vips"] for b in v["backends"]):
+                    break
+            except (AssertionError, ValueError):
+                pass
+            time.sleep(0.1)
+        os.makedirs(STICKY)
+        os.chmod(STICKY, 0o1777)
+        yield tmp, d
+    finally:
+        d.stop()
+        LAB.down()
+        for p in (PIN, STICKY):
+            remove_pins(p)
+
+
+def assert_refused(rc: int, err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("xdplb: "), (rc, err)
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+# --- finding 3: a second instance ------------------------------------------------------------
+
+@pytest.mark.parametrize("same", ["interface", "pin path"])
+def test_second_instance_exits_before_touching_anything(env, same):
+    """Same interface (other pin path and socket), or same pin path (other interface and
+    socket): exit 2 naming the first one's pid; the first keeps its program, maps and
+    traffic."""
+    tmp, d = env
+    before = snapshot()
+    other = config(tmp, f"second-{same.replace(' ', '-')}.toml",
+                   interface="lb0" if same == "interface" else "lo",
+                   pin=PIN if same == "pin path" else "/sys/fs/bpf/xdplb-sec-second",
+                   sock="/run/xdplb/sec-second.sock")
+    rc, err = run_xdplb(other)
+    remove_pins("/sys/fs/bpf/xdplb-sec-second")
+    assert_refused(rc, err, f"pid {d.proc.pid}", same)
+    assert snapshot() == before
+    assert d.proc.poll() is None and forwarding() == 0
+
+
+# --- finding 1: the pin directory ------------------------------------------------------------
+
+def test_pin_dir_made_by_nobody_is_refused(env):
+    tmp, _ = env
+    pins = f"{STICKY}/pins"
+    as_nobody("mkdir", pins)
+    try:
+        rc, err = run_xdplb(config(tmp, "nobody-pins.toml", interface="lo", pin=pins,
+                                   sock="/run/xdplb/sec-other.sock"))
+        assert_refused(rc, err, pins, "uid 65534")
+        assert os.listdir(pins) == []
+    finally:
+        remove_pins(pins)
+
+
+def test_pin_dir_swapped_for_a_symlink_is_refused(env):
+    """nobody points the pin path at a root-only directory holding pins named like ours:
+    the daemon refuses; root's pins stay as they were."""
+    tmp, _ = env
+    victim, link = f"{STICKY}/victim", f"{STICKY}/pins"
+    os.mkdir(victim, 0o700)
+    ids = {}
+    try:
+        for name in ("config", "stats", "flows", "vips", "prog"):
+            with create_map(BPF_MAP_TYPE_ARRAY, name, 4, 4, 1) as m:
+                obj_pin(m.fd, f"{victim}/{name}")
+                ids[name] = m.info()["id"]
+        as_nobody("ln", "-s", victim, link)
+        rc, err = run_xdplb(config(tmp, "symlink-pins.toml", interface="lo", pin=link,
+                                   sock="/run/xdplb/sec-other.sock"))
+        assert_refused(rc, err, link, "symlink")
+        left = {}
+        for name in sorted(os.listdir(victim)):
+            with Map.from_pin(f"{victim}/{name}") as m:
+                left[name] = m.info()["id"]
+        assert left == ids
+    finally:
+        remove_pins(link)
+        remove_pins(victim)
+
+
+# --- finding 4: control_socket ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "directory"])
+def test_control_socket_that_is_not_a_socket_is_refused(env, tmp_path, kind):
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    path = tmp_path / "control.sock"
+    if kind == "file":
+        path.write_text("keep me too\n")
+    elif kind == "symlink":
+        path.symlink_to(target)
+    else:
+        path.mkdir()
+    pins = "/sys/fs/bpf/xdplb-sec-other"
+    rc, err = run_xdplb(config(tmp_path, interface="lo", pin=pins, sock=str(path)))
+    try:
+        assert_refused(rc, err, str(path), "not a socket")
+        assert target.read_text() == "keep me\n"
+        assert (path.read_text() == "keep me too\n" if kind == "file" else
+                path.is_symlink() if kind == "symlink" else path.is_dir())
+        assert not os.path.exists(pins)  # refused before anything was touched
+    finally:
+        remove_pins(pins)
+
+
+# --- finding 2: the metrics endpoint ---------------------------------------------------------
+
+HOLD = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(({host!r}, {port}))
+    held.append(s)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_idle_metrics_connections_do_not_starve_health_checks(env):
+    """nobody holds 1,100 idle connections to metrics_listen for 4 s (8 health checks):
+    no backend changes state, no traceback, and the endpoint answers afterwards."""
+    _, d = env
+    mark = d.mark()
+    code = HOLD.format(host=METRICS[0], port=METRICS[1])
+    p = N.spawn_in(LAB.lb, [*NOBODY, sys.executable, "-c", code, str(HELD_CONNECTIONS), "4"],
+                   stderr=subprocess.PIPE)
+    assert p.wait(30) == 0, p.stderr.read()
+    time.sleep(1)  # let what the flood caused reach the log
+    assert d.events("backend_state_changed", mark) == []
+    tail = open(d.logpath).read()
+    assert "Traceback" not in tail
+    body = N.run_in(LAB.lb, _scrape, timeout=30)
+    assert "xdplb_packets_total" in body
+
+
+def _scrape() -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://{METRICS[0]}:{METRICS[1]}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+# --- finding 4, at exit (last: it stops the daemon) ------------------------------------------
+
+def test_control_socket_replaced_while_running_is_not_removed_at_exit(env):
+    _, d = env
+    moved = SOCK + ".moved"
+    os.rename(SOCK, moved)
+    try:
+        with open(SOCK, "w") as f:
+            f.write("not ours\n")
+        d.stop()
+        assert d.proc.returncode == 0
+        assert open(SOCK).read() == "not ours\n"
+        assert d.events("stopped")
+    finally:
+        for p in (SOCK, moved):
+            if os.path.lexists(p):
+                os.unlink(p)
