@@ -143,7 +143,9 @@ class Datapath:
                 self.skel.reuse_map_fd(name, old.fd)
                 self.adopted.append(name)
         what = self.pins.kind("prog")
-        if what not in (None, "pin"):  # it would fail the pin after attaching
+        if what == "pin":  # an earlier instance's program: ours to replace or unpin
+            self.pins.owned.add("prog")
+        elif what is not None:  # it would fail the pin after attaching
             self.pins.clear("prog")
             self.replaced["prog"] = f"a {what}, not a pinned program"
 

@@ -1,0 +1,92 @@
+"""Pins of the wrong shape left in the pin directory: each is replaced (and reported in
+Datapath.replaced, which the daemon logs as pinned_map_replaced) before anything uses it,
+instead of failing start-up, attaching and then failing, or breaking `stats` later."""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import os
+import subprocess
+
+import pytest
+
+from lb import layout
+from lb.datapath import Datapath, Limits, MAP_NAMES
+from lb.native import Map
+
+PIN = "/sys/fs/bpf/xdplb-adopt-test"
+LIMITS = Limits(max_vips=64, max_backends=256, flow_table_size=1024, flow_cache_slots=64)
+
+
+def _clean() -> None:
+    if os.path.isdir(PIN):
+        for name in os.listdir(PIN):
+            path = os.path.join(PIN, name)
+            (os.rmdir if os.path.isdir(path) else os.unlink)(path)
+        os.rmdir(PIN)
+
+
+@pytest.fixture
+def pin():
+    _clean()
+    yield PIN
+    _clean()
+
+
+def test_prog_pin_that_is_a_directory_is_replaced_before_attaching(pin):
+    os.makedirs(f"{pin}/prog")
+    with Datapath(LIMITS, pin_dir=pin) as dp:
+        assert "prog" in dp.replaced and "directory" in dp.replaced["prog"]
+        dp.pin_program()
+        assert os.path.isfile(f"{pin}/prog")
+        dp.unpin_all()
+    assert not os.path.exists(pin)
+
+
+def test_rings_with_another_inner_layout_is_replaced(pin):
+    os.makedirs(pin, mode=0o700)
+    for args in (["inner", "type", "array", "key", "4", "value", "8", "entries", "1",
+                  "name", "foreign"],
+                 ["rings", "type", "array_of_maps", "key", "4", "value", "4", "entries",
+                  str(2 * LIMITS.max_vips), "name", "rings", "inner_map", "pinned",
+                  f"{pin}/inner"]):
+        subprocess.run(["bpftool", "map", "create", f"{pin}/{args[0]}", *args[1:]],
+                       check=True, capture_output=True)
+    os.unlink(f"{pin}/inner")
+    with Datapath(LIMITS, pin_dir=pin) as dp:
+        assert "inner" in dp.replaced.get("rings", ""), dp.replaced
+        assert "rings" not in dp.adopted
+        ring = array.array("I", [1, 2, 3] * 34 + [1])
+        dp.install_rings([(1, ring)])  # refused by a foreign inner layout
+        assert dp.read_ring(1) == ring
+        dp.unpin_all()
+
+
+@pytest.mark.parametrize("vip_id,ring_id", [(99999, 1), (1, 99999), (0, 1)])
+def test_vips_with_ids_out_of_range_is_replaced(pin, vip_id, ring_id):
+    with Datapath(LIMITS, pin_dir=pin) as dp:
+        key = layout.VipKey()
+        key.addr[0], key.port, key.proto, key.family = 0x0A0000C0, 80, 6, layout.AF_INET
+        dp.set_vip(key, vip_id=vip_id, flags=0, ring_size=101, ring_id=ring_id)
+    with Datapath(LIMITS, pin_dir=pin) as dp:
+        assert "vips" in dp.replaced and "vips" not in dp.adopted, dp.replaced
+        assert len(dp.adopted) == len(MAP_NAMES) - 1
+        with Map.from_pin(f"{pin}/vips") as m:
+            assert list(m.keys()) == []
+        dp.unpin_all()
+
+
+def test_fitting_pins_are_adopted(pin):
+    with Datapath(LIMITS, pin_dir=pin) as dp:
+        ring = array.array("I", [1] * 101)
+        dp.install_rings([(3, ring)])
+        key = layout.VipKey()
+        key.addr[0], key.port, key.proto, key.family = 0x0A0000C0, 80, 6, layout.AF_INET
+        dp.set_vip(key, vip_id=5, flags=0, ring_size=101, ring_id=3)
+        dp.pin_program()
+    with Datapath(LIMITS, pin_dir=pin) as dp:
+        assert dp.replaced == {} and sorted(dp.adopted) == sorted(MAP_NAMES)
+        assert dp.read_ring(3) == ring
+        dp.unpin_all()
+    assert not os.path.exists(pin)
