@@ -76,6 +76,7 @@ class Daemon:
     def start(self) -> None:
         cfg = self.cfg
         preflight.check_privileges()
+        preflight.raise_fd_limit()
         # nothing is touched before this instance owns its pin path, interface and
         # control socket: a second instance must leave the first one alone
         self.locks.acquire(cfg.lb.bpf_pin_path, [cfg.lb.interface])
@@ -244,7 +245,7 @@ class Daemon:
         metrics = None
         if self.cfg.lb.metrics_address:
             host, port = self.cfg.lb.metrics_address
-            metrics = MetricsServer(self.stats, host, port)
+            metrics = MetricsServer(self.stats, host, port, log=self.log)
             try:
                 await metrics.start()
             except OSError as e:

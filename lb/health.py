@@ -86,6 +86,16 @@ class ProbeResult:
     reason: str          # e.g. "http status 500", "connect timeout after 1.0s"
     latency_s: float
     at: float = field(default_factory=time.time)
+    fault: bool = False  # the checker could not check (e.g. EMFILE): no verdict at all
+
+
+# this host, not the backend, is short of something: a fault of the checker
+_LOCAL_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+def _local_fault(err: int, t0: float) -> ProbeResult:
+    return ProbeResult(False, f"checker: {os.strerror(err).lower()}",
+                       time.perf_counter() - t0, fault=True)
 
 
 def _status(buf: bytes, eof: bool) -> tuple[Optional[int], str]:
@@ -166,22 +176,31 @@ class Checker:
             # the C socket type: no Python-level __init__/close per check
             sock = _socket.socket(p.family, _STREAM_NONBLOCK)
         except OSError as e:
-            done(ProbeResult(False, _os_reason(_CONNECT, e.errno or 0), 0.0))
+            done(_local_fault(e.errno, t0) if e.errno in _LOCAL_ERRNOS else
+                 ProbeResult(False, _os_reason(_CONNECT, e.errno or 0), 0.0))
             return
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
             err = sock.connect_ex(p.sockaddr)
+            if err in (0, errno.EINPROGRESS, errno.EAGAIN):
+                self.ep.register(sock.fileno(), _EVENTS)
         except (OSError, ValueError, OverflowError) as e:
             sock.close()
+            if isinstance(e, OSError) and e.errno in _LOCAL_ERRNOS:
+                done(_local_fault(e.errno, t0))
+                return
             reason = (_os_reason(_CONNECT, e.errno or 0) if isinstance(e, OSError)
                       else f"connect: {e}")
             done(ProbeResult(False, reason, time.perf_counter() - t0))
+            return
+        if err in _LOCAL_ERRNOS:
+            sock.close()
+            done(_local_fault(err, t0))
             return
         self._seq += 1
         f = _Flight(p, sock, t0, self.loop.time() + p.timeout, done, self._seq)
         if err in (0, errno.EINPROGRESS, errno.EAGAIN):
             self.flights[f.fd] = f
-            self.ep.register(f.fd, _EVENTS)
             if err == 0:
                 self._connected(f)
         else:
@@ -325,6 +344,7 @@ class Verdict:
 
 Callback = Callable[[Probe, ProbeResult], Optional[Awaitable[None]]]
 ErrorCallback = Callable[[Probe, BaseException], None]
+FaultCallback = Callable[[Optional[str]], None]
 
 
 def ensure_fd_budget(n: int) -> None:
@@ -355,9 +375,14 @@ class Scheduler:
     BATCH_S = 0.02
 
     def __init__(self, on_result: Callback, jitter: float = 0.1,
-                 on_error: Optional[ErrorCallback] = None):
+                 on_error: Optional[ErrorCallback] = None,
+                 on_fault: Optional[FaultCallback] = None):
         self.on_result = on_result
         self.on_error = on_error
+        # on_fault(reason) when checks stop being possible (ProbeResult.fault: such a
+        # result is not passed on), on_fault(None) when they are again
+        self.on_fault = on_fault
+        self.fault: Optional[str] = None
         self.jitter = jitter
         self.intervals: dict[Probe, float] = {}
         self.lag_max = 0.0
@@ -444,8 +469,15 @@ class Scheduler:
         if self._token.get(p) != token:
             return  # no longer wanted
         self.probes_run += 1
+        if r.fault != (self.fault is not None):
+            self.fault = r.reason if r.fault else None
+            if self.on_fault is not None:
+                try:
+                    self.on_fault(self.fault)
+                except Exception as e:  # the checks must go on
+                    self._failed(p, e)
         try:
-            res = self.on_result(p, r)
+            res = None if r.fault else self.on_result(p, r)
             if asyncio.iscoroutine(res):
                 t = self._checker.loop.create_task(res)
                 self._tasks.add(t)

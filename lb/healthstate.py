@@ -67,7 +67,8 @@ class HealthBook:
     # --- life ------------------------------------------------------------------------
     def start(self, vips: Iterable) -> None:
         """Start checking (in the running loop) the backends of vips (config VIPs)."""
-        self.scheduler = Scheduler(self._on_probe, on_error=self._on_error)
+        self.scheduler = Scheduler(self._on_probe, on_error=self._on_error,
+                                   on_fault=self._on_fault)
         self.configure(vips)
         # adopted health seeds the first verdicts only: a backend a later reload adds
         # must pass its checks before it gets traffic, even one the old instance had up
@@ -136,6 +137,15 @@ class HealthBook:
         for ev in events:
             same = ev["from"] == ev["to"]
             self.log.info("backend_health_changed" if same else "backend_state_changed", **ev)
+
+    def _on_fault(self, reason: Optional[str]) -> None:
+        """The checker itself cannot check (no descriptors...): verdicts stay as they
+        are meanwhile; logged once each way."""
+        if reason:
+            self.log.error("health_checker_failing", error=reason,
+                           effect="verdicts held until checks work again")
+        else:
+            self.log.info("health_checker_recovered")
 
     def _on_error(self, p: Probe, e: BaseException) -> None:
         self.log.error("health_callback_failed", backend=p.address, port=p.port,

@@ -12,6 +12,8 @@ from typing import Callable, Iterator
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .boundedserver import BoundedServer
+
 STATES = ("active", "drain", "maint", "down")
 VERDICTS = (("rx", "rx_packets"), ("tx", "tx"), ("redirect", "redirect"), ("pass", "pass"),
             ("drop", "drop"))
@@ -87,19 +89,25 @@ def render(doc: dict) -> bytes:
 
 
 class MetricsServer:
-    def __init__(self, snapshot: Callable[[], dict], host: str, port: int):
+    """GET /metrics. Anyone who can reach metrics_listen may connect: at most
+    MAX_CONNECTIONS at once, each for CONNECTION_S at most (lb/boundedserver.py), so
+    idle clients cannot take the descriptors health checks need."""
+
+    MAX_CONNECTIONS = 64
+    CONNECTION_S = 5.0
+
+    def __init__(self, snapshot: Callable[[], dict], host: str, port: int, log=None):
         self.host, self.port = host, port
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(snapshot))
-        self.server = None
+        self.server = BoundedServer(self._client, host, port, limit=self.MAX_CONNECTIONS,
+                                    deadline=self.CONNECTION_S, log=log)
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._client, self.host, self.port)
+        await self.server.start()
 
     async def close(self) -> None:
-        if self.server:
-            self.server.close()
-            await self.server.wait_closed()
+        await self.server.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

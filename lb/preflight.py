@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 
 from .errors import XdplbError
@@ -24,6 +25,15 @@ def check_privileges() -> None:
     if os.geteuid() != 0 and not (has_bpf and caps & (1 << CAP_NET_ADMIN)):
         raise XdplbError("xdplb must run as root (or with CAP_BPF and CAP_NET_ADMIN): "
                          "run it with sudo")
+
+
+def raise_fd_limit() -> None:
+    """Soft open-files limit up to the hard one: the daemon holds maps, probes and
+    clients' connections, and 1024 (the usual soft default) is an easy ceiling for
+    anyone who can connect to it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _fs_magic(path: str) -> str:

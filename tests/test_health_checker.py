@@ -5,8 +5,9 @@ running out of descriptors (an error of the checker, not a verdict on the backen
 from __future__ import annotations
 
 import asyncio
-import errno
+import os
 import random
+import resource
 import socket
 import threading
 
@@ -107,3 +108,41 @@ def test_http_status_line_then_close_in_one_edge():
     finally:
         srv.close()
     assert [(r.ok, r.reason) for r in results] == [(True, "http status 200")] * 5
+
+
+def test_descriptor_shortage_is_a_fault_of_the_checker_not_a_verdict(accepting):
+    """Out of descriptors (EMFILE), no check can run: nothing is reported about the
+    backend, the fault is reported once, and once when it is over."""
+    results: list = []
+    faults: list = []
+
+    async def main() -> int:
+        p = health.Probe("tcp", "127.0.0.1", accepting.port, 0.5)
+        s = health.Scheduler(lambda p, r: results.append(r), on_fault=faults.append)
+        s.configure({p: 0.05})  # the checker's own descriptors exist from here
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        hog: list[int] = []
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (len(os.listdir("/proc/self/fd")) + 8, hard))
+            try:
+                while True:
+                    hog.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                pass
+            while not faults:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # several checks' worth
+            during = len(results)
+        finally:
+            for fd in hog:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        while faults[-1] is not None or not results:
+            await asyncio.sleep(0.02)
+        s.stop()
+        return during
+    during = asyncio.run(main())
+    assert during == 0
+    assert faults == ["checker: too many open files", None]
+    assert results and all(r.ok for r in results)
