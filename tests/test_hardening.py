@@ -7,9 +7,8 @@ shrugs, and never touches what is not its own."""
 from __future__ import annotations
 
 import ctypes
-import json
 import os
-import shutil
+import resource
 import signal
 import subprocess
 import sys
@@ -17,14 +16,14 @@ import time
 
 import pytest
 
-from lb import lab
-from lb import netns as N
 from lb.datapath import MAP_NAMES
+from lb.lab import netns, topology
+from lb.lab.instance import Instance
 from lb.native import BPF_MAP_TYPE_ARRAY, Map, create_map, obj_pin
 
 import daemonctl
 
-LAB = lab.Lab(prefix="xs-")
+LAB = topology.Lab(prefix="xs-")
 PIN = "/sys/fs/bpf/xdplb-sec"
 SOCK = "/run/xdplb/sec.sock"
 STATE = "/run/xdplb/sec-state.json"
@@ -52,8 +51,8 @@ def config(tmp_path, name: str = "lb.toml", interface: str = "lb0", pin: str = P
 def run_xdplb(cfg: str, timeout: float = 15) -> tuple[int, str]:
     """Another xdplb in the lab's LB namespace: (exit code, stderr). One that keeps
     running is stopped after `timeout` (that is a failure of the test: -1)."""
-    p = LAB.spawn_lb([sys.executable, "-m", "lb.cli", "--config", cfg],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = netns.spawn_in(LAB.lb, [sys.executable, "-m", "lb.cli", "--config", cfg],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _, err = p.communicate(timeout=timeout)
         return p.returncode, err
@@ -67,20 +66,21 @@ def as_nobody(*argv: str) -> None:
     subprocess.run([*NOBODY, *argv], check=True, capture_output=True, timeout=30)
 
 
-def remove_pins(path: str) -> None:
+def remove_tree(path: str) -> None:
+    """Remove what a test made on bpffs: pins, directories, symlinks (never followed)."""
     if os.path.islink(path):
         os.unlink(path)
     elif os.path.isdir(path):
         for name in os.listdir(path):
             p = os.path.join(path, name)
-            (remove_pins if os.path.isdir(p) and not os.path.islink(p) else os.unlink)(p)
+            (remove_tree if os.path.isdir(p) and not os.path.islink(p) else os.unlink)(p)
         os.rmdir(path)
 
 
 def snapshot() -> dict:
     """What a second instance must not change: the attached program, the pinned maps'
     identities and their contents."""
-    out = {"xdp": N.Netns(LAB.lb, owned=False).xdp_query("lb0")}
+    out = {"xdp": netns.Netns(LAB.lb, create=False, owned=False).xdp_query("lb0")}
     for name in ("vips", "vip_addrs", "config", "tx_port", "nexthops", "rings"):
         with Map.from_pin(f"{PIN}/{name}") as m:
             out[name] = (m.info()["id"], sorted(m.items()))
@@ -92,7 +92,7 @@ def snapshot() -> dict:
 
 
 def forwarding() -> int:
-    answers, failed = LAB.client_http(lab.VIP4, 20)
+    answers, failed = LAB.client_http(topology.VIP4, 20)
     return failed
 
 
@@ -100,17 +100,18 @@ def forwarding() -> int:
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hardening")
     for p in (PIN, STICKY):
-        remove_pins(p)
+        remove_tree(p)
     if os.path.exists(STATE):
         os.unlink(STATE)
     LAB.up()
     cfg = config(tmp, metrics=True)
-    log = str(tmp / "daemon.log")
-    # a daemon started with the common 1024 soft limit (and a higher hard one)
-    d = daemonctl.Daemon.__new__(daemonctl.Daemon)
-    d.config, d.logpath = cfg, log
-    d.proc = LAB.spawn_lb(["prlimit", "--nofile=1024:8192", sys.executable, "-m", "lb.cli",
-                           "--config", cfg], stdout=open(log, "a"), stderr=subprocess.STDOUT)
+    # the daemon starts with the common soft limit of 1024 descriptors (a higher hard one)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        d = Instance(LAB.lb, cfg, str(tmp / "daemon.log"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     try:
         d.wait("datapath_attached")
         deadline = time.monotonic() + 20
@@ -129,7 +130,7 @@ def env(tmp_path_factory):
         d.stop()
         LAB.down()
         for p in (PIN, STICKY):
-            remove_pins(p)
+            remove_tree(p)
 
 
 def assert_refused(rc: int, err: str, *words: str) -> None:
@@ -153,8 +154,8 @@ def test_second_instance_exits_before_touching_anything(env, same):
                    pin=PIN if same == "pin path" else "/sys/fs/bpf/xdplb-sec-second",
                    sock="/run/xdplb/sec-second.sock")
     rc, err = run_xdplb(other)
-    remove_pins("/sys/fs/bpf/xdplb-sec-second")
-    assert_refused(rc, err, f"pid {d.proc.pid}", same)
+    remove_tree("/sys/fs/bpf/xdplb-sec-second")
+    assert_refused(rc, err, f"pid {d.pid}", same)
     assert snapshot() == before
     assert d.proc.poll() is None and forwarding() == 0
 
@@ -171,7 +172,7 @@ def test_pin_dir_made_by_nobody_is_refused(env):
         assert_refused(rc, err, pins, "uid 65534")
         assert os.listdir(pins) == []
     finally:
-        remove_pins(pins)
+        remove_tree(pins)
 
 
 def test_pin_dir_swapped_for_a_symlink_is_refused(env):
@@ -196,8 +197,8 @@ def test_pin_dir_swapped_for_a_symlink_is_refused(env):
                 left[name] = m.info()["id"]
         assert left == ids
     finally:
-        remove_pins(link)
-        remove_pins(victim)
+        remove_tree(link)
+        remove_tree(victim)
 
 
 # --- finding 4: control_socket ---------------------------------------------------------------
@@ -222,7 +223,7 @@ def test_control_socket_that_is_not_a_socket_is_refused(env, tmp_path, kind):
                 path.is_symlink() if kind == "symlink" else path.is_dir())
         assert not os.path.exists(pins)  # refused before anything was touched
     finally:
-        remove_pins(pins)
+        remove_tree(pins)
 
 
 # --- finding 2: the metrics endpoint ---------------------------------------------------------
@@ -245,14 +246,13 @@ def test_idle_metrics_connections_do_not_starve_health_checks(env):
     _, d = env
     mark = d.mark()
     code = HOLD.format(host=METRICS[0], port=METRICS[1])
-    p = N.spawn_in(LAB.lb, [*NOBODY, sys.executable, "-c", code, str(HELD_CONNECTIONS), "4"],
-                   stderr=subprocess.PIPE)
+    p = netns.spawn_in(LAB.lb, [*NOBODY, sys.executable, "-c", code, str(HELD_CONNECTIONS),
+                                "4"], stderr=subprocess.PIPE)
     assert p.wait(30) == 0, p.stderr.read()
     time.sleep(1)  # let what the flood caused reach the log
     assert d.events("backend_state_changed", mark) == []
-    tail = open(d.logpath).read()
-    assert "Traceback" not in tail
-    body = N.run_in(LAB.lb, _scrape, timeout=30)
+    assert "Traceback" not in open(d.logpath).read()
+    body = netns.run_in(LAB.lb, _scrape, timeout=30)
     assert "xdplb_packets_total" in body
 
 
@@ -271,8 +271,7 @@ def test_control_socket_replaced_while_running_is_not_removed_at_exit(env):
     try:
         with open(SOCK, "w") as f:
             f.write("not ours\n")
-        d.stop()
-        assert d.proc.returncode == 0
+        assert d.stop() == 0
         assert open(SOCK).read() == "not ours\n"
         assert d.events("stopped")
     finally:
