@@ -5,17 +5,17 @@ instead of failing start-up, attaching and then failing, or breaking `stats` lat
 from __future__ import annotations
 
 import array
-import ctypes
+import ipaddress
 import os
 import subprocess
 
 import pytest
 
-from lb import layout
 from lb.datapath import Datapath, Limits, MAP_NAMES
 from lb.native import Map
 
 PIN = "/sys/fs/bpf/xdplb-adopt-test"
+VIP = ipaddress.ip_address("192.0.2.10")
 LIMITS = Limits(max_vips=64, max_backends=256, flow_table_size=1024, flow_cache_slots=64)
 
 
@@ -66,9 +66,7 @@ def test_rings_with_another_inner_layout_is_replaced(pin):
 @pytest.mark.parametrize("vip_id,ring_id", [(99999, 1), (1, 99999), (0, 1)])
 def test_vips_with_ids_out_of_range_is_replaced(pin, vip_id, ring_id):
     with Datapath(LIMITS, pin_dir=pin) as dp:
-        key = layout.VipKey()
-        key.addr[0], key.port, key.proto, key.family = 0x0A0000C0, 80, 6, layout.AF_INET
-        dp.set_vip(key, vip_id=vip_id, flags=0, ring_size=101, ring_id=ring_id)
+        dp.set_vip(VIP, 80, 6, vip_id=vip_id, ring_id=ring_id, ring_size=101)
     with Datapath(LIMITS, pin_dir=pin) as dp:
         assert "vips" in dp.replaced and "vips" not in dp.adopted, dp.replaced
         assert len(dp.adopted) == len(MAP_NAMES) - 1
@@ -81,9 +79,7 @@ def test_fitting_pins_are_adopted(pin):
     with Datapath(LIMITS, pin_dir=pin) as dp:
         ring = array.array("I", [1] * 101)
         dp.install_rings([(3, ring)])
-        key = layout.VipKey()
-        key.addr[0], key.port, key.proto, key.family = 0x0A0000C0, 80, 6, layout.AF_INET
-        dp.set_vip(key, vip_id=5, flags=0, ring_size=101, ring_id=3)
+        dp.set_vip(VIP, 80, 6, vip_id=5, ring_id=3, ring_size=101)
         dp.pin_program()
     with Datapath(LIMITS, pin_dir=pin) as dp:
         assert dp.replaced == {} and sorted(dp.adopted) == sorted(MAP_NAMES)
