@@ -234,9 +234,9 @@ class LbSetup:
         self.dp = Datapath(Limits(max_vips=max_vips, max_backends=max_backends,
                                   max_nexthops=64, flow_table_size=flow_table_size))
         try:
-            self.prog = Programmer(self.dp)
-            with lab.lb.entered():  # the devmap resolves the ifindex in the caller's netns
-                self.dp.set_tx_port(lab.l1_index)
+            self.programmer = Programmer(self.dp)
+            self.vips: list[VipSpec] = []
+            self.macs: dict[str, bytes] = {}
             self.mode: tuple = ()
             self.configure(layout.ENCAP_IPIP, layout.TX_XDP_TX)
         except BaseException:
@@ -246,16 +246,20 @@ class LbSetup:
     def configure(self, encap: int, tx_mode: int) -> None:
         if self.mode == (encap, tx_mode):
             return
-        self.dp.set_config(EgressConfig(smac=MAC["l0"] if tx_mode == layout.TX_XDP_TX else
-                                        MAC["l1"], encap=encap, tx_mode=tx_mode,
-                                        source_v4=SOURCE4, source_v6=SOURCE6,
-                                        gue_port=GUE_PORT, mtu=1500))
+        xdp_tx = tx_mode == layout.TX_XDP_TX
+        egress = EgressConfig(smac=MAC["l0"] if xdp_tx else MAC["l1"], encap=encap,
+                              tx_mode=tx_mode, source_v4=SOURCE4, source_v6=SOURCE6,
+                              gue_port=GUE_PORT, mtu=1500,
+                              tx_port=None if xdp_tx else self.lab.l1_index)
+        with self.lab.lb.entered():  # the devmap resolves the ifindex in the caller's netns
+            self.programmer.apply(self.vips, self.macs, egress=egress)
         self.mode = (encap, tx_mode)
 
     def apply(self, vips: Sequence[VipSpec], tx_mode: int = layout.TX_XDP_TX):
         """Next hop MAC: the receiving end (g0 for XDP_TX, s0 for redirect)."""
         mac = MAC["g0"] if tx_mode == layout.TX_XDP_TX else MAC["s0"]
-        return self.prog.apply(list(vips), macs={"nh": mac})
+        self.vips, self.macs = list(vips), {"nh": mac}
+        return self.programmer.apply(self.vips, self.macs)
 
     def fill_flow_table(self, runner: "Runner", dst=VIP4) -> dict:
         """New flows to dst:80 (a VIP) until the flow table is full, so every later

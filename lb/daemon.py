@@ -98,7 +98,7 @@ class Daemon:
         self.egress_cfg = egress_config(cfg, self.egress)
         resolved = self._resolve(cfg, self.nl)
         for _ in range(10):  # provoked ARP/ND usually answers within milliseconds
-            if resolved.complete():
+            if not resolved.unresolved():
                 break
             time.sleep(0.05)
             resolved = self._resolve(cfg, self.nl)
@@ -148,13 +148,17 @@ class Daemon:
         return rep
 
     def backend_view(self) -> dict[tuple[str, str], BackendView]:
-        """(VIP name, backend address) -> what `stats` shows of that pair."""
+        """(VIP name, backend address) -> what `stats` shows of that pair, for every pair
+        of the config (one the maps do not hold yet shows the state it is to get)."""
         view = {}
-        for k, state in self.applied.items():
-            verdict = self.health.verdict(*k)
-            view[k] = BackendView(self._admin_of(*k), self._up_of(*k), state,
-                                  verdict.last if verdict else None,
-                                  verdict.checks if verdict else 0)
+        for v in self.cfg.vips:
+            for b in v.backends:
+                k = (v.name, str(b.address))
+                admin, up = self._admin_of(*k), self._up_of(*k)
+                state = self.applied.get(k) or policy.effective(admin, up).state
+                verdict = self.health.verdict(*k)
+                view[k] = BackendView(admin, up, state, verdict.last if verdict else None,
+                                      verdict.checks if verdict else 0)
         return view
 
     # --- admin ---------------------------------------------------------------------
@@ -168,7 +172,8 @@ class Daemon:
             raise KeyError(f"backend {backend!r} is not an IP address") from None
         if not any(str(b.address) == addr for b in v.backends):
             raise KeyError(f"VIP {v.name} has no backend {addr}")
-        before = self._desired().states[(v.name, addr)].state
+        before = policy.effective(self._admin_of(v.name, addr),
+                                  self._up_of(v.name, addr)).state
         self.admin.set(v.name, addr, state)
         self.apply()
         after = self.applied[(v.name, addr)]
@@ -209,9 +214,9 @@ class Daemon:
             self.egress_cfg = egress_config(new, self.egress)
             self.health.configure(new.vips)
             rep = self.apply(resolved)
-        except XdplbError as e:
+        except Exception as e:  # whatever failed, the old config stays in force
             self.cfg, self.egress_cfg = old, old_egress
-            self.log.error("config_rejected", error=str(e))
+            self.log.error("config_rejected", error=str(e) or type(e).__name__)
             return
         self.log.info("config_reloaded", vips_added=rep.vips_added,
                       vips_removed=rep.vips_removed, vips_changed=rep.vips_changed,

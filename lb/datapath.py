@@ -53,6 +53,10 @@ class EgressConfig:
     tx_port: Optional[int] = None  # ifindex XDP_REDIRECT sends to (tx_mode TX_REDIRECT);
     #                                None with XDP_TX
 
+    def __post_init__(self):
+        if (self.tx_port is None) != (self.tx_mode == layout.TX_XDP_TX):
+            raise ValueError("egress: tx_port is the XDP_REDIRECT target, and only that")
+
 
 _COUNTERS = struct.Struct("=QQ")  # struct lb_counters
 

@@ -140,9 +140,6 @@ class Nexthops:
     def unresolved(self) -> int:
         return sum(1 for k in set(self.keys.values()) if k not in self.macs)
 
-    def complete(self) -> bool:
-        return all(k in self.macs for k in self.keys.values())
-
 
 class Resolver:
     """Next hops of backends leaving by one interface, with a route cache.

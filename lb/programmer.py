@@ -8,8 +8,12 @@ what differs, in an order that never lets a packet see a half-built state:
 3. VIP entries, then VIP addresses (vip_addrs, then the prefilter bit that makes them live);
 4. only then what loses something: backend flags removed, backends and VIPs released.
 
-`_diff` decides (takes ids, updates the records) and writes nothing: it returns a `_Plan`
+`_diff` decides (takes ids, updates the records) and writes nothing: it fills a `_Plan`
 whose lists are these steps; `_execute` writes them in that order.
+
+An apply that raises leaves the records ahead of the maps: it forgets what it believes
+written (the next apply rewrites every entry; map writes are idempotent) and keeps the
+releases it did not get to for the next apply, so no id is lost.
 
 Ids: a VIP gets an id (ring slot and counters), each VIP/backend pair a backend id. Freed
 ids go to the back of a FIFO, so an id is reused as late as possible; the data path also
@@ -26,7 +30,7 @@ from types import MappingProxyType
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 from .datapath import Datapath, EgressConfig
-from .layout import TX_XDP_TX, IPAddress
+from .layout import IPAddress
 from .specs import VipSpec, ring_for
 
 RING_BATCH = 64  # rings held before a batched swap (memory vs. RCU waits)
@@ -44,7 +48,7 @@ class InstalledVip:
 
 
 @dataclass
-class _InstalledVip:
+class _VipRecord:
     """The programmer's record of one installed VIP."""
 
     vip_id: int
@@ -87,11 +91,12 @@ class _Plan:
     # 3. (rings that must be in first, _VipWrite), in that order
     vip_entries: list = field(default_factory=list)
     vip_deletes: list = field(default_factory=list)     # 3. idents
-    addrs: tuple = (set(), set())                       # 3. (VIP addresses, previous)
+    # 3. (VIP addresses, previous, addresses an apply that raised may have left)
+    addrs: tuple = field(default_factory=lambda: (set(), set(), set()))
     demotions: list = field(default_factory=list)       # 4. _BackendWrite, new generation
     ring_releases: list = field(default_factory=list)   # 4. ring ids
     backend_removals: list = field(default_factory=list)  # 4. (backend id, its VIP's id)
-    vip_releases: list = field(default_factory=list)    # 4. _InstalledVip
+    vip_releases: list = field(default_factory=list)    # 4. _VipRecord
 
 
 @dataclass
@@ -112,13 +117,26 @@ def _next_gen(gen: int) -> int:
     return (gen + 1) & 0xFFFF
 
 
+# what `written` holds for a backend entry after an apply raised: unknown, and possibly with
+# flows-stay, so a backend that must not keep flows loses them the safe way (a demotion)
+_UNKNOWN = (True, None)
+
+
+def _each(items: list, write) -> None:
+    """write(item) for each item, dropping it once done: what an apply that raised
+    leaves in a list is exactly what it did not do."""
+    while items:
+        write(items[0])
+        del items[0]
+
+
 class Programmer:
     def __init__(self, dp: Datapath, keep_rings: bool = True):
         """keep_rings=False keeps only a digest per ring (1,000 rings of 65537 slots
         would hold 256 MB in Python); the installed ring stays readable from the map."""
         self.dp = dp
         self.keep_rings = keep_rings
-        self._vips: dict[tuple, _InstalledVip] = {}
+        self._vips: dict[tuple, _VipRecord] = {}
         self._free_vip = collections.deque(range(1, dp.limits.max_vips))
         self._free_ring = collections.deque(range(1, 2 * dp.limits.max_vips))
         self._free_be = collections.deque(range(1, dp.limits.max_backends))
@@ -127,7 +145,7 @@ class Programmer:
         self._gen: dict[int, int] = {}  # backend id -> generation (see struct backend)
         self._macs: dict[int, bytes] = {}
         self._egress: Optional[EgressConfig] = None
-        self._tx_port: Optional[int] = None
+        self._unfinished = _Plan()  # releases an apply that raised did not get to
 
     # --- ids -----------------------------------------------------------------------
     def _take(self, pool: collections.deque, what: str) -> int:
@@ -145,18 +163,44 @@ class Programmer:
     def apply(self, vips: Sequence[VipSpec], macs: Mapping[str, bytes],
               egress: Optional[EgressConfig] = None) -> ApplyReport:
         """Make the maps hold `vips`, next-hop `macs` and (unless None) `egress`."""
-        plan, rep = self._diff(vips, macs, egress)
-        self._execute(plan)
+        plan, rep = _Plan(), ApplyReport()
+        try:
+            self._diff(plan, rep, vips, macs, egress)
+            self._execute(plan)
+        except BaseException:
+            self._forget(plan)
+            raise
         return rep
 
-    def _diff(self, vips: Sequence[VipSpec], macs: Mapping[str, bytes],
-              egress: Optional[EgressConfig]) -> tuple[_Plan, ApplyReport]:
-        plan, rep = _Plan(), ApplyReport()
+    def _forget(self, plan: _Plan) -> None:
+        """After an apply raised partway: believe nothing written, so the next apply
+        rewrites every entry, and hand it the releases this one did not do."""
+        self._macs.clear()
+        self._egress = None
+        for cur in self._vips.values():
+            cur.spec = cur.digest = None
+            cur.written = dict.fromkeys(cur.bids.values(), _UNKNOWN)
+        now, before, stale = plan.addrs
+        left = self._unfinished = _Plan(
+            counter_resets=plan.counter_resets, vip_deletes=plan.vip_deletes,
+            ring_releases=plan.ring_releases, backend_removals=plan.backend_removals,
+            vip_releases=plan.vip_releases)
+        left.addrs[2].update(now | before | stale | {ident[0] for ident in self._vips})
+
+    def _diff(self, plan: _Plan, rep: ApplyReport, vips: Sequence[VipSpec],
+              macs: Mapping[str, bytes], egress: Optional[EgressConfig]) -> None:
+        wanted = {v.ident: v for v in vips}
+        left, self._unfinished = self._unfinished, _Plan()
+        plan.counter_resets.extend(left.counter_resets)
+        plan.vip_deletes.extend(i for i in left.vip_deletes if i not in wanted)
+        plan.ring_releases.extend(left.ring_releases)
+        plan.backend_removals.extend(left.backend_removals)
+        plan.vip_releases.extend(left.vip_releases)
+        plan.addrs[2].update(left.addrs[2])
         if egress is not None:
-            if (egress.tx_port is None) != (egress.tx_mode == TX_XDP_TX):
-                raise ValueError("egress: tx_port is the XDP_REDIRECT target, and only that")
-            if egress.tx_port is not None and egress.tx_port != self._tx_port:
-                plan.tx_port = self._tx_port = egress.tx_port
+            if egress.tx_port is not None and (self._egress is None
+                                               or egress.tx_port != self._egress.tx_port):
+                plan.tx_port = egress.tx_port
             if egress != self._egress:
                 plan.config = self._egress = egress
         # every next hop gets its id now, resolved or not, so backend entries point at
@@ -170,14 +214,13 @@ class Programmer:
                 plan.nexthops.append((nid, mac))
                 self._macs[nid] = mac
 
-        wanted = {v.ident: v for v in vips}
         old_addrs = {ident[0] for ident in self._vips}
         for ident, spec in wanted.items():
             cur = self._vips.get(ident)
             if cur is None:
                 vid = self._take(self._free_vip, "VIP")
                 plan.counter_resets.append(("vip", vid))
-                cur = self._vips[ident] = _InstalledVip(vid, None)
+                cur = self._vips[ident] = _VipRecord(vid, None)
                 rep.vips_added += 1
             elif cur.spec == spec:
                 continue
@@ -188,17 +231,17 @@ class Programmer:
             plan.vip_deletes.append(ident)
             plan.vip_releases.append(self._vips.pop(ident))
             rep.vips_removed += 1
-        plan.addrs = ({v.spec.address for v in self._vips.values()}, old_addrs)
-        return plan, rep
+        plan.addrs[0].update(v.spec.address for v in self._vips.values())
+        plan.addrs[1].update(old_addrs)
 
-    def _diff_vip(self, cur: _InstalledVip, spec: VipSpec, plan: _Plan,
+    def _diff_vip(self, cur: _VipRecord, spec: VipSpec, plan: _Plan,
                   rep: ApplyReport) -> None:
         first = cur.digest is None
         new_bids: dict = {}
         for b in spec.backends:
             bid = cur.bids.get(b.address)
             if bid is None:
-                bid = self._take(self._free_be, "backend")
+                bid = cur.bids[b.address] = self._take(self._free_be, "backend")
                 plan.counter_resets.append(("backend", bid))
                 rep.backends_added += 1
             new_bids[b.address] = bid
@@ -233,7 +276,7 @@ class Programmer:
                 or spec.hash_src_only != cur.spec.hash_src_only):
             plan.vip_entries.append((len(plan.rings), _VipWrite(
                 spec.ident, cur.vip_id, cur.ring_id, cur.ring_size, spec.hash_src_only)))
-        for addr, bid in cur.bids.items():
+        for addr, bid in cur.bids.items():  # new ones are in already: a raise leaks none
             if addr not in new_bids:
                 rep.backends_removed += 1
                 cur.written.pop(bid, None)
@@ -247,8 +290,7 @@ class Programmer:
             dp.set_tx_port(plan.tx_port)
         if plan.config is not None:
             dp.set_config(plan.config)
-        for kind, idx in plan.counter_resets:
-            dp.reset_counters(kind, idx)
+        _each(plan.counter_resets, lambda r: dp.reset_counters(*r))
         for nid, mac in plan.nexthops:
             dp.set_nexthop(nid, mac)
         for w in plan.gains:
@@ -261,32 +303,45 @@ class Programmer:
                 self._write_vip(entries.popleft()[1])
         for _, v in entries:
             self._write_vip(v)
-        for ident in plan.vip_deletes:
-            dp.delete_vip(*ident)
-        dp.set_vip_addrs(*plan.addrs)
+        _each(plan.vip_deletes, lambda ident: dp.delete_vip(*ident))
+        now, before, stale = plan.addrs
+        if stale:  # after an apply that raised: every address again, then the leftovers
+            dp.set_vip_addrs(now)
+        dp.set_vip_addrs(now, before | stale)
         for w in plan.demotions:
             dp.set_backend(w.bid, w.addr, w.vip_id, w.nexthop_id, w.keep_flows, w.gen)
-        for ring_id in plan.ring_releases:
-            self._release_ring(ring_id)
-        for bid, vip_id in plan.backend_removals:
-            # a backend leaves a VIP that stays: its counts stay in the VIP's total
-            self._release_backend(bid)
-            dp.retire_backend_counters(bid, vip_id)
-        for cur in plan.vip_releases:
-            if cur.ring_id:
-                self._release_ring(cur.ring_id)
-            for bid in cur.bids.values():
-                self._release_backend(bid)
-            self._free_vip.append(cur.vip_id)
+        _each(plan.ring_releases, self._release_ring)
+        _each(plan.backend_removals, self._remove_backend)
+        _each(plan.vip_releases, self._release_vip)
 
     def _write_vip(self, v: _VipWrite) -> None:
         self.dp.set_vip(*v.ident, vip_id=v.vip_id, ring_id=v.ring_id, ring_size=v.ring_size,
                         hash_src_only=v.hash_src_only)
 
+    def _remove_backend(self, removal: tuple[int, int]) -> None:
+        """A backend leaves a VIP that stays: its counts stay in the VIP's total."""
+        bid, vip_id = removal
+        self.dp.clear_backend(bid)
+        self.dp.retire_backend_counters(bid, vip_id)
+        self._free_backend(bid)
+
     def _release_backend(self, bid: int) -> None:
         self.dp.clear_backend(bid)
+        self._free_backend(bid)
+
+    def _free_backend(self, bid: int) -> None:
         self._gen[bid] = _next_gen(self._gen.get(bid, 0))  # its reuse starts anew
         self._free_be.append(bid)
+
+    def _release_vip(self, cur: _VipRecord) -> None:
+        """Each part's id is freed once its entry is gone (a raise leaves the rest)."""
+        if cur.ring_id:
+            self._release_ring(cur.ring_id)
+            cur.ring_id = 0
+        for addr, bid in list(cur.bids.items()):
+            self._release_backend(bid)
+            del cur.bids[addr]
+        self._free_vip.append(cur.vip_id)
 
     def _release_ring(self, ring_id: int) -> None:
         self.dp.remove_ring(ring_id)
@@ -296,10 +351,10 @@ class Programmer:
         """Rebuild ids from the maps an earlier instance left pinned (the Datapath adopted
         them), so the next apply() changes only what differs. Returns VIPs adopted."""
         dp = self.dp
-        by_id: dict[int, _InstalledVip] = {}
+        by_id: dict[int, _VipRecord] = {}
         for ident, e in dp.vip_entries():
             ring = dp.read_ring(e.ring_id) if e.ring_id else None
-            cur = _InstalledVip(e.vip_id, None, ring if self.keep_rings else None,
+            cur = _VipRecord(e.vip_id, None, ring if self.keep_rings else None,
                                 _digest(ring) if ring is not None else None,
                                 ring_id=e.ring_id if ring is not None else 0,
                                 ring_size=len(ring) if ring is not None else 0)

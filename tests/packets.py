@@ -213,7 +213,7 @@ class LbEnv:
     def __init__(self, limits: Limits = Limits(max_vips=64, max_backends=1024,
                                                 max_nexthops=256, flow_table_size=4096)):
         self.dp = Datapath(limits)
-        self.prog = Programmer(self.dp)
+        self.programmer = Programmer(self.dp)
         self.specs: list[VipSpec] = []
         self.macs: dict[str, bytes] = {}
         self.cfg: dict = {}
@@ -225,8 +225,10 @@ class LbEnv:
     # -- programming
     def configure(self, **over) -> None:
         cfg = dict(DEFAULT_CONFIG, **over)
+        if cfg["tx_mode"] == layout.TX_REDIRECT:
+            cfg.setdefault("tx_port", 1)  # lo: BPF_PROG_TEST_RUN only reports the verdict
         if cfg != self.cfg:
-            self.dp.set_config(EgressConfig(**cfg))
+            self.programmer.apply(self.specs, self.macs, egress=EgressConfig(**cfg))
             self.cfg = cfg
 
     def apply(self, specs: Sequence[VipSpec], macs: Optional[dict] = None):
@@ -240,10 +242,10 @@ class LbEnv:
                     if b.nexthop == str(b.address):
                         macs.setdefault(b.nexthop, mac_for(b.nexthop))
         self.macs = dict(macs)
-        return self.prog.apply(self.specs, self.macs)
+        return self.programmer.apply(self.specs, self.macs)
 
     def vip_state(self, spec: VipSpec) -> InstalledVip:
-        v = self.prog.installed(spec.ident)
+        v = self.programmer.installed(spec.ident)
         assert v is not None, f"{spec.ident} is not installed"
         return v
 
@@ -255,7 +257,7 @@ class LbEnv:
         assert got is not None, f"no ring installed for {spec.ident}"
         assert len(got) == spec.ring_size
         assert got == ring_for(spec, v.backends), "installed ring is not the spec's Maglev ring"
-        assert got == self.prog.ring(spec.ident), "installed ring differs from the programmer's"
+        assert got == self.programmer.ring(spec.ident), "installed ring differs from the programmer's"
         return got
 
     def find_vip(self, flow: Flow) -> Optional[VipSpec]:

@@ -135,3 +135,61 @@ def test_writes_follow_the_documented_order(dp, monkeypatch):
     del calls[:]
     prog.apply([changed], MAC)
     assert calls == ["delete_vip", "set_vip_addrs", "remove_ring", "clear_backend"]
+
+
+def maps_hold(dp, prog: Programmer, specs) -> None:
+    """The maps hold exactly `specs`: VIP entries, rings, backend entries, VIP addresses."""
+    entries = dict(dp.vip_entries())
+    assert set(entries) == {s.ident for s in specs}
+    bids = {}
+    for s in specs:
+        cur, e = prog.installed(s.ident), entries[s.ident]
+        assert (e.vip_id, e.ring_id, e.ring_size) == (cur.vip_id, cur.ring_id, cur.ring_size)
+        assert dp.read_ring(e.ring_id) == ring_for(s, cur.backends)
+        for b in s.backends:
+            bids[cur.backends[b.address]] = (b.address, e.vip_id, b.keep_flows)
+    assert {bid: (b.addr, b.vip_id, b.keep_flows) for bid, b in dp.backend_entries()} == bids
+    for s in specs:
+        assert dp.maps["vip_addrs"].lookup(layout.addr_key(s.address)) is not None
+
+
+FAILING = ("set_nexthop", "set_backend", "install_rings", "set_vip", "delete_vip",
+           "set_vip_addrs", "remove_ring", "clear_backend")
+
+
+@pytest.mark.parametrize("method", FAILING)
+def test_apply_after_one_that_raised_repairs_the_maps(dp, monkeypatch, method):
+    """A map write fails partway through an apply: the next apply (the health retry) writes
+    what is missing, and no id is lost (40 rounds fit in 8 VIP and 64 backend ids)."""
+    prog = Programmer(dp)
+    s = spec(4099, n=3)
+    b = s.backends
+    changed = VipSpec(s.address, s.port, s.proto,
+                      (b[0], BackendSpec(b[1].address, in_ring=False, keep_flows=False,
+                                         nexthop="gw"),
+                       BackendSpec(A("10.1.0.99"), nexthop="gw")), ring_size=4111)
+    other = VipSpec(A("192.0.2.11"), 53, 17, (BackendSpec(A("10.1.0.50"), nexthop="gw"),),
+                    ring_size=13)
+    real = getattr(dp, method)
+    for _ in range(40):
+        prog.apply([s, other], MAC)
+        maps_hold(dp, prog, [s, other])
+        fail = {"armed": True}
+
+        def broken(*a, **kw):
+            if fail.pop("armed", False):
+                raise OSError(f"{method} failed")
+            return real(*a, **kw)
+        monkeypatch.setattr(dp, method, broken)
+        macs = {"gw": bytes.fromhex("02000000aacc")}  # the next hop moved too
+        try:
+            prog.apply([changed], macs)
+        except OSError:
+            pass
+        prog.apply([changed], macs)  # the retry
+        maps_hold(dp, prog, [changed])
+        nh = layout.Nexthop.unpack(dp.maps["nexthops"].lookup(ctypes.c_uint32(prog.nexthops["gw"])))
+        assert bytes(nh.dmac) == macs["gw"]
+        monkeypatch.setattr(dp, method, real)
+        prog.apply([], MAC)
+        maps_hold(dp, prog, [])

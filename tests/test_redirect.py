@@ -29,6 +29,7 @@ import select
 import socket
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import pytest
 
@@ -68,7 +69,7 @@ class Lab:
     lb: netns.Netns
     backend: netns.Netns
     dp: Datapath
-    prog: Programmer
+    programmer: Programmer
     decap: Skeleton
     client_v4: ipaddress.IPv4Address
     client_v6: ipaddress.IPv6Address
@@ -82,12 +83,13 @@ class Lab:
     source_v6: ipaddress.IPv6Address
     tx_mode: int
     lb_mode: str = ""
+    tx_port: Optional[int] = None  # XDP_REDIRECT's target
 
     def configure(self, encap: int, vip: ipaddress._BaseAddress, backends: tuple) -> None:
         self.dp.set_config(EgressConfig(
             smac=self.smac, encap=encap, tx_mode=self.tx_mode, source_v4=self.source_v4,
-            source_v6=self.source_v6, gue_port=GUE_PORT, mtu=1500))
-        self.prog.apply([VipSpec(vip, VIP_PORT, socket.IPPROTO_UDP,
+            source_v6=self.source_v6, gue_port=GUE_PORT, mtu=1500, tx_port=self.tx_port))
+        self.programmer.apply([VipSpec(vip, VIP_PORT, socket.IPPROTO_UDP,
                                  backends=tuple(BackendSpec(b, nexthop="nh")
                                                 for b in backends),
                                  ring_size=RING)],
@@ -161,7 +163,8 @@ def redirect_lab():
                   ip("10.11.0.1"), ip("fd11::1"),
                   (ip("10.12.0.2"), ip("10.12.0.3")), (ip("fd12::2"), ip("fd12::3")),
                   ip("10.100.0.1"), ip("fd00:100::1"), _mac(3), _mac(4),
-                  ip("10.12.0.1"), ip("fd12::1"), layout.TX_REDIRECT)
+                  ip("10.12.0.1"), ip("fd12::1"), layout.TX_REDIRECT,
+                  tx_port=lbn.ifindex("lout"))
         _attach(be, "b0", decap.prog_fd("xdp_decap"))
         lab.lb_mode = _attach(lbn, "cin", dp.prog_fd)
         # Tests close their sockets (an open one would keep its namespace alive); the
@@ -251,7 +254,7 @@ def _burst(lab: Lab, vip, n: int, *, no_check: bool = False, reply: bool = True)
 
 def _expected_backends(lab: Lab, vip, seen: dict) -> collections.Counter:
     """Backend id per flow, computed in Python from the installed ring and the hash."""
-    ring = lab.dp.read_ring(lab.prog.installed((vip, VIP_PORT, socket.IPPROTO_UDP)).ring_id)
+    ring = lab.dp.read_ring(lab.programmer.installed((vip, VIP_PORT, socket.IPPROTO_UDP)).ring_id)
     assert ring is not None and len(ring) == RING
     want = collections.Counter()
     for src, sport in seen:
@@ -278,7 +281,7 @@ def _run_case(lab: Lab, vfam: int, bfam: int, encap: int, n: int = 24) -> None:
     lab.configure(encap, vip, backends)
     g0 = lab.dp.global_counters()
     d0 = decap_stats(lab.decap)
-    installed = lab.prog.installed((vip, VIP_PORT, socket.IPPROTO_UDP))
+    installed = lab.programmer.installed((vip, VIP_PORT, socket.IPPROTO_UDP))
     bids = installed.backends
     b0 = {bid: lab.dp.backend_counters(bid) for bid in bids.values()}
     v0 = lab.dp.vip_counters(installed.vip_id, bids.values())[0]
