@@ -1,17 +1,26 @@
 """Admin states set at run time (`xdplb backend drain|maint|activate`), persisted to
 `state_file` with an atomic write, so they survive SIGHUP and restarts. A runtime state
 overrides the config's `state` for that VIP/backend, `activate` included (an operator's
-last word wins over the file), until the next runtime command for that pair."""
+last word wins over the file), until the next runtime command for that pair.
+
+A change is all-or-nothing: the file is written (temp file + rename) before memory
+changes, so a failed write changes nothing. A state file that cannot be read or has the
+wrong shape stops the start (ConfigError naming the file): starting without it would
+put drained or maintained backends back into service."""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
+from .errors import ConfigError, XdplbError
+
 STATES = ("active", "drain", "maint")
+MAX_BYTES = 64 << 20
 
 
 class AdminStates:
@@ -22,39 +31,79 @@ class AdminStates:
 
     def load(self) -> None:
         try:
-            data = json.loads(self.path.read_text())
+            text = self._read().decode("utf-8")
         except FileNotFoundError:
+            self._states = {}
             return
-        except (OSError, ValueError) as e:
-            raise ValueError(f"state_file {self.path} is unreadable ({e}); fix or remove it") from e
-        for item in data.get("backends", []):
-            if item.get("state") in STATES:
-                self._states[(item["vip"], item["backend"])] = item["state"]
+        except (OSError, UnicodeDecodeError) as e:
+            raise self._corrupt(getattr(e, "strerror", None) or str(e)) from None
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise self._corrupt(f"not JSON: {e}") from None
+        self._states = self._parse(data)
+
+    def _read(self) -> bytes:
+        # non-blocking open: a FIFO in its place must not hang the start
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(0, "not a regular file")
+            data = f.read(MAX_BYTES + 1)
+        if len(data) > MAX_BYTES:
+            raise OSError(0, f"larger than {MAX_BYTES >> 20} MiB")
+        return data
+
+    def _parse(self, data) -> dict[tuple[str, str], str]:
+        items = data.get("backends", []) if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise self._corrupt('expected {"backends": [...]}')
+        states = {}
+        for item in items:
+            if not (isinstance(item, dict) and
+                    all(isinstance(item.get(k), str) for k in ("vip", "backend", "state"))):
+                raise self._corrupt('each backend must be {"vip": ..., "backend": ..., '
+                                    '"state": ...} with strings')
+            if item["state"] in STATES:
+                states[(item["vip"], item["backend"])] = item["state"]
+        return states
+
+    def _corrupt(self, why: str) -> ConfigError:
+        from .textsafe import escape
+        return ConfigError(f"state_file {escape(str(self.path))} is unusable ({escape(why)}): "
+                           f"fix it, or move it aside to start without runtime admin states")
 
     def get(self, vip: str, backend: str) -> str | None:
         return self._states.get((vip, backend))
 
     def set(self, vip: str, backend: str, state: str) -> None:
+        """Persist, then remember; XdplbError (nothing changed) when the file cannot be
+        written."""
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
-        self._states[(vip, backend)] = state
-        self.save()
+        states = {**self._states, (vip, backend): state}
+        self._save(states)
+        self._states = states
 
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        items = [{"vip": v, "backend": b, "state": s}
-                 for (v, b), s in sorted(self._states.items())]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state.")
+    def _save(self, states: dict[tuple[str, str], str]) -> None:
+        items = [{"vip": v, "backend": b, "state": s} for (v, b), s in sorted(states.items())]
+        tmp = None
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state.")
             with os.fdopen(fd, "w") as f:
                 json.dump({"backends": items}, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
+            tmp = None
+        except OSError as e:
+            raise XdplbError(f"cannot write state_file {self.path}: "
+                             f"{e.strerror or e}; nothing changed (fix the path or its "
+                             f"directory)") from None
+        finally:
+            if tmp is not None and os.path.lexists(tmp):
                 os.unlink(tmp)
-            raise
 
 
 def admin_lookup(states: Optional[AdminStates], cfg) -> Callable[[str, str], str]:

@@ -134,7 +134,7 @@ def cmd_explain(path: str, a) -> int:
     except (NoInstance, PermissionError):
         try:
             admin = AdminStates(cfg.lb.state_file)
-        except ValueError:
+        except XdplbError:
             admin = None
         try:
             r = explain_offline(cfg, admin_lookup(admin, cfg), a.proto, a.src, a.sport,

@@ -84,6 +84,8 @@ class ControlServer:
                     reply = {"ok": True, "result": self.handle(json.loads(line))}
                 except KeyError as e:
                     reply = {"ok": False, "error": str(e).strip("'\""), "code": 1}
+                except XdplbError as e:
+                    reply = {"ok": False, "error": str(e), "code": e.exit_code}
                 except Exception as e:  # a bad request must not stop the daemon
                     reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "code": 2}
                 writer.write(json.dumps(reply).encode() + b"\n")

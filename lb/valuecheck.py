@@ -9,6 +9,8 @@ import json
 import re
 from typing import Any, Optional, Union
 
+from .textsafe import escape
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 U32_MAX = (1 << 32) - 1
@@ -18,7 +20,7 @@ IFNAMSIZ = 16                 # Linux interface names: at most 15 bytes
 def fmt(value: Any) -> str:
     """A value as it would appear in TOML, on one line."""
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return escape(json.dumps(value, ensure_ascii=False))
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
