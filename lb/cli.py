@@ -12,6 +12,7 @@ import time
 from typing import Optional, Sequence
 
 from .errors import ConfigError, XdplbError
+from .textsafe import escape
 
 DEFAULT_CONFIGS = ("config/lb.toml", "/etc/xdplb/lb.toml")
 
@@ -63,17 +64,39 @@ def cmd_check(path: str) -> int:
 
     ok, lines = check(path)
     for line in lines:
-        print(line if ok or line.startswith(f"{path}:") else f"{path}: {line}")
+        print(line if ok or line.startswith(f"{path}:") else f"{escape(path)}: {line}")
     return 0 if ok else 1
 
 
 def cmd_run(path: str) -> int:
+    from . import log as logmod
+
+    if logmod.peek_format(path) != "json":
+        return _start(path)
+    # JSON log: every line JSON, the errors that stop the start included
+    log = logmod.setup("json")
+    try:
+        return _start(path)
+    except ConfigError as e:
+        for line in e.problems:
+            log.error("config_invalid", error=line)
+        return 1
+    except XdplbError as e:
+        log.error("start_failed", error=str(e))
+        return e.exit_code
+    except Exception:  # noqa: BLE001 - a bug, but still one JSON line
+        log.exception("crashed")
+        return 1
+
+
+def _start(path: str) -> int:
     from . import daemon, log as logmod
+    from .capacity import require_memory
     from .config import load_config
 
     cfg = load_config(path)
-    log = logmod.setup(cfg.lb.log_format)
-    return daemon.run(path, log)
+    require_memory(cfg)  # before any map is created
+    return daemon.run(path, logmod.setup(cfg.lb.log_format))
 
 
 def cmd_stats(path: str, as_json: bool, watch: Optional[float]) -> int:
@@ -110,10 +133,29 @@ def cmd_backend(path: str, action: str, vip: str, backend: str) -> int:
     reply = request(_control_socket(path), {"cmd": "backend", "action": action, "vip": vip,
                                             "backend": backend})
     if not reply["ok"]:
-        print(f"xdplb: {reply['error']}", file=sys.stderr)
+        print(f"xdplb: {escape(reply['error'])}", file=sys.stderr)
         return reply.get("code", 1)
     print(f"{vip} {backend}: {reply['result']['state']}")
     return 0
+
+
+def _check_flow(a) -> None:
+    """ConfigError (exit 1) naming the argument when the flow cannot exist."""
+    import ipaddress
+
+    problems, fams = [], set()
+    for name in ("src", "dst"):
+        try:
+            fams.add(ipaddress.ip_address(getattr(a, name)).version)
+        except ValueError:
+            problems.append(f"{name} {escape(getattr(a, name))!s}: not an IP address")
+    for name in ("sport", "dport"):
+        if not 0 <= getattr(a, name) <= 65535:
+            problems.append(f"{name} {getattr(a, name)}: not a port (0-65535)")
+    if not problems and len(fams) > 1:
+        problems.append("src and dst: one is IPv4, the other IPv6")
+    if problems:
+        raise ConfigError(problems)
 
 
 def cmd_explain(path: str, a) -> int:
@@ -122,13 +164,14 @@ def cmd_explain(path: str, a) -> int:
     from .control import NoInstance, request
     from .explain import explain_offline
 
+    _check_flow(a)
     cfg = load_config(path)
     req = {"cmd": "explain", "proto": a.proto, "src": a.src, "sport": a.sport, "dst": a.dst,
            "dport": a.dport}
     try:
         reply = request(cfg.lb.control_socket, req)
         if not reply["ok"]:
-            print(f"xdplb: {reply['error']}", file=sys.stderr)
+            print(f"xdplb: {escape(reply['error'])}", file=sys.stderr)
             return reply.get("code", 1)
         r = reply["result"]
     except (NoInstance, PermissionError):
@@ -181,10 +224,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_lab(args.action, args.variant)
     except ConfigError as e:
         for line in e.problems:
-            print(f"xdplb: {line}", file=sys.stderr)
+            print(f"xdplb: {escape(line)}", file=sys.stderr)
         return 1
     except XdplbError as e:
-        print(f"xdplb: {e}", file=sys.stderr)
+        print(f"xdplb: {escape(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130

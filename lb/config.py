@@ -178,8 +178,11 @@ def parse_config(text: str, source: Optional[Path] = None) -> Config:
 
 def check(path: PathLike) -> tuple[bool, list[str]]:
     """For `xdplb check`: (True, ["ok: N vips, M backends"]) or (False, problems)."""
+    from .capacity import require_memory  # the machine's side: map memory
+
     try:
         config = load_config(path)
+        require_memory(config)
     except ConfigError as e:
         return False, e.problems
     return True, [f"ok: {len(config.vips)} vips, {config.backend_count} backends"]

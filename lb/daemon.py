@@ -191,9 +191,9 @@ class Daemon:
             await self._reload()
 
     async def _reload(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            new = load_config(self.path)
+        t0, loop = time.perf_counter(), asyncio.get_running_loop()
+        try:  # in a thread: reading waits until the file holds still (configread)
+            new = await loop.run_in_executor(None, load_config, self.path)
             for k in FIXED:
                 if getattr(new.lb, k) != getattr(self.cfg.lb, k):
                     raise ConfigError([f"lb.{k} changed: restart xdplb to apply it"])
@@ -201,8 +201,7 @@ class Daemon:
             self.log.error("config_rejected", error=str(e).replace("\n", "; "))
             return
         try:  # for the new config, before it runs: nothing may apply a half-switched state
-            resolved = await asyncio.get_running_loop().run_in_executor(
-                None, self._resolve, new)
+            resolved = await loop.run_in_executor(None, self._resolve, new)
         except XdplbError as e:
             self.log.error("config_rejected", error=str(e))
             return

@@ -17,6 +17,7 @@ if sys.version_info >= (3, 14):
 else:  # tomli: the same parser, and its errors carry lineno/colno (tomllib's from 3.14)
     import tomli as tomllib
 
+from . import configread
 from .errors import ConfigError
 from .valuecheck import (IPAddress, fmt, ifname_problem, is_prime, listen_problem, next_prime,
                          parse_address, prev_prime)
@@ -45,12 +46,20 @@ def is_kind(value: Any, kind: str) -> bool:
 
 
 def read_text(p: Path) -> str:
-    """The file's text; ConfigError with one line naming the path when it cannot be read
-    or is not UTF-8."""
+    """The file's text (read until it holds still: see configread); ConfigError with one
+    line naming the path when it cannot be read, is too large, keeps changing or is not
+    UTF-8."""
     try:
-        data = p.read_bytes()
+        data = configread.read_stable(p)
     except OSError as e:
         raise ConfigError([read_problem(p, e)]) from None
+    except configread.TooLarge:
+        raise ConfigError([f"{bare(str(p))}: larger than {configread.MAX_BYTES >> 20} MiB: "
+                           f"this is not an xdplb config"]) from None
+    except configread.Unstable:
+        raise ConfigError([f"{bare(str(p))}: kept changing while being read; replace it "
+                           f"atomically (write a new file, then rename it over this one)"]
+                          ) from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -60,13 +69,23 @@ def read_text(p: Path) -> str:
 
 def parse_toml(text: str) -> dict:
     """The document as a dict; ConfigError with one line (where, what) when it is not
-    TOML."""
+    TOML, or too deep to parse safely."""
+    problem = configread.shape_problem(text)
+    if problem:
+        raise ConfigError([problem])
     try:
         return tomllib.loads(text.lstrip("\ufeff"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([syntax_problem(e)]) from None
     except RecursionError:
         raise ConfigError(["syntax error: values nested too deeply"]) from None
+    except ValueError as e:  # int() beyond sys.get_int_max_str_digits()
+        raise ConfigError([f"syntax error: a number is too long ({_lower(str(e)).split(';')[0]})"]
+                          ) from None
+
+
+def _lower(text: str) -> str:
+    return text[:1].lower() + text[1:]
 
 
 def syntax_problem(e: "tomllib.TOMLDecodeError") -> str:

@@ -1,0 +1,83 @@
+"""What the data path's maps will cost in memory, and whether this machine can afford it.
+
+The maps are allocated when the program loads (arrays and the LRU connection table are
+preallocated), so an absurd `max_backends` or `flow_table_size` would take the machine's
+memory at start; `check` and the start refuse it first, naming the key that costs most."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Optional
+
+from . import layout
+from .datapath import Limits
+
+# kernel bookkeeping per hash-map element (htab_elem header, LRU node, alignment)
+HASH_ELEM_OVERHEAD = 64
+# share of the machine's memory the maps may take
+MEMORY_SHARE = 0.5
+
+
+def _cpus() -> int:
+    try:
+        from .native import num_cpus
+        return num_cpus()
+    except Exception:  # no extension built: the scheduler's view is close enough
+        return os.cpu_count() or 1
+
+
+def estimate(lb, vips: int, ncpus: Optional[int] = None) -> dict[str, int]:
+    """Bytes by the config key that sizes them (lb: an LbSection; vips: VIPs in the
+    config, each with a ring of lb.ring_size, two while one is swapped)."""
+    ncpus = ncpus or _cpus()
+    size = ctypes.sizeof
+    flow = size(layout.FlowKey) + size(layout.FlowVal) + HASH_ELEM_OVERHEAD
+    return {
+        "max_backends": lb.max_backends * ncpus * size(layout.BackendSlot),
+        "max_vips": lb.max_vips * ((ncpus + 1) * size(layout.Counters) +
+                                   2 * size(layout.VipMeta) + 2 * size(layout.AddrKey)),
+        "flow_table_size": lb.flow_table_size * flow +
+        Limits.flow_cache_slots * ncpus * size(layout.FlowCacheSlot),
+        "ring_size": 2 * vips * lb.ring_size * 8,  # u32 ids at a stride of 8
+    }
+
+
+def memory_total() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def memory_problem(cfg, total: Optional[int] = None, ncpus: Optional[int] = None
+                   ) -> Optional[str]:
+    """One line naming the costliest key when the maps would take more than
+    MEMORY_SHARE of the machine's memory, else None."""
+    total = total if total is not None else memory_total()
+    if not total:
+        return None
+    cost = estimate(cfg.lb, len(cfg.vips), ncpus)
+    need = sum(cost.values())
+    if need <= total * MEMORY_SHARE:
+        return None
+    key = max(cost, key=cost.get)
+    return (f"lb.{key}: the data path's maps would take about {_gib(need)} "
+            f"({_gib(cost[key])} for {key}), more than {MEMORY_SHARE:.0%} of this "
+            f"machine's {_gib(total)}; lower lb.{key}")
+
+
+def require_memory(cfg) -> None:
+    """ConfigError (exit 1) when memory_problem finds one."""
+    from .errors import ConfigError
+    problem = memory_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
