@@ -7,6 +7,7 @@ shrugs, and never touches what is not its own."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import resource
 import signal
@@ -134,10 +135,16 @@ def env(tmp_path_factory):
 
 
 def assert_refused(rc: int, err: str, *words: str) -> None:
+    """Exit 2 with one line naming the cause: `xdplb: ...`, or with log_format = "json"
+    (the lab's configs) one JSON start_failed event."""
     lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("xdplb: "), (rc, err)
+    assert rc == 2 and len(lines) == 1, (rc, err)
+    text = (json.loads(lines[0])["error"] if lines[0].startswith("{") and
+            json.loads(lines[0])["event"] == "start_failed" else
+            lines[0] if lines[0].startswith("xdplb: ") else None)
+    assert text is not None, lines[0]
     for w in words:
-        assert w in lines[0], lines[0]
+        assert w in text, text
 
 
 # --- finding 3: a second instance ------------------------------------------------------------
