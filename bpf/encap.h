@@ -23,6 +23,7 @@ struct encap_info {
 	__u8 inner_v6;
 	__u8 tos;        /* IPv4 ToS or IPv6 traffic class */
 	__u8 df;         /* inner IPv4 had DF */
+	__u8 icmp;       /* an ICMP error relayed to a flow's backend: never answered with one */
 };
 
 /* One's complement sum of the whole inner packet, without reading its payload: a valid
@@ -39,6 +40,10 @@ static __always_inline int inner_sum_v4(void *inner, void *end, __u64 *sum)
 		return 0;
 	if (ip->protocol == IPPROTO_UDP && udp->check == 0)
 		return 0;
+	if (ip->protocol == IPPROTO_ICMP) { /* its checksum has no pseudo-header */
+		*sum = 0;
+		return 1;
+	}
 	p = csum_addr(&ip->saddr, 2) +
 	    csum_pseudo_tail(ip->protocol, bpf_ntohs(ip->tot_len) - IPV4_HLEN);
 	*sum = (__u16)~csum_fold32(p);
@@ -126,7 +131,8 @@ static __always_inline int encap_room(struct xdp_md *ctx, const struct lb_config
  * *zero_csum is set when a GUE checksum had to be sent as 0. */
 static __always_inline int encap_v4(struct xdp_md *ctx, const struct lb_config *cfg,
 				    const struct backend *be, const struct nexthop *nh,
-				    const struct encap_info *ei, __u32 hash, __u32 *zero_csum)
+				    const struct encap_info *ei, __u32 hash, __u32 seq,
+				    __u32 *zero_csum)
 {
 	int gue = cfg->encap == LB_ENCAP_GUE;
 	__u32 ol = IPV4_HLEN + (gue ? UDP_HLEN : 0);
@@ -141,10 +147,12 @@ static __always_inline int encap_v4(struct xdp_md *ctx, const struct lb_config *
 	write_eth(data, cfg, nh, ETH_P_IP);
 	/* The header is built in registers, written in 32-bit words and summed from the
 	 * registers: reading freshly written bytes back for the checksum stalls. Words in
-	 * network order: version/IHL, ToS, total length | ID 0, flags (DF) | TTL,
-	 * protocol, checksum 0 | source | destination. */
+	 * network order: version/IHL, ToS, total length | ID, flags (DF) | TTL,
+	 * protocol, checksum 0 | source | destination. With DF the packet is atomic and
+	 * its ID 0 (RFC 6864); without, it may be fragmented on the way, so the ID varies:
+	 * the flow hash plus `seq`, a per-CPU packet count. */
 	w0 = bpf_htonl(0x45000000u | (__u32)ei->tos << 16 | (ol + ei->inner_len));
-	w1 = (ei->df || ei->inner_v6) ? bpf_htonl(IP_DF) : 0;
+	w1 = (ei->df || ei->inner_v6) ? bpf_htonl(IP_DF) : bpf_htonl((hash + seq) << 16);
 	w2 = bpf_htonl((__u32)OUTER_TTL << 24 |
 		       (__u32)(gue ? IPPROTO_UDP :
 			       (ei->inner_v6 ? IPPROTO_IPV6_ENC : IPPROTO_IPIP)) << 16);

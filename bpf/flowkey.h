@@ -17,6 +17,8 @@
 /* flow_ipv4/6 return this instead of a verdict when *fk and *ei are filled: the packet
  * goes on to the connection table (lb_flow). Not an XDP action. */
 #define FLOW_KEY_READY (-1)
+/* ... and this for ICMP toward a possible VIP address: it goes on to lb_icmp4/6. */
+#define FLOW_ICMP (-2)
 
 /* SYN without ACK: the first packet of a TCP connection. (parse_ports() checked the
  * whole TCP header; the verifier only tracks the shorter UDP length, so check again.) */
@@ -95,7 +97,7 @@ static __always_inline int flow_ipv4(struct hdr_cursor *c, void *end, struct lb_
 	if (ip->frag_off & bpf_htons(IP_MF | IP_OFFMASK))
 		return drop_if_vip(g, &ip->daddr, LB_AF_INET, ST_DROP_FRAGMENT);
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return verdict_pass(g);
+		return proto == IPPROTO_ICMP ? FLOW_ICMP : verdict_pass(g);
 	tot_len = bpf_ntohs(ip->tot_len);
 	if (tot_len < IPV4_HLEN + l4_hdr_len(proto) || (void *)ip + tot_len > end ||
 	    parse_ports(c, end, proto, &ports) < 0)
@@ -149,7 +151,7 @@ static __always_inline int flow_ipv6(struct hdr_cursor *c, void *end, struct lb_
 	if (ipv6_is_ext_header(proto))
 		return drop_if_vip(g, dst, LB_AF_INET6, ST_DROP_IP_OPTIONS);
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return verdict_pass(g);
+		return proto == IPPROTO_ICMPV6 ? FLOW_ICMP : verdict_pass(g);
 	plen = bpf_ntohs(ip6->payload_len);
 	if (ip6->version != 6 || plen < l4_hdr_len(proto) ||
 	    (void *)(ip6 + 1) + plen > end || parse_ports(c, end, proto, &ports) < 0)

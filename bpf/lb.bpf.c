@@ -7,6 +7,7 @@
 #include "lb_maps.h"
 #include "flowkey.h"
 #include "process.h"
+#include "icmp.h"
 
 SEC("xdp")
 int xdplb(struct xdp_md *ctx)
@@ -31,8 +32,11 @@ int xdplb(struct xdp_md *ctx)
 		v = flow_ipv6(&c, end, g, &fk, &ei, &syn);
 	else
 		return verdict_pass(g);
-	if (v != FLOW_KEY_READY)
+	if (v != FLOW_KEY_READY) {
+		if (v == FLOW_ICMP)
+			return proto == bpf_htons(ETH_P_IP) ? lb_icmp4(ctx, g) : lb_icmp6(ctx, g);
 		return v;
+	}
 	/* one copy of the flow and forwarding code for both families: half the program's
 	 * hot instructions, which matters when NAPI and the stack share the i-cache */
 	return lb_flow(ctx, g, &fk.k, &ei, frame_len, syn);

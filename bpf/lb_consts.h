@@ -25,6 +25,20 @@
 
 #define OUTER_TTL 64
 
+#define ICMP_HLEN 8
+/* ICMPv4 types and codes (linux/icmp.h drags in libc headers) */
+#define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
+#define ICMP_FRAG_NEEDED 4 /* code of ICMP_DEST_UNREACH */
+#define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+/* Quotes in the ICMP errors we send: RFC 1812 4.3.2.3 (the ICMP datagram at most 576
+ * bytes) and RFC 4443 2.4(c) (at most the minimum IPv6 MTU, 1280). */
+#define ICMP4_QUOTE_MAX (576 - IPV4_HLEN - ICMP_HLEN)
+#define ICMP6_QUOTE_MAX (1280 - IPV6_HLEN - ICMP_HLEN)
+#define IPV4_MIN_MTU 68
+#define IPV6_MIN_MTU 1280
+
 /* GUE (direct IP-in-UDP, "variant 1") source ports are taken from the flow hash in the
  * ephemeral range, so receivers' RSS spreads flows. */
 #define GUE_SPORT_BASE 0xC000

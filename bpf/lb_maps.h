@@ -105,6 +105,14 @@ struct {
 	__type(value, struct flow_rate);
 } flow_rate SEC(".maps");
 
+/* Per-CPU window of ICMP too-big answers, for lb_config.too_big_per_sec. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flow_rate);
+} too_big_rate SEC(".maps");
+
 /* Slots per CPU - 1 (a power of two - 1), set between open and load. */
 const volatile __u32 flow_cache_mask = LB_FLOW_CACHE_SLOTS - 1;
 

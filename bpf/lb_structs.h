@@ -123,13 +123,18 @@ struct lb_config {
 	/* New connection-table entries allowed per second per CPU; beyond it a new flow is
 	 * forwarded by the ring but not remembered (SYN-flood guard). 0: no limit. */
 	__u32 flow_insert_limit;
-	__u32 pad;
+	/* ICMP "fragmentation needed" / "packet too big" answers allowed per second per CPU;
+	 * 0: none (a packet too big to encapsulate is only dropped). */
+	__u32 too_big_per_sec;
+	__u8 answer_ping; /* echo requests to a VIP address answered here; 0: passed on */
+	__u8 pad[7];
 };
 
-/* The one per-CPU entry of `flow_rate`: inserts in the current one-second window. */
+/* The one per-CPU entry of `flow_rate` (flow-table inserts) and of `too_big_rate` (ICMP
+ * too-big answers): events in the current one-second window. */
 struct flow_rate {
 	__u64 window_start_ns; /* bpf_ktime_get_coarse_ns() when the window began */
-	__u64 inserts;
+	__u64 events;
 };
 
 struct lb_counters {
@@ -168,6 +173,13 @@ enum lb_stat {
 	ST_FLOW_CACHE_HIT,   /* flow hits served by the per-CPU flow cache (also in FLOW_HIT) */
 	ST_FLOW_INSERT_LIMITED, /* packets of flows forwarded without a table entry, over
 				 * lb_config.flow_insert_limit (each such packet; also in MISS/MOVED) */
+	ST_ICMP_FORWARDED,   /* ICMP errors quoting a VIP flow's reply, sent to the flow's
+			      * backend (also in TX/REDIRECT) */
+	ST_TOO_BIG_ANSWERED, /* too big to encapsulate, answered with ICMP fragmentation
+			      * needed / packet too big (also in TX) */
+	ST_TOO_BIG_LIMITED,  /* too big, not answered: over lb_config.too_big_per_sec (also
+			      * in DROP and DROP_TOO_BIG) */
+	ST_ECHO_ANSWERED,    /* echo requests to a VIP address answered (also in TX) */
 	ST__MAX,
 };
 

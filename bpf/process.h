@@ -11,6 +11,35 @@
 #include "encap.h"
 #include "flowkey.h"
 #include "verdict.h"
+#include "ratelimit.h"
+#include "icmp_answer.h"
+
+/* A packet for a VIP that is too big once encapsulated. With DF (always for IPv6) the
+ * client is told the MTU that fits, from the VIP address, within this CPU's budget of
+ * answers; without DF, or over the budget, it is dropped. Either way the packet counts
+ * for its VIP, not for a backend. */
+static __always_inline int too_big(struct xdp_md *ctx, struct lb_global *g,
+				   const struct lb_config *cfg, const struct backend *be,
+				   const struct encap_info *ei, __u32 frame_len)
+{
+	__u32 ol = (be->family == LB_AF_INET6 ? IPV6_HLEN : IPV4_HLEN) +
+		   (cfg->encap == LB_ENCAP_GUE ? UDP_HLEN : 0);
+	__u32 mtu = cfg->mtu > ol ? cfg->mtu - ol : 0;
+
+	if (ei->icmp || !(ei->df || ei->inner_v6) ||
+	    mtu < (ei->inner_v6 ? IPV6_MIN_MTU : IPV4_MIN_MTU))
+		return vip_drop(g, be->vip_id, frame_len, ST_DROP_TOO_BIG);
+	if (!cfg->too_big_per_sec || !window_take(&too_big_rate, cfg->too_big_per_sec)) {
+		g->c[ST_TOO_BIG_LIMITED]++;
+		return vip_drop(g, be->vip_id, frame_len, ST_DROP_TOO_BIG);
+	}
+	if (ei->inner_v6 ? too_big_v6(ctx, mtu) : too_big_v4(ctx, mtu))
+		return vip_drop(g, be->vip_id, frame_len, ST_DROP_ADJUST_FAIL);
+	count(&vip_stats, vip_stats_stride, be->vip_id, frame_len);
+	g->c[ST_TOO_BIG_ANSWERED]++;
+	g->c[ST_TX]++;
+	return XDP_TX;
+}
 
 /* Encapsulate toward `be` and send. The VIP was found by the caller. */
 static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
@@ -29,9 +58,12 @@ static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
 	if (be->family == LB_AF_INET6)
 		err = encap_v6(ctx, cfg, be, nh, ei, hash, &zero_csum);
 	else
-		err = encap_v4(ctx, cfg, be, nh, ei, hash, &zero_csum);
-	if (err)
+		err = encap_v4(ctx, cfg, be, nh, ei, hash, g->c[ST_RX], &zero_csum);
+	if (err) {
+		if (err == -ST_DROP_TOO_BIG)
+			return too_big(ctx, g, cfg, be, ei, frame_len);
 		return vip_drop(g, be->vip_id, frame_len, -err);
+	}
 
 	if (cfg->tx_mode == LB_TX_REDIRECT) {
 		/* An empty tx_port slot (not filled yet, or the kernel removed a device that
@@ -78,24 +110,7 @@ static __always_inline void cache_fill(struct flow_cache_slot *cs, const struct 
  * established flows out of the LRU. */
 static __always_inline int flow_insert_allowed(const struct lb_config *cfg)
 {
-	__u32 zero = 0;
-	struct flow_rate *r;
-	__u64 now;
-
-	if (!cfg->flow_insert_limit)
-		return 1;
-	r = bpf_map_lookup_elem(&flow_rate, &zero);
-	if (!r)
-		return 1;
-	now = bpf_ktime_get_coarse_ns();
-	if (now - r->window_start_ns >= ONE_SEC_NS) {
-		r->window_start_ns = now;
-		r->inserts = 0;
-	}
-	if (r->inserts >= cfg->flow_insert_limit)
-		return 0;
-	r->inserts++;
-	return 1;
+	return !cfg->flow_insert_limit || window_take(&flow_rate, cfg->flow_insert_limit);
 }
 
 /* A new flow (or one whose entry may not be honoured: moved): the VIP decides. No VIP ->

@@ -70,6 +70,7 @@ class LbSection:
     metrics_listen: Optional[str] = None
     log_format: str = "console"
     keep_datapath_on_exit: bool = False
+    answer_ping: bool = True
     max_vips: int = 4096
     max_backends: int = 65536
 
@@ -227,6 +228,7 @@ def _parse_lb(t: Table) -> LbSection:
         metrics_listen=t.listen("metrics_listen"),
         log_format=t.choice("log_format", d.log_format, LOG_FORMATS),
         keep_datapath_on_exit=t.boolean("keep_datapath_on_exit", d.keep_datapath_on_exit),
+        answer_ping=t.boolean("answer_ping", d.answer_ping),
         max_vips=t.integer("max_vips", d.max_vips, 2, 1 << 20),
         max_backends=t.integer("max_backends", d.max_backends, 2, 1 << 24),
     )

@@ -50,6 +50,8 @@ class EgressConfig:
     gue_port: int = 6080
     mtu: int = 1500
     flow_insert_limit: int = 0  # new flow-table entries per second per CPU; 0: no limit
+    answer_ping: bool = True    # echo requests to a VIP address answered by the data path
+    too_big_per_sec: int = 1000  # ICMP too-big answers per second per CPU; 0: none
     tx_port: Optional[int] = None  # ifindex XDP_REDIRECT sends to (tx_mode TX_REDIRECT);
     #                                None with XDP_TX
 
@@ -191,6 +193,8 @@ class Datapath:
         c.gue_port = layout.port_be(cfg.gue_port)
         c.mtu = min(cfg.mtu, 0xFFFF)
         c.flow_insert_limit = cfg.flow_insert_limit
+        c.too_big_per_sec = cfg.too_big_per_sec
+        c.answer_ping = int(cfg.answer_ping)
         self.maps["config"].update(_u32(0), c)
 
     def set_tx_port(self, ifindex: int) -> None:

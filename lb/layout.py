@@ -48,6 +48,10 @@ class Stat(enum.IntEnum):
     GUE_ZERO_CSUM = 15
     FLOW_CACHE_HIT = 16
     FLOW_INSERT_LIMITED = 17
+    ICMP_FORWARDED = 18
+    TOO_BIG_ANSWERED = 19
+    TOO_BIG_LIMITED = 20
+    ECHO_ANSWERED = 21
 
 
 class _S(ctypes.Structure):
@@ -93,11 +97,12 @@ class FlowCacheSlot(_S):
 class LbConfig(_S):
     _fields_ = [("smac", u8 * 6), ("encap", u8), ("tx_mode", u8), ("src_v4", u32),
                 ("src_v6", u32 * 4), ("gue_port", u16), ("mtu", u16),
-                ("flow_insert_limit", u32), ("pad", u32)]
+                ("flow_insert_limit", u32), ("too_big_per_sec", u32), ("answer_ping", u8),
+                ("pad", u8 * 7)]
 
 
 class FlowRate(_S):
-    _fields_ = [("window_start_ns", u64), ("inserts", u64)]
+    _fields_ = [("window_start_ns", u64), ("events", u64)]
 
 
 class Counters(_S):

@@ -17,6 +17,8 @@ from .boundedserver import BoundedServer
 STATES = ("active", "drain", "maint", "down")
 VERDICTS = (("rx", "rx_packets"), ("tx", "tx"), ("redirect", "redirect"), ("pass", "pass"),
             ("drop", "drop"))
+ICMP_ACTIONS = (("forwarded", "icmp_forwarded"), ("too_big_answered", "too_big_answered"),
+                ("too_big_limited", "too_big_limited"), ("echo_answered", "echo_answered"))
 VIP_LABELS = ("vip", "address", "port", "protocol")
 BACKEND_LABELS = ("vip", "backend")
 
@@ -45,6 +47,13 @@ class StatsCollector:
             "xdplb_flow_insert_limited",
             "Packets of new flows forwarded without a connection-table entry "
             "(over lb.flow_insert_limit).", value=g.get("flow_insert_limited", 0))
+        m = CounterMetricFamily(
+            "xdplb_icmp", "ICMP handled for VIPs: errors forwarded to a flow's backend, "
+            "too-big answers sent and held back by the rate limit, echo requests answered.",
+            labels=("action",))
+        for action, key in ICMP_ACTIONS:
+            m.add_metric((action,), g.get(key, 0))
+        yield m
         m = CounterMetricFamily("xdplb_drops", "Dropped packets by reason.", labels=("reason",))
         for reason, n in g["drops"].items():
             m.add_metric((reason,), n)

@@ -13,6 +13,8 @@ def global_section(c: dict[str, int]) -> dict:
             "flow_cache_hits": c["flow_cache_hit"],
             "flow_insert_limited": c["flow_insert_limited"],
             "gue_zero_csum": c["gue_zero_csum"],
+            "icmp_forwarded": c["icmp_forwarded"], "too_big_answered": c["too_big_answered"],
+            "too_big_limited": c["too_big_limited"], "echo_answered": c["echo_answered"],
             "drops": {r: c[f"drop_{r}"] for r in DROP_REASONS}}
 
 

@@ -54,7 +54,8 @@ DEFAULT_CONFIG = dict(smac=SMAC, encap=layout.ENCAP_IPIP, tx_mode=layout.TX_XDP_
 COUNTER_NAMES = ("rx", "tx", "redirect", "pass", "drop", "flow_hit", "flow_miss",
                  "flow_moved", "drop_no_backend", "drop_malformed", "drop_too_big",
                  "drop_fragment", "drop_ip_options", "drop_no_nexthop", "drop_adjust_fail",
-                 "gue_zero_csum", "flow_cache_hit", "flow_insert_limited")
+                 "gue_zero_csum", "flow_cache_hit", "flow_insert_limited", "icmp_forwarded",
+                 "too_big_answered", "too_big_limited", "echo_answered")
 
 
 def mac_for(key: str) -> bytes:
@@ -139,9 +140,10 @@ class Flow:
         return layout.flow_key(self.proto, self.src, self.sport, self.dst, self.dport)
 
 
-def parse_input(data: bytes) -> tuple[Flow, bytes, bytes, int]:
+def parse_input(data: bytes) -> tuple[Optional[Flow], bytes, bytes, int]:
     """(flow, inner IP packet as its header sizes it, trailing padding, ToS/TC byte) of an
-    input frame, parsed with scapy (not with anything the data path shares)."""
+    input frame, parsed with scapy (not with anything the data path shares); flow is None
+    for a packet without ports (ICMP)."""
     p = Ether(data)
     if IP in p:
         ip = p[IP]
@@ -152,7 +154,9 @@ def parse_input(data: bytes) -> tuple[Flow, bytes, bytes, int]:
         n = 40 + ip.plen
         tos = ip.tc
     l4p = ip.payload
-    flow = Flow(ip.proto if IP in p else ip.nh, A(ip.src), l4p.sport, A(ip.dst), l4p.dport)
+    flow = None  # ICMP: no ports
+    if hasattr(l4p, "sport"):
+        flow = Flow(ip.proto if IP in p else ip.nh, A(ip.src), l4p.sport, A(ip.dst), l4p.dport)
     inner = data[14:14 + n]
     return flow, inner, data[14 + n:], tos
 
@@ -194,6 +198,13 @@ class Snapshot:
     glob: dict
     vips: dict
     backends: dict
+    cpu_rx: tuple = ()  # per CPU rx counts; in a delta, the new count of each CPU that moved
+
+    def outer_ip_id(self, hash_: int) -> int:
+        """(delta of one run) The outer IPv4 ID the data path gives a packet without DF:
+        the flow hash plus the rx count of the CPU that ran it, low 16 bits."""
+        assert len(self.cpu_rx) == 1, f"not one run on one CPU: {self.cpu_rx}"
+        return (hash_ + self.cpu_rx[0]) & 0xFFFF
 
 
 @dataclass
@@ -305,7 +316,9 @@ class LbEnv:
             v = self.vip_state(s)
             vips[v.vip_id], per = self.dp.vip_counters(v.vip_id, v.backends.values())
             bids.update(per)
-        return Snapshot(self.dp.global_counters(), vips, bids)
+        rx = tuple(layout.Global.unpack(raw).c[layout.Stat.RX]
+                   for raw in self.dp.maps["stats"].lookup_percpu(ctypes.c_uint32(0)))
+        return Snapshot(self.dp.global_counters(), vips, bids, rx)
 
     def delta(self, before: Snapshot) -> Snapshot:
         now = self.snapshot()
@@ -320,7 +333,8 @@ class LbEnv:
             p0, b0 = before.backends.get(k, (0, 0))
             if (p - p0, b - b0) != (0, 0):
                 bd[k] = (p - p0, b - b0)
-        return Snapshot(g, vd, bd)
+        moved = tuple(n for n, n0 in zip(now.cpu_rx, before.cpu_rx) if n != n0)
+        return Snapshot(g, vd, bd, moved)
 
 
 def assert_globals(delta: dict, expected: dict) -> None:
@@ -350,8 +364,10 @@ def lb_env(**kw):
 # --------------------------------------------------------------------------- checks
 
 def check_encap(out: bytes, data: bytes, *, backend_addr, nh_mac: bytes, hash_: int,
-                cfg: dict, expect_zero_csum: bool = False) -> None:
-    """Every field of the outer headers of a forwarded frame, and the inner packet."""
+                cfg: dict, expect_zero_csum: bool = False, ip_id: Optional[int] = None) -> None:
+    """Every field of the outer headers of a forwarded frame, and the inner packet.
+    ip_id: the outer IPv4 ID expected when the inner packet has no DF (Snapshot.outer_ip_id);
+    with DF it is 0."""
     flow, inner, padding, tos = parse_input(data)
     inner_v6 = data[12:14] == b"\x86\xdd"
     gue = cfg["encap"] == layout.ENCAP_GUE
@@ -373,8 +389,8 @@ def check_encap(out: bytes, data: bytes, *, backend_addr, nh_mac: bytes, hash_: 
         assert vihl == 0x45, f"version/ihl {vihl:#x}"
         assert otos == tos, f"outer tos {otos:#x} != inner {tos:#x}"
         assert tot_len == ol + len(inner), f"outer tot_len {tot_len} != {ol}+{len(inner)}"
-        assert ident == 0, f"outer id {ident}"
         inner_df = inner_v6 or bool(struct.unpack("!H", inner[6:8])[0] & 0x4000)
+        assert ident == (0 if inner_df else ip_id), f"outer id {ident} (inner DF {inner_df})"
         assert frag == (0x4000 if inner_df else 0), f"outer frag_off {frag:#x} (inner DF {inner_df})"
         assert ttl == 64, f"outer ttl {ttl}"
         assert proto == ipproto, f"outer protocol {proto} != {ipproto}"

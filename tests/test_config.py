@@ -79,6 +79,7 @@ def test_defaults():
     assert lb.control_socket == "/run/xdplb/control.sock"
     assert lb.state_file == "/var/lib/xdplb/state.json"
     assert (lb.log_format, lb.keep_datapath_on_exit) == ("console", False)
+    assert lb.answer_ping is True
     assert (lb.max_vips, lb.max_backends) == (4096, 65536)
     assert config.health == HealthSection(type="tcp", port=None, path="/", expect_status=200,
                                           interval=2.0, timeout=1.0, rise=2, fall=3)
