@@ -73,7 +73,8 @@ FRAME_SIZE_V6 = 80
 
 VERDICT_KEYS = ("rx", "tx", "redirect", "pass", "drop", "flow_hit", "flow_miss", "flow_moved",
                 "drop_no_backend", "drop_malformed", "drop_too_big", "drop_no_nexthop",
-                "drop_adjust_fail", "gue_zero_csum", "flow_insert_limited", "flow_cache_hit")
+                "drop_adjust_fail", "gue_zero_csum", "flow_insert_limited", "flow_cache_hit",
+                "icmp_forwarded", "too_big_answered", "too_big_limited", "echo_answered")
 
 
 @dataclass
@@ -88,6 +89,8 @@ class Case:
     note: str = ""
     insert_limit: int = 0  # lb_config.flow_insert_limit during the case
     slack: int = 0         # `expect` counters may fall this short of runs (window edges)
+    warm: bytes = b""      # a frame run once before measuring (an ICMP error's flow)
+    mtu: int = 1500        # lb_config.mtu during the case
 
 
 @dataclass
@@ -149,6 +152,30 @@ def make_cases() -> list[Case]:
         Case("gue_hit", frames.frame(6, "192.168.1.3", 40004, str(VIP4), 80, FRAME_SIZE),
              fwd + ("flow_hit",), encap=layout.ENCAP_GUE, prewarm=True,
              zero=("flow_miss", "flow_moved", "gue_zero_csum"), note="GUE over IPv4"),
+        # ICMP: an error about a flow's reply, to the flow's backend (its entry found);
+        # echo answered; a packet too big to encapsulate answered (its flow in the table).
+        # Rare paths: they only have to stay out of the hit path's way.
+        Case("icmp_error_v4",
+             frames.icmp("192.168.9.1", str(VIP4), 3, 4, struct.pack("!HH", 0, 1400),
+                         frames.frame(6, str(VIP4), 80, "192.168.1.5", 40007)[14:],
+                         FRAME_SIZE + 24),
+             fwd + ("icmp_forwarded",),
+             warm=frames.frame(6, "192.168.1.5", 40007, str(VIP4), 80),
+             zero=("flow_hit", "flow_miss", "drop"), note="frag needed quoting a reply"),
+        Case("icmp_error_v6",
+             frames.icmp("fd09::9", str(VIP6), 2, 0, struct.pack("!I", 1400),
+                         frames.frame(6, str(VIP6), 80, "fd02::5", 40008, 80)[14:],
+                         FRAME_SIZE_V6 + 48),
+             fwd + ("icmp_forwarded",),
+             warm=frames.frame(6, "fd02::5", 40008, str(VIP6), 80, 80),
+             zero=("flow_hit", "flow_miss", "drop"), note="packet too big quoting a reply"),
+        Case("echo_v4", frames.icmp("192.168.1.7", str(VIP4), 8, 0, struct.pack("!HH", 1, 1),
+                                    b"", FRAME_SIZE),
+             fwd + ("echo_answered",), zero=("drop", "pass")),
+        Case("too_big_v4", frames.frame(6, "192.168.1.8", 40009, str(VIP4), 80, 256),
+             fwd + ("flow_hit", "too_big_answered"), prewarm=True, mtu=200,
+             zero=("flow_miss", "drop", "too_big_limited"),
+             note="DF set, 242 bytes for an MTU of 180: frag needed from the VIP"),
         Case("pass_v4", frames.frame(6, "192.168.1.4", 40005, str(pass4), 80, FRAME_SIZE),
              ("rx", "pass"), zero=("tx", "drop")),
         Case("pass_v6", frames.frame(6, "fd02::2", 40006, str(pass6), 80, FRAME_SIZE_V6),
@@ -166,8 +193,9 @@ class CostBench:
         self.dp = Datapath(limits or Limits(flow_table_size=flow_table_size))
         self.bench = None
         try:
+            # too-big answers unlimited: the too_big case measures answering, not the limit
             self.egress = EgressConfig(smac=SMAC, source_v4=SRC_V4, source_v6=SRC_V6,
-                                       gue_port=6080, mtu=1500)
+                                       gue_port=6080, mtu=1500, too_big_per_sec=0xFFFFFFFF)
             self.dp.set_config(self.egress)
             if vips is None:
                 b4 = tuple(BackendSpec(v4_backend(i), nexthop="nh") for i in range(backends))
@@ -198,12 +226,12 @@ class CostBench:
         self.close()
 
     # --- plumbing ------------------------------------------------------------------
-    def set_encap(self, encap: int, insert_limit: int = 0) -> None:
-        if (encap, insert_limit) != self._encap:
+    def set_encap(self, encap: int, insert_limit: int = 0, mtu: int = 1500) -> None:
+        if (encap, insert_limit, mtu) != self._encap:
             cfg = EgressConfig(**{**self.egress.__dict__, "encap": encap,
-                                  "flow_insert_limit": insert_limit})
+                                  "flow_insert_limit": insert_limit, "mtu": mtu})
             self.dp.set_config(cfg)
-            self._encap = (encap, insert_limit)
+            self._encap = (encap, insert_limit, mtu)
 
     def set_template(self, frame: bytes, syn: bool = False, gen_cfg=None) -> None:
         """gen_cfg: a bench/traffic.py GenCfg, to vary flows per run as the live generator
@@ -389,7 +417,10 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
     with CostBench(backends, ring_size, table) as cb:
         # warm-up: JIT images, caches, and the flows the hit cases need
         for c in todo:
-            cb.set_encap(c.encap, c.insert_limit)
+            cb.set_encap(c.encap, c.insert_limit, c.mtu)
+            if c.warm:
+                cb.set_template(c.warm)
+                cb.run("lb", c.warm, 1)
             cb.set_template(_syn_round(c.frame, -1) if c.syn else c.frame, c.syn)
             if c.prewarm:
                 cb.run("lb", c.frame, 1)
@@ -400,7 +431,7 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
         for rnd in range(rounds):
             for c in todo:
                 n = syn_repeat if c.syn else repeat
-                cb.set_encap(c.encap, c.insert_limit)
+                cb.set_encap(c.encap, c.insert_limit, c.mtu)
                 frame = _syn_round(c.frame, rnd) if c.syn else c.frame
                 # floor with the same template (same copy cost), right before the case
                 cb.set_template(frame, c.syn)

@@ -92,6 +92,35 @@ def frame(proto: int, src, sport: int, dst, dport: int, size: int = 64,
     return dmac + smac + struct.pack("!H", etype) + ip + seg
 
 
+def icmp(src: str, dst: str, typ: int, code: int, rest: bytes, body: bytes,
+         size: int) -> bytes:
+    """An ICMP (IPv4) or ICMPv6 frame of exactly `size` bytes (multiple of 8, <= 256):
+    type, code, the 4 bytes after the checksum, then `body` cut or padded with 'x' to fit.
+    Checksums valid."""
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    if size % 8 or size > TMPL_MAX:
+        raise ValueError(f"frame size {size}: must be a multiple of 8 and <= {TMPL_MAX}")
+    l3 = 20 if s.version == 4 else 40
+    n = size - ETH_HLEN - l3 - 8
+    if n < 0:
+        raise ValueError(f"frame size {size} too small for the headers")
+    msg = struct.pack("!BBH", typ, code, 0) + rest + body[:n].ljust(n, b"x")
+    if s.version == 4:
+        msg = msg[:2] + struct.pack("!H", _csum(msg)) + msg[4:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(msg), 0, 0, 64, 1, 0,
+                         s.packed, d.packed)
+        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        etype = 0x0800
+    else:
+        pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(msg), 58)
+        msg = msg[:2] + struct.pack("!H", _csum(pseudo + msg)) + msg[4:]
+        ip = struct.pack("!IHBB16s16s", 6 << 28, len(msg), 58, 64, s.packed, d.packed)
+        etype = 0x86DD
+    out = DST_MAC + SRC_MAC + struct.pack("!H", etype) + ip + msg
+    assert len(out) == size
+    return out
+
+
 def vary(frame_bytes: bytes, run: int, vary_off: int = -1, vary2_off: int = -1) -> bytes:
     """What bench_restore makes of the template on the run whose counter value is `run`
     (mirror of write_template in bpf/bench.bpf.c: native-order u16 writes)."""

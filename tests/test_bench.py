@@ -27,8 +27,10 @@ from bench.maglev import plain_maglev, quality, run_maglev  # noqa: E402
 from lb import layout  # noqa: E402
 from lb import native  # noqa: E402
 
-CASES = ("tcp_hit", "tcp_syn", "tcp_syn_limited", "udp_hit", "ipv6_hit", "gue_hit", "pass_v4",
-         "pass_v6")
+CASES = ("tcp_hit", "tcp_syn", "tcp_syn_limited", "udp_hit", "ipv6_hit", "gue_hit",
+         "icmp_error_v4", "icmp_error_v6", "echo_v4", "too_big_v4", "pass_v4", "pass_v6")
+ICMP_PATHS = {"icmp_error_v4": "icmp_forwarded", "icmp_error_v6": "icmp_forwarded",
+              "echo_v4": "echo_answered", "too_big_v4": "too_big_answered"}
 REPEAT, SYN_REPEAT, ROUNDS = 1000, 1500, 2
 
 
@@ -78,6 +80,10 @@ def test_every_run_took_the_named_path(cost, name):
         elif name == "tcp_syn_limited":  # one insert per second may pass the limit
             assert v["flow_miss"] == runs and v["flow_hit"] == 0
             assert runs - 16 * ROUNDS <= v["flow_insert_limited"] <= runs
+        elif name in ICMP_PATHS:
+            assert v[ICMP_PATHS[name]] == runs
+            assert v["flow_hit"] == (runs if name == "too_big_v4" else 0)
+            assert v["flow_miss"] == 0
         else:
             assert v["flow_hit"] == runs and v["flow_miss"] == 0
     if name == "gue_hit":
@@ -104,8 +110,9 @@ def test_frames_are_valid_packets():
             del pkt[scapy.IP].len
         else:
             del pkt[scapy.IPv6].plen
-        l4 = pkt[scapy.TCP] if scapy.TCP in pkt else pkt[scapy.UDP]
-        del l4.chksum
+        # the outermost L4 header (an ICMP error quotes another, kept as it is)
+        l4 = (pkt[scapy.IP] if scapy.IP in pkt else pkt[scapy.IPv6]).payload
+        delattr(l4, "chksum" if any(f.name == "chksum" for f in l4.fields_desc) else "cksum")
         assert bytes(pkt) == c.frame, c.name
 
 

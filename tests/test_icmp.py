@@ -27,7 +27,7 @@ from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6NDOp
 from scapy.layers.l2 import Ether
 
 from lb import layout
-from lb.programmer import VipSpec
+from lb.specs import VipSpec
 from lb.stats import global_section
 
 from packets import (A, CLIENT_MAC, TCP_P, UDP_P, Flow, LbEnv, assert_globals, be, check_encap,
