@@ -28,18 +28,13 @@ static __always_inline int icmp_to_backend(struct xdp_md *ctx, struct lb_global 
 	__u32 frame_len = ctx->data_end - ctx->data, hash, id;
 	struct flow_val *fv = bpf_map_lookup_elem(&flows, fk);
 	struct backend *be = fv ? entry_backend(fv) : NULL;
-	struct vip_key vk = {};
 	struct vip_meta *vm;
 	int v;
 
 	if (be) {
 		hash = fv->hash;
 	} else {
-		__builtin_memcpy(vk.addr, fk->dst, 16);
-		vk.port = fk->dport;
-		vk.proto = fk->proto;
-		vk.family = fk->family;
-		vm = vip_lookup(&vk);
+		vm = vip_of_flow(fk);
 		if (!vm)
 			return verdict_pass(g);
 		hash = flow_hash(fk, fk->family == LB_AF_INET6, vm->flags & VIP_F_HASH_SRC_ONLY);

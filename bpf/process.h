@@ -121,17 +121,11 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 				       const struct encap_info *ei, __u32 frame_len,
 				       struct flow_cache_slot *cs, int moved)
 {
+	struct vip_meta *vm = vip_of_flow(fk);
 	struct flow_val nv = {};
-	struct vip_key vk = {};
-	struct vip_meta *vm;
 	struct backend *be;
 	__u32 id, hash;
 
-	__builtin_memcpy(vk.addr, fk->dst, 16);
-	vk.port = fk->dport;
-	vk.proto = fk->proto;
-	vk.family = fk->family;
-	vm = vip_lookup(&vk);
 	if (!vm)
 		return verdict_pass(g);
 	g->c[moved ? ST_FLOW_MOVED : ST_FLOW_MISS]++;

@@ -44,6 +44,18 @@ static __always_inline struct vip_meta *vip_lookup(struct vip_key *k)
 	return m;
 }
 
+/* The VIP a flow is for: its destination address, port and protocol. */
+static __always_inline struct vip_meta *vip_of_flow(const struct flow_key *fk)
+{
+	struct vip_key vk = {};
+
+	__builtin_memcpy(vk.addr, fk->dst, 16);
+	vk.port = fk->dport;
+	vk.proto = fk->proto;
+	vk.family = fk->family;
+	return vip_lookup(&vk);
+}
+
 /* This CPU's copy of backend `id` (the first member of its struct backend_slot). */
 static __always_inline struct backend *backend_lookup(__u32 id)
 {
