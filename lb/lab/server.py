@@ -1,6 +1,7 @@
-"""A lab backend: an HTTP server that answers with its name and a UDP echo that prefixes
-its name, on every address of its namespace (the VIPs sit on its `lo`); optionally a
-line echo over TCP for long-lived connections (each line comes back as "NAME LINE").
+"""A lab backend: an HTTP server that answers with its name (and, after a request body,
+its length) and a UDP echo that prefixes its name, on every address of its namespace
+(the VIPs sit on its `lo`); optionally a line echo over TCP for long-lived connections
+(each line comes back as "NAME LINE").
 Used by `xdplb lab up`; run as
 `python -m lb.lab.server NAME --http PORT --udp PORT [--echo PORT] [--vip ADDR ...]`."""
 
@@ -22,6 +23,14 @@ class Echo(asyncio.DatagramProtocol):
         self.transport.sendto(self.name + b" " + data, addr)
 
 
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length" and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 def _http_handler(name: str, health: dict):
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -29,6 +38,10 @@ def _http_handler(name: str, health: dict):
             path = req.split(b" ", 2)[1].decode() if req.count(b" ") >= 2 else "/"
             status = health["status"] if path == "/healthz" else 200
             body = f"{name}\n".encode()
+            length = _content_length(req)
+            if length:  # an upload: answered once all of it has arrived
+                await asyncio.wait_for(reader.readexactly(length), 30)
+                body = f"{name}\n{length}\n".encode()
             writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + body)
             await writer.drain()
