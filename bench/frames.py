@@ -50,7 +50,7 @@ def pseudo_header(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
     return src + dst + struct.pack("!IxxxB", length, proto)
 
 
-def with_l4_csum(proto: int, seg: bytes, pseudo: bytes) -> bytes:
+def with_l4checksum(proto: int, seg: bytes, pseudo: bytes) -> bytes:
     """`seg` with its TCP/UDP checksum set (the field must hold 0)."""
     c = checksum(pseudo + seg)
     if proto == 17 and c == 0:
@@ -80,7 +80,7 @@ def frame(proto: int, src, sport: int, dst, dport: int, size: int = 64,
             raise ValueError(f"frame size {size} too small for the headers ({hdrs})")
         payload = b"x" * (size - hdrs)
     seg = _l4(proto, sport, dport, payload, flags)
-    seg = with_l4_csum(proto, seg, pseudo_header(s.packed, d.packed, proto, len(seg)))
+    seg = with_l4checksum(proto, seg, pseudo_header(s.packed, d.packed, proto, len(seg)))
     if s.version == 4:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(seg), 0, 0x4000, 64, proto, 0,
                          s.packed, d.packed)
@@ -106,14 +106,14 @@ def icmp(src: str, dst: str, typ: int, code: int, rest: bytes, body: bytes,
         raise ValueError(f"frame size {size} too small for the headers")
     msg = struct.pack("!BBH", typ, code, 0) + rest + body[:n].ljust(n, b"x")
     if s.version == 4:
-        msg = msg[:2] + struct.pack("!H", _csum(msg)) + msg[4:]
+        msg = msg[:2] + struct.pack("!H", checksum(msg)) + msg[4:]
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(msg), 0, 0, 64, 1, 0,
                          s.packed, d.packed)
-        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
         etype = 0x0800
     else:
-        pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(msg), 58)
-        msg = msg[:2] + struct.pack("!H", _csum(pseudo + msg)) + msg[4:]
+        pseudo = pseudo_header(s.packed, d.packed, 58, len(msg))
+        msg = msg[:2] + struct.pack("!H", checksum(pseudo + msg)) + msg[4:]
         ip = struct.pack("!IHBB16s16s", 6 << 28, len(msg), 58, 64, s.packed, d.packed)
         etype = 0x86DD
     out = DST_MAC + SRC_MAC + struct.pack("!H", etype) + ip + msg

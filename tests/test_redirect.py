@@ -49,6 +49,8 @@ GUE_PORT = 6080
 RING = 1009
 PAYLOAD = 64
 SO_NO_CHECK = 11
+# <linux/in.h>: IP_MTU_DISCOVER and its values (DONT: no DF; DO: DF, never fragment)
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_DO = 10, 0, 2
 DEADLINE = 5.0  # seconds to wait for a burst to arrive; never reached when all is well
 
 
@@ -377,11 +379,13 @@ def test_non_vip_traffic_passes(redirect_lab):
 
 
 def test_too_big_is_dropped(redirect_lab):
-    """Inner 1500-byte IPv4 packet + 20-byte outer header exceeds mtu 1500: dropped and
-    counted, nothing reaches the backend."""
+    """Inner 1500-byte IPv4 packet without DF + 20-byte outer header exceeds mtu 1500:
+    dropped and counted, nothing reaches the backend. (With DF it is answered with ICMP
+    fragmentation needed: test_too_big_with_df_is_answered.)"""
     lab = redirect_lab
     lab.configure(layout.ENCAP_IPIP, lab.vip4, lab.backends_v4)
     with lab.backend.socket() as srv, lab.client.socket() as c:
+        c.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)  # no DF
         srv.bind((str(lab.vip4), VIP_PORT))
         g0 = lab.dp.global_counters()
         c.sendto(b"x" * (1500 - 28), (str(lab.vip4), VIP_PORT))
@@ -390,6 +394,25 @@ def test_too_big_is_dropped(redirect_lab):
     assert [d for d, _ in got] == [b"small"]  # one flow keeps its order: big was first
     g1 = lab.dp.global_counters()
     assert g1["drop_too_big"] - g0["drop_too_big"] == 1
+    assert g1["redirect"] - g0["redirect"] == 1
+
+
+def test_too_big_with_df_is_answered(redirect_lab):
+    """The same with DF (Linux's default for UDP): not sent to the backend either, but
+    answered with ICMP fragmentation needed (counted; its delivery is tests/test_pmtu_lab)."""
+    lab = redirect_lab
+    lab.configure(layout.ENCAP_IPIP, lab.vip4, lab.backends_v4)
+    with lab.backend.socket() as srv, lab.client.socket() as c:
+        c.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+        srv.bind((str(lab.vip4), VIP_PORT))
+        g0 = lab.dp.global_counters()
+        c.sendto(b"x" * (1500 - 28), (str(lab.vip4), VIP_PORT))
+        c.sendto(b"small", (str(lab.vip4), VIP_PORT))
+        got = _recv_all(srv, 1, time.monotonic() + DEADLINE)
+    assert [d for d, _ in got] == [b"small"]
+    g1 = lab.dp.global_counters()
+    assert g1["too_big_answered"] - g0["too_big_answered"] == 1
+    assert g1["drop_too_big"] == g0["drop_too_big"]
     assert g1["redirect"] - g0["redirect"] == 1
 
 
