@@ -50,7 +50,7 @@ def pseudo_header(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
     return src + dst + struct.pack("!IxxxB", length, proto)
 
 
-def with_l4checksum(proto: int, seg: bytes, pseudo: bytes) -> bytes:
+def with_l4_csum(proto: int, seg: bytes, pseudo: bytes) -> bytes:
     """`seg` with its TCP/UDP checksum set (the field must hold 0)."""
     c = checksum(pseudo + seg)
     if proto == 17 and c == 0:
@@ -80,7 +80,7 @@ def frame(proto: int, src, sport: int, dst, dport: int, size: int = 64,
             raise ValueError(f"frame size {size} too small for the headers ({hdrs})")
         payload = b"x" * (size - hdrs)
     seg = _l4(proto, sport, dport, payload, flags)
-    seg = with_l4checksum(proto, seg, pseudo_header(s.packed, d.packed, proto, len(seg)))
+    seg = with_l4_csum(proto, seg, pseudo_header(s.packed, d.packed, proto, len(seg)))
     if s.version == 4:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(seg), 0, 0x4000, 64, proto, 0,
                          s.packed, d.packed)

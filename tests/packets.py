@@ -16,6 +16,7 @@ Maglev ring and the programmer's own copy.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import socket
 import struct
