@@ -10,6 +10,7 @@ put drained or maintained backends back into service."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import stat
@@ -115,3 +116,19 @@ def admin_lookup(states: Optional[AdminStates], cfg) -> Callable[[str, str], str
         runtime = states.get(vip, backend) if states is not None else None
         return runtime or configured.get((vip, backend), "active")
     return admin_of
+
+
+def find_pair(cfg, vip: str, backend: str) -> tuple[str, str]:
+    """(VIP name, backend address) of cfg (a Config) that `xdplb backend` names: the VIP
+    by name or address, the backend by address in any spelling; KeyError (exit 1) saying
+    which one is unknown."""
+    v = next((v for v in cfg.vips if v.name == vip or str(v.address) == vip), None)
+    if v is None:
+        raise KeyError(f"unknown VIP {vip!r}")
+    try:
+        addr = str(ipaddress.ip_address(backend))
+    except ValueError:
+        raise KeyError(f"backend {backend!r} is not an IP address") from None
+    if not any(str(b.address) == addr for b in v.backends):
+        raise KeyError(f"VIP {v.name} has no backend {addr}")
+    return v.name, addr

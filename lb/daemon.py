@@ -1,59 +1,45 @@
 """`xdplb --config PATH`: the load balancer in the foreground.
 
-Start: preflight, load the data path (adopting compatible pinned maps of an earlier
-instance, so flows and counters survive a restart), attach or atomically replace the
-program, fill the maps, start health checks and the control socket. SIGHUP reloads the
-config (a broken one is rejected and the old one stays in force); SIGTERM/SIGINT detach
-and unpin, unless keep_datapath_on_exit. A killed daemon leaves the program attached and
-forwarding.
-
-The daemon wires the parts and serialises what changes the maps: next hops come from
-`nexthop.Resolver`, health from `healthstate.HealthBook`, what the maps should hold from
-`policy.vip_specs`, and `Programmer.apply` writes it.
+Start: preflight, load the data path (adopting pinned maps of an earlier instance), attach
+or atomically replace the program, fill the maps, start health checks and the control
+socket. SIGHUP reloads the config (a broken one is rejected, the old one stays);
+SIGTERM/SIGINT detach and unpin, unless keep_datapath_on_exit. A killed daemon leaves the
+program attached and forwarding. The daemon wires the parts and serialises what changes
+the maps: next hops from `nexthop.Resolver`, health from `healthstate.HealthBook`, the
+maps' contents from `policy.vip_specs`, written by `Programmer.apply`; interfaces
+re-created or changed are followed by `linkfollow.LinkFollower`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import signal
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 from . import policy, preflight
-from .adminstate import AdminStates, admin_lookup
+from .adminstate import AdminStates, admin_lookup, find_pair
 from .attach import attach
 from .config import Config, load_config
 from .control import ControlServer
 from .datapath import Datapath, EgressConfig, Limits
 from .egress import egress_config
 from .errors import ConfigError, XdplbError
-from .health import ProbeResult
 from .healthstate import HealthBook
+from .linkfollow import LinkFollower
 from .metrics import MetricsServer
 from .native import xdp_detach
 from .instancelock import InstanceLocks
 from .nexthop import Netlink, Nexthops, Resolver
 from .programmer import Programmer
-from .stats import stats_snapshot
+from .stats import BackendView, stats_snapshot
 
 NEXTHOP_REFRESH_S = 2.0
 NEXTHOP_RETRY_S = 0.2
 # lb settings a reload cannot change
 FIXED = ("interface", "egress_interface", "xdp_mode", "bpf_pin_path", "flow_table_size",
          "max_vips", "max_backends", "control_socket")
-
-
-@dataclass(frozen=True)
-class BackendView:
-    """One VIP/backend pair as `stats` shows it."""
-
-    admin: str     # admin state (runtime, else config)
-    healthy: bool  # health now
-    state: str     # effective state the maps hold (health flips reach them in batches)
-    last: Optional[ProbeResult]  # last check, None before the first (or checks off)
-    checks: int    # checks recorded
+RESTART = ("metrics_listen", "log_format")  # a reload accepts them, a restart applies them
 
 
 class Daemon:
@@ -163,23 +149,14 @@ class Daemon:
 
     # --- admin ---------------------------------------------------------------------
     def set_admin(self, vip: str, backend: str, state: str) -> str:
-        v = next((v for v in self.cfg.vips if v.name == vip or str(v.address) == vip), None)
-        if v is None:
-            raise KeyError(f"unknown VIP {vip!r}")
-        try:
-            addr = str(ipaddress.ip_address(backend))
-        except ValueError:
-            raise KeyError(f"backend {backend!r} is not an IP address") from None
-        if not any(str(b.address) == addr for b in v.backends):
-            raise KeyError(f"VIP {v.name} has no backend {addr}")
-        before = policy.effective(self._admin_of(v.name, addr),
-                                  self._up_of(v.name, addr)).state
-        self.admin.set(v.name, addr, state)
+        name, addr = find_pair(self.cfg, vip, backend)
+        before = policy.effective(self._admin_of(name, addr), self._up_of(name, addr)).state
+        self.admin.set(name, addr, state)  # nothing changes when the file cannot be written
         self.apply()
-        after = self.applied[(v.name, addr)]
-        self.log.info("admin_state_set", vip=v.name, backend=addr, state=state)
+        after = self.applied[(name, addr)]
+        self.log.info("admin_state_set", vip=name, backend=addr, state=state)
         if after != before:
-            self.log.info("backend_state_changed", vip=v.name, backend=addr,
+            self.log.info("backend_state_changed", vip=name, backend=addr,
                           **{"from": before, "to": after}, reason=f"admin {state}")
         return after
 
@@ -197,6 +174,8 @@ class Daemon:
             for k in FIXED:
                 if getattr(new.lb, k) != getattr(self.cfg.lb, k):
                     raise ConfigError([f"lb.{k} changed: restart xdplb to apply it"])
+            # the state file is read anew (it may have been edited, or moved)
+            admin = await loop.run_in_executor(None, AdminStates, new.lb.state_file)
         except ConfigError as e:
             self.log.error("config_rejected", error=str(e).replace("\n", "; "))
             return
@@ -208,20 +187,24 @@ class Daemon:
         # from here to the apply nothing awaits: no health flush, admin change or
         # next-hop refresh runs in between
         before = {k: e.state for k, e in self._desired().states.items()}
-        old, old_egress, self.cfg = self.cfg, self.egress_cfg, new
+        old, old_egress, old_admin = self.cfg, self.egress_cfg, self.admin
+        self.admin, self.cfg = admin, new
         try:
             self.egress_cfg = egress_config(new, self.egress)
             self.health.configure(new.vips)
             rep = self.apply(resolved)
         except Exception as e:  # whatever failed, the old config stays in force
-            self.cfg, self.egress_cfg = old, old_egress
+            self.admin, self.cfg, self.egress_cfg = old_admin, old, old_egress
             self.log.error("config_rejected", error=str(e) or type(e).__name__)
             return
+        later = [f"lb.{k}" for k in RESTART if getattr(new.lb, k) != getattr(old.lb, k)]
         self.log.info("config_reloaded", vips_added=rep.vips_added,
                       vips_removed=rep.vips_removed, vips_changed=rep.vips_changed,
                       backends_added=rep.backends_added, backends_removed=rep.backends_removed,
-                      rings_swapped=rep.rings_swapped,
+                      rings_swapped=rep.rings_swapped, restart_needed=later,
                       duration_ms=round((time.perf_counter() - t0) * 1e3, 2))
+        if later:  # the rest of the file applies
+            self.log.warning("config_needs_restart", keys=later, action="restart xdplb")
         for k, to in self.applied.items():  # admin states or health types the config changed
             if k in before and to != before[k]:
                 self.log.info("backend_state_changed", vip=k[0], backend=k[1],
@@ -257,10 +240,13 @@ class Daemon:
                 raise XdplbError(f"cannot listen on metrics_listen {host}:{port}: "
                                  f"{e.strerror}; pick a free address") from None
         refresher = loop.create_task(self._refresh_loop())
+        links = LinkFollower(self)  # an interface re-created gets the program again
+        links.start(loop)
         try:
             await stop.wait()
         finally:
             refresher.cancel()
+            links.close()
             self.health.stop()
             await self.control.close()
             if metrics:

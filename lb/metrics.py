@@ -81,6 +81,13 @@ class StatsCollector:
         for labels, b in pairs:
             m.add_metric(labels, int(bool(b["healthy"])))
         yield m
+        m = GaugeMetricFamily("xdplb_backend_nexthop_resolved",
+                              "1 when packets to the backend can leave (its next hop has a "
+                              "MAC); 0: they are dropped as no_nexthop.",
+                              labels=BACKEND_LABELS)
+        for labels, b in pairs:
+            m.add_metric(labels, int(b.get("nexthop") != "unresolved"))
+        yield m
         m = GaugeMetricFamily("xdplb_backend_state",
                               "Effective state of a backend (1 for the current one).",
                               labels=(*BACKEND_LABELS, "state"))

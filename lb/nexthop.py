@@ -10,6 +10,7 @@ import errno
 import hashlib
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional
 
@@ -20,6 +21,7 @@ from .errors import XdplbError
 from .layout import IPAddress, mac_bytes
 
 # NUD states with a usable link-layer address
+UNRESOLVED_GRACE_S = 1.0
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
 
 
@@ -140,6 +142,12 @@ class Nexthops:
     def unresolved(self) -> int:
         return sum(1 for k in set(self.keys.values()) if k not in self.macs)
 
+    def resolved(self, addr: IPAddress) -> bool:
+        """A packet to addr can leave: its next hop has a MAC (else the data path drops
+        it, counted as no_nexthop)."""
+        key = self.keys.get(str(addr))
+        return key is not None and key in self.macs
+
 
 class Resolver:
     """Next hops of backends leaving by one interface, with a route cache.
@@ -153,6 +161,8 @@ class Resolver:
         self.log = log
         self._routes: dict = {}  # backend -> (next hop, oif), valid under _digest
         self._digest: Optional[bytes] = None
+        self._unresolved_since: dict[str, float] = {}
+        self._reported: set[str] = set()  # logged nexthop_unresolved, not yet resolved
 
     def resolve(self, addrs: Iterable[IPAddress], oif: int,
                 nl: Optional[Netlink] = None) -> Nexthops:
@@ -168,7 +178,7 @@ class Resolver:
                 nl.close()
 
     def _resolve(self, nl: Netlink, addrs: set, oif: int) -> Nexthops:
-        macs, keys = {}, {}
+        macs, keys, why = {}, {}, {}
         digest = routing_digest(nl, oif)
         cache = self._routes if digest is not None and digest == self._digest else {}
         routes = {a: cache[a] for a in addrs if a in cache}
@@ -179,7 +189,7 @@ class Resolver:
                 try:
                     found = routes[addr] = nl.route_nexthop(addr, oif)
                 except XdplbError as e:
-                    self.log.warning("nexthop_unroutable", backend=str(addr), error=str(e))
+                    why[str(addr)] = str(e)
                     keys[str(addr)] = f"backend {addr}"
                     continue
             hop, hop_oif = found
@@ -192,4 +202,28 @@ class Resolver:
                 else:
                     macs[key] = mac
         self._routes, self._digest = routes, digest
-        return Nexthops(macs, keys)
+        found = Nexthops(macs, keys)
+        self._report(found, why)
+        return found
+
+    def _report(self, found: Nexthops, why: dict[str, str]) -> None:
+        """One log line per transition: nexthop_unresolved once a backend's next hop has
+        stayed unresolved for UNRESOLVED_GRACE_S (ARP/ND at start takes milliseconds),
+        nexthop_resolved when a reported one resolves."""
+        now = time.monotonic()
+        for addr in found.keys:
+            if found.resolved(addr):
+                self._unresolved_since.pop(addr, None)
+                if addr in self._reported:
+                    self._reported.discard(addr)
+                    self.log.info("nexthop_resolved", backend=addr)
+                continue
+            since = self._unresolved_since.setdefault(addr, now)
+            if addr not in self._reported and now - since >= UNRESOLVED_GRACE_S:
+                self._reported.add(addr)
+                self.log.warning("nexthop_unresolved", backend=addr,
+                                 reason=why.get(addr, "no neighbour entry (ARP/ND gets "
+                                                      "no answer)"))
+        for addr in set(self._unresolved_since) - set(found.keys):  # left the config
+            del self._unresolved_since[addr]
+            self._reported.discard(addr)

@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
+from .health import ProbeResult
+
+
+@dataclass(frozen=True)
+class BackendView:
+    """One VIP/backend pair as `stats` shows it."""
+
+    admin: str     # admin state (runtime, else config)
+    healthy: bool  # health now
+    state: str     # effective state the maps hold (health flips reach them in batches)
+    last: Optional[ProbeResult]  # last check, None before the first (or checks off)
+    checks: int    # checks recorded
+
+
 DROP_REASONS = ("no_backend", "malformed", "too_big", "fragment", "ip_options", "no_nexthop",
                 "adjust_fail")
 
@@ -46,6 +63,8 @@ def stats_snapshot(d) -> dict:
                 "latency_ms": round(last.latency_s * 1e3, 3) if last else None,
                 "last_check_at": round(last.at, 3) if last else None,
                 "checks": pair.checks,
+                # without a next-hop MAC every packet to it is dropped (no_nexthop)
+                "nexthop": "resolved" if d.nexthops.resolved(b.address) else "unresolved",
             })
         vips.append({"name": v.name, "address": str(v.address), "port": v.port,
                      "protocol": v.protocol, "packets": packets, "bytes": nbytes,

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 
 import pytest
@@ -91,6 +92,15 @@ def expected_ring(addresses: list[str], m: int = 65537) -> list[str]:
     addrs = sorted((ipaddress.ip_address(a) for a in addresses), key=backend_key)
     table = maglev.build_reference([maglev.Slotholder(backend_key(a)) for a in addrs], m)
     return [str(addrs[i]) for i in table]
+
+
+def restore_config(tmp, cfg: str, d: Instance) -> None:
+    """Back to the fixture's config, reloaded, every backend active."""
+    os.replace(_config(tmp, name="next.toml"), cfg)
+    n = d.mark()
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait("config_reloaded", after=n)
+    wait_all_active(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -326,11 +336,7 @@ def test_burst_of_sighups_ends_on_the_last_file(env):
     assert not d.events("config_rejected", after=n)
     wait_all_active(cfg)  # backends the burst re-added pass their checks first
     assert ring_addresses(topology.VIP4, 80, 6) == expected_ring(all3[:2])
-    os.replace(_config(tmp, name="next.toml"), cfg)
-    n = d.mark()
-    d.proc.send_signal(signal.SIGHUP)
-    d.wait("config_reloaded", after=n)
-    wait_all_active(cfg)
+    restore_config(tmp, cfg, d)
 
 
 def test_flow_insert_limit_reaches_the_datapath_on_sighup(env):
@@ -355,3 +361,105 @@ def test_flow_insert_limit_reaches_the_datapath_on_sighup(env):
         assert pinned_limit() == limit
     got, failed = http(20)
     assert failed == 0
+
+
+def test_unresolved_nexthop_is_shown_and_logged_once(env):
+    """Backends whose next hop never resolves (no host answers ARP at .99, no route to the
+    IPv6 one) show "nexthop": "unresolved" and xdplb_backend_nexthop_resolved 0, and each
+    logs nexthop_unresolved once, not once per retry (issue 12, finding 10)."""
+    tmp, cfg, d = env
+    dead = ["10.200.0.99", "fd00:dead::1"]
+    all3 = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
+    n = d.mark()
+    os.replace(_config(tmp, web_backends=all3 + dead, name="next.toml"), cfg)
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait("config_reloaded", after=n)
+    for addr in dead:
+        d.wait("nexthop_unresolved", after=n, backend=addr, timeout=10)
+    time.sleep(2.5)  # ~12 more retries at the 0.2 s retry interval
+    web = next(v for v in stats(cfg)["vips"] if v["name"] == "web")
+    hops = {b["address"]: b["nexthop"] for b in web["backends"]}
+    assert hops == {**{a: "resolved" for a in all3}, **{a: "unresolved" for a in dead}}
+    for addr in dead:
+        assert len(d.events("nexthop_unresolved", after=n, backend=addr)) == 1
+    assert not d.events(("nexthop_unroutable", "nexthop_refresh_failed"), after=n)
+    import urllib.request
+    text = netns.run_in(LAB.lb, lambda: urllib.request.urlopen(
+        "http://127.0.0.1:19733/metrics", timeout=5).read()).decode()
+    samples = {(s.labels["backend"]): s.value
+               for f in text_string_to_metric_families(text) if f.name ==
+               "xdplb_backend_nexthop_resolved" for s in f.samples
+               if s.labels["vip"] == "web"}
+    assert samples == {**{a: 1 for a in all3}, **{a: 0 for a in dead}}, samples
+    restore_config(tmp, cfg, d)
+
+
+def _pinned_config() -> layout.LbConfig:
+    import ctypes
+    with Map.from_pin(os.path.join(PIN, "config")) as m:
+        return layout.LbConfig.unpack(m.lookup(ctypes.c_uint32(0)))
+
+
+def test_interface_mtu_change_reaches_the_egress_config(env):
+    """An MTU change of the interface is followed by netlink (issue 12, finding 8)."""
+    tmp, cfg, d = env
+    for mtu in (1400, 1500):
+        n = d.mark()
+        subprocess.run(["ip", "-n", LAB.lb, "link", "set", "lb0", "mtu", str(mtu)], check=True)
+        d.wait("interface_changed", after=n, mtu=mtu)
+        assert _pinned_config().mtu == mtu
+
+
+def test_reload_rereads_state_file_and_names_keys_needing_restart(env):
+    """SIGHUP reads state_file anew, and says which changed keys wait for a restart
+    (metrics_listen, log_format) instead of ignoring them silently (issue 12, finding 8)."""
+    tmp, cfg, d = env
+    with open(STATE, "w") as f:  # an operator's edit, e.g. restored from a backup
+        json.dump({"backends": [{"vip": "web", "backend": "10.200.0.12",
+                                 "state": "maint"}]}, f)
+    text = open(_config(tmp, name="next.toml")).read().replace(
+        'metrics_listen = "127.0.0.1:19733"', 'metrics_listen = "127.0.0.1:19734"')
+    (tmp / "next.toml").write_text(text)
+    os.replace(tmp / "next.toml", cfg)
+    n = d.mark()
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait("config_reloaded", after=n)
+    assert d.wait("config_needs_restart", after=n)["keys"] == ["lb.metrics_listen"]
+    assert states(stats(cfg), "web")["10.200.0.12"] == "maint"
+    assert cli("backend", "activate", "web", "10.200.0.12", "--config", cfg).returncode == 0
+    restore_config(tmp, cfg, d)
+
+
+def test_interface_deleted_and_recreated_gets_the_program_again(env):
+    """Delete the LB's veth and create it again under the same name: one
+    interface_missing while it is gone (no stream of warnings), then
+    datapath_reattached, and VIP traffic works again (issue 12, finding 5). Last in this
+    file: the lab's lb0 is a new interface afterwards."""
+    tmp, cfg, d = env
+    from lb.lab.decap import attach_pass
+
+    n = d.mark()
+    subprocess.run(["ip", "-n", LAB.lb, "link", "del", "lb0"], check=True)
+    d.wait("interface_missing", after=n, interface="lb0")
+    time.sleep(2.0)  # ten retries of the next-hop refresh
+    assert len(d.events("interface_missing", after=n)) == 1
+    assert not d.events(("nexthop_refresh_failed", "nexthop_unroutable"), after=n)
+    for e in d.events("nexthop_unresolved", after=n):  # at most once per backend
+        assert len(d.events("nexthop_unresolved", after=n, backend=e["backend"])) == 1
+    sw = netns.Netns(LAB.sw, create=False, owned=False)
+    lb = netns.Netns(LAB.lb, create=False, owned=False)
+    h = LAB.hosts()
+    netns.add_veth("lb0", LAB.lb, "sw-lb0", LAB.sw)
+    sw.set_link("sw-lb0", master="br0", up=True)
+    lb.add_address("lb0", f"{h['lb'].v4}/24")
+    lb.add_address("lb0", f"{h['lb'].v6}/64")
+    attach_pass(sw, "sw-lb0")
+    d.wait("datapath_reattached", after=n, interface="lb0")
+    deadline = time.monotonic() + 15
+    while True:
+        got, failed = http(20)
+        if failed == 0:
+            break
+        assert time.monotonic() < deadline, (got, failed, d.tail())
+        time.sleep(0.2)
+    assert sum(got.values()) == 20

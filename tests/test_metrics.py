@@ -35,6 +35,7 @@ FAMILIES = {  # name in the text -> (type, label names)
     "xdplb_backend_packets_total": ("counter", BACKEND),
     "xdplb_backend_bytes_total": ("counter", BACKEND),
     "xdplb_backend_healthy": ("gauge", BACKEND),
+    "xdplb_backend_nexthop_resolved": ("gauge", BACKEND),
     "xdplb_backend_state": ("gauge", (*BACKEND, "state")),
 }
 
