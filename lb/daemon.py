@@ -7,8 +7,8 @@ SIGTERM/SIGINT detach and unpin, unless keep_datapath_on_exit. A killed daemon l
 program attached and forwarding. The daemon wires the parts and serialises what changes
 the maps: next hops from `nexthop.Resolver`, health from `healthstate.HealthBook`, the
 maps' contents from `policy.vip_specs`, written by `Programmer.apply`; interfaces
-re-created or changed are followed by `linkfollow.LinkFollower`.
-"""
+re-created or changed are followed by `linkfollow.LinkFollower`; `sdnotify.Notifier`
+tells systemd."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import signal
 import time
 from typing import Optional
 
-from . import policy, preflight
+from . import policy, preflight, sdnotify
 from .adminstate import AdminStates, admin_lookup, find_pair
 from .attach import attach
 from .config import Config, load_config
@@ -46,6 +46,8 @@ class Daemon:
     def __init__(self, path: str, cfg: Config, log):
         self.admin = AdminStates(cfg.lb.state_file)
         self.path, self.cfg, self.log = path, cfg, log
+        self.notify = sdnotify.Notifier(log, lambda: sdnotify.status_line(
+            len(self.cfg.vips), self.applied))  # systemd: READY/RELOADING/STATUS/WATCHDOG
         self.nl: Optional[Netlink] = None
         self.dp: Optional[Datapath] = None
         self.programmer: Optional[Programmer] = None
@@ -165,7 +167,8 @@ class Daemon:
         """SIGHUP. Reloads run one at a time, each reading the file when its turn comes,
         so two quick SIGHUPs can never apply an older file after a newer one."""
         async with self._reload_lock:
-            await self._reload()
+            with self.notify.reloading():
+                await self._reload()
 
     async def _reload(self) -> None:
         t0, loop = time.perf_counter(), asyncio.get_running_loop()
@@ -239,13 +242,15 @@ class Daemon:
                 await self.control.close()
                 raise XdplbError(f"cannot listen on metrics_listen {host}:{port}: "
                                  f"{e.strerror}; pick a free address") from None
-        refresher = loop.create_task(self._refresh_loop())
+        tasks = (loop.create_task(self._refresh_loop()),
+                 loop.create_task(self.notify.serve(self.health.first_round_done)))
         links = LinkFollower(self)  # an interface re-created gets the program again
         links.start(loop)
         try:
             await stop.wait()
         finally:
-            refresher.cancel()
+            for task in tasks:
+                task.cancel()
             links.close()
             self.health.stop()
             await self.control.close()

@@ -47,6 +47,11 @@ class HealthBook:
     def verdict(self, vip: str, backend: str) -> Optional[Verdict]:
         return self.verdicts.get((vip, backend))
 
+    def first_round_done(self) -> bool:
+        """Every checked pair has a result and the flips it caused are in the maps."""
+        return (self.scheduler is not None and not self._pending
+                and all(v.checks for v in self.verdicts.values()))
+
     def figures(self) -> Optional[dict]:
         """The scheduler's own counters; None before checks start."""
         s = self.scheduler

@@ -14,6 +14,23 @@ from lb import datapath, layout
 from lb.native import Map
 
 
+FAST_HTTP_HEALTH = {"type": '"http"', "path": '"/healthz"', "interval": 0.5, "timeout": 0.4,
+                    "rise": 1, "fall": 2}
+
+
+def lab_config(files, backends=("10.200.0.11", "10.200.0.12", "10.200.0.13"),
+               health: Optional[dict] = None, interface: str = "lb0", **lb) -> str:
+    """A config for the lab of lb.lab.topology (tx variant): `files`' [lb] table with `lb`
+    settings, [health] (default FAST_HTTP_HEALTH: up after one check) and the VIP web
+    (tcp/80) over `backends`."""
+    health = FAST_HTTP_HEALTH if health is None else health
+    text = files.lb_table(interface, **lb) + "\n[health]\n"
+    text += "".join(f"{k} = {v}\n" for k, v in health.items())
+    text += ('\n[[vip]]\nname = "web"\naddress = "10.200.1.10"\nport = 80\n'
+             'protocol = "tcp"\n')
+    return text + "".join(f'[[vip.backend]]\naddress = "{a}"\n' for a in backends)
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lb.cli", *args], capture_output=True,
                           text=True, timeout=60)

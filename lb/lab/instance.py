@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from ..config import load_config
 from ..control import NoInstance, request
@@ -90,11 +90,15 @@ class Instance:
     "non-json"}), so an index into them ("after") stays valid across instances that
     share a log."""
 
-    def __init__(self, ns: NsLike, config: str, log: str):
+    def __init__(self, ns: NsLike, config: str, log: str, env: Optional[dict] = None,
+                 wrapper: Sequence[str] = ()):
+        """env: the daemon's environment (default: ours); wrapper: a command prefix
+        (e.g. setpriv ... --) the daemon runs under."""
         self.config, self.logpath = config, log
         with open(log, "a") as out:
-            self.proc = spawn_in(ns, [sys.executable, "-m", "lb.cli", "--config", config],
-                                 stdout=out, stderr=subprocess.STDOUT)
+            self.proc = spawn_in(ns, [*wrapper, sys.executable, "-m", "lb.cli",
+                                      "--config", config],
+                                 stdout=out, stderr=subprocess.STDOUT, env=env)
         self._events: list[dict] = []
         self._partial = b""
         self._read = 0  # bytes of the log parsed so far
