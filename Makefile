@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PKGS := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev gcc make iproute2 ethtool \
-            iptables nftables
+            iptables nftables systemd
 BUILD_LOCK := /tmp/xdplb-build.lock
 
-.PHONY: all deps venv build test demo bench lab-up lab-down clean
+.PHONY: all deps venv build test demo bench lab-up lab-down install clean
 
 all: build
 
@@ -45,6 +45,20 @@ lab-up: build
 
 lab-down:
 	$(VENV)/bin/xdplb lab down
+
+# The package in its own venv under PREFIX, the unit, and /etc/xdplb/lb.toml (an existing
+# one is never overwritten). Then: edit /etc/xdplb/lb.toml; systemctl enable --now xdplb
+PREFIX ?= /opt/xdplb
+install: deps
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/python -m pip install -q --upgrade pip
+	flock $(BUILD_LOCK) $(PREFIX)/bin/python -m pip install -q .
+	install -d /etc/systemd/system
+	sed "s#/opt/xdplb#$(PREFIX)#g" config/xdplb.service > /etc/systemd/system/xdplb.service
+	install -d -m 0755 /etc/xdplb
+	test -e /etc/xdplb/lb.toml || install -m 0644 config/lb.toml /etc/xdplb/lb.toml
+	ln -sfn $(PREFIX)/bin/xdplb /usr/local/bin/xdplb
+	-systemctl daemon-reload 2>/dev/null
 
 clean:
 	rm -rf build lb/_native*.so lb/_native.c lb/_native.o *.egg-info

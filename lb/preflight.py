@@ -8,10 +8,19 @@ import subprocess
 
 from .errors import XdplbError
 
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
+# What the daemon needs, and nothing more (tests/test_service.py; the unit's
+# CapabilityBoundingSet lists the same). Without CAP_BPF nothing loads; without
+# CAP_NET_ADMIN the devmap (tx_port) cannot be created nor the program attached; without
+# CAP_PERFMON the verifier rejects the program (EACCES: the pointer rules for the
+# unprivileged). CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON (kernels before 5.8
+# know only it).
+REQUIRED_CAPS = {"CAP_BPF": CAP_BPF, "CAP_NET_ADMIN": CAP_NET_ADMIN,
+                 "CAP_PERFMON": CAP_PERFMON}
+SYS_ADMIN_COVERS = ("CAP_BPF", "CAP_PERFMON")
 
 
-def _caps() -> int:
+def effective_caps() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("CapEff:"):
@@ -19,12 +28,23 @@ def _caps() -> int:
     return 0
 
 
+def missing_caps(caps: int) -> list[str]:
+    """The REQUIRED_CAPS an effective capability mask lacks."""
+    admin = bool(caps & (1 << CAP_SYS_ADMIN))
+    return [name for name, bit in REQUIRED_CAPS.items()
+            if not caps & (1 << bit) and not (admin and name in SYS_ADMIN_COVERS)]
+
+
 def check_privileges() -> None:
-    caps = _caps()
-    has_bpf = caps & (1 << CAP_BPF) or caps & (1 << CAP_SYS_ADMIN)
-    if os.geteuid() != 0 and not (has_bpf and caps & (1 << CAP_NET_ADMIN)):
-        raise XdplbError("xdplb must run as root (or with CAP_BPF and CAP_NET_ADMIN): "
-                         "run it with sudo")
+    """The capabilities, not uid 0: root with a smaller bounding set fails here too."""
+    missing = missing_caps(effective_caps())
+    if missing and os.geteuid() != 0:
+        raise XdplbError(f"xdplb must run as root (or with {', '.join(REQUIRED_CAPS)}): "
+                         f"run it with sudo")
+    if missing:
+        raise XdplbError(f"missing capability {', '.join(missing)} (xdplb needs "
+                         f"{', '.join(REQUIRED_CAPS)}): run it as root, or grant them "
+                         f"(AmbientCapabilities= in the unit, setpriv --ambient-caps)")
 
 
 def raise_fd_limit() -> None:
@@ -36,7 +56,7 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _fs_magic(path: str) -> str:
+def fs_type(path: str) -> str:
     best, fstype = "", ""
     with open("/proc/self/mounts") as f:
         for line in f:
@@ -50,7 +70,7 @@ def _fs_magic(path: str) -> str:
 def ensure_bpffs(pin_path: str) -> None:
     """The pin path must live on a bpffs; mount /sys/fs/bpf if nothing is mounted there."""
     parent = os.path.dirname(pin_path.rstrip("/")) or "/"
-    if _fs_magic(parent) != "bpf" and parent.startswith("/sys/fs/bpf"):
+    if fs_type(parent) != "bpf" and parent.startswith("/sys/fs/bpf"):
         # mode 0700 as systemd mounts it: a bpffs mounted without a mode is 1777, where
         # any user may create the pin directory before xdplb does
         r = subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", "/sys/fs/bpf"],
@@ -59,6 +79,6 @@ def ensure_bpffs(pin_path: str) -> None:
             raise XdplbError(f"bpffs is not mounted at /sys/fs/bpf and mounting it failed "
                              f"({r.stderr.strip()}): mount -t bpf -o mode=0700 bpf "
                              f"/sys/fs/bpf")
-    if _fs_magic(parent) != "bpf":
+    if fs_type(parent) != "bpf":
         raise XdplbError(f"bpf_pin_path {pin_path} is not on a bpf filesystem: use a path "
                          f"under /sys/fs/bpf")
