@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("sport", type=int)
     e.add_argument("dst")
     e.add_argument("dport", type=int)
+    dr = sub.add_parser("doctor", help="check this node for known XDP traps")
+    dr.add_argument("--config", dest="sub_config")
     lab = sub.add_parser("lab", help="demo topology of network namespaces")
     lab.add_argument("action", choices=["up", "down"])
     lab.add_argument("--variant", choices=["tx", "redirect"], default="tx")
@@ -196,6 +198,13 @@ def cmd_explain(path: str, a) -> int:
     return 0
 
 
+def cmd_doctor(path: str) -> int:
+    from . import doctor
+    from .config import load_config
+
+    return doctor.main(load_config(path))
+
+
 def cmd_lab(action: str, variant: str) -> int:
     from .lab import topology as lab
 
@@ -220,6 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_backend(path, args.action, args.vip, args.backend)
         if args.cmd == "explain":
             return cmd_explain(path, args)
+        if args.cmd == "doctor":
+            return cmd_doctor(path)
         if args.cmd == "lab":
             return cmd_lab(args.action, args.variant)
     except ConfigError as e:
