@@ -84,13 +84,7 @@ class Daemon:
         adopted = self.programmer.adopt() if "vips" in self.dp.adopted else 0
         self.health.seed(cfg.vips, self.programmer.installed)
         self.egress_cfg = egress_config(cfg, self.egress)
-        resolved = self._resolve(cfg, self.nl)
-        for _ in range(10):  # provoked ARP/ND usually answers within milliseconds
-            if not resolved.unresolved():
-                break
-            time.sleep(0.05)
-            resolved = self._resolve(cfg, self.nl)
-        self.apply(resolved)
+        self.apply(self._resolve(cfg, self.nl, settle=True))
         mode = attach(self.ingress.index, self.ingress.name, self.dp.prog_fd,
                       cfg.lb.xdp_mode, self.log)
         self.attached = (self.ingress.index, mode)
@@ -117,10 +111,12 @@ class Daemon:
         v = self._vip_by_name.get(vip)
         return (v is not None and v.health.type == "none") or self.health.up(vip, backend)
 
-    def _resolve(self, cfg: Config, nl: Optional[Netlink] = None) -> Nexthops:
+    def _resolve(self, cfg: Config, nl: Optional[Netlink] = None,
+                 settle: bool = False) -> Nexthops:
         """Next hops of cfg's backends (blocking: see Resolver.resolve)."""
         addrs = {b.address for v in cfg.vips for b in v.backends}
-        return self.resolver.resolve(addrs, self.egress.index, nl)
+        return (self.resolver.settled if settle else self.resolver.resolve)(
+            addrs, self.egress.index, nl)
 
     def _desired(self) -> policy.Desired:
         return policy.vip_specs(self.cfg, self._admin_of, self._up_of, self.nexthops.key_of)

@@ -14,7 +14,6 @@ import re
 import resource
 import stat
 import subprocess
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -317,13 +316,7 @@ def check_nexthops(node: Node) -> list[Finding]:
             tx = nl.interface(_tx_interface(cfg))
         except XdplbError as e:
             return [Finding("next hops", FAIL, str(e))]
-        resolver = Resolver(_Quiet())
-        hops = resolver.resolve(addrs, tx.index, nl)
-        for _ in range(10):  # provoked ARP/ND answers within milliseconds
-            if hops.complete():
-                break
-            time.sleep(0.05)
-            hops = resolver.resolve(addrs, tx.index, nl)
+        hops = Resolver(_Quiet()).settled(addrs, tx.index, nl)
     missing = sorted(str(a) for a in addrs if hops.key_of(a) not in hops.macs)
     if missing:
         return [Finding("next hops", FAIL, f"no neighbour entry for the next hop of "

@@ -22,6 +22,7 @@ from .layout import IPAddress, mac_bytes
 
 # NUD states with a usable link-layer address
 UNRESOLVED_GRACE_S = 1.0
+SETTLE_TRIES, SETTLE_S = 10, 0.05  # Resolver.settled: up to half a second
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
 
 
@@ -176,6 +177,19 @@ class Resolver:
         finally:
             if own:
                 nl.close()
+
+    def settled(self, addrs: Iterable[IPAddress], oif: int,
+                nl: Optional[Netlink] = None) -> Nexthops:
+        """resolve(), asked again while the neighbours it provoked answer (ARP/ND usually
+        within milliseconds; up to SETTLE_TRIES x SETTLE_S)."""
+        addrs = set(addrs)
+        hops = self.resolve(addrs, oif, nl)
+        for _ in range(SETTLE_TRIES):
+            if not hops.unresolved():
+                break
+            time.sleep(SETTLE_S)
+            hops = self.resolve(addrs, oif, nl)
+        return hops
 
     def _resolve(self, nl: Netlink, addrs: set, oif: int) -> Nexthops:
         macs, keys, why = {}, {}, {}
