@@ -155,7 +155,8 @@ def test_jit_clock_memlock(lab, tmp_path):
     off = tmp_path / "jit"
     off.write_text("0\n")
     assert status(lbns, cfg, doctor.check_jit, "bpf jit", jit_path=str(off)) == "fail"
-    assert status(lbns, cfg, doctor.check_jit, "bpf jit") == "ok"
+    # the sysctl exists in the initial network namespace only: read it from the test's
+    assert doctor.check_jit(doctor.Node(cfg))[0].status == "ok"
     assert status(lbns, cfg, doctor.check_clock, "clock", adjtimex=lambda: 5) == "warn"
     assert status(lbns, cfg, doctor.check_clock, "clock", adjtimex=lambda: 0) == "ok"
     old = dict(kernel="5.10.0", memlock=lambda: 64 << 10)
