@@ -61,7 +61,7 @@ LB_ADDR, BE_ADDR = "10.250.0.1", "10.250.0.2"
 BACKEND_NET = "10.251.0.0/16"
 PORT = 8080
 INTERVAL, TIMEOUT, JITTER = 1.0, 0.5, 0.1
-BATCH_S = 0.02  # lb.health.Scheduler.BATCH_S
+BATCH_S = 0.02  # lb.scheduler.Scheduler.BATCH_S
 RING = 10007  # prime > 100 x 100 backends per VIP
 
 # set per run by _names(): concurrent runs (e.g. `bench all` elsewhere) must not collide
@@ -319,7 +319,9 @@ def run_daemon(kind: str, addrs: list[str], tmp: str, window: float, rounds: int
 # --- the checker alone, in this process --------------------------------------------------------
 
 def run_checker(kind: str, addrs: list[str], tmp: str, window: float) -> dict:
-    from lb.health import Probe, Scheduler, Verdict
+    from lb.health import Probe
+    from lb.healthstate import Verdict
+    from lb.scheduler import Scheduler
 
     server = Server(tmp)
     bad: collections.Counter = collections.Counter()

@@ -10,10 +10,52 @@ admin state hides the health (a maint backend going down changes no state)."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from . import policy
-from .health import Probe, ProbeResult, Scheduler, Verdict
+from .health import Probe, ProbeResult
+from .scheduler import Scheduler
+
+
+@dataclass
+class Verdict:
+    """Health of one VIP/backend pair: down until checked (no traffic), up after `rise`
+    consecutive successes, down after `fall` consecutive failures."""
+
+    rise: int
+    fall: int
+    up: bool = False
+    checked: bool = False
+    ok_run: int = 0
+    fail_run: int = 0
+    checks: int = 0          # results recorded
+    transitions: int = 0
+    last: Optional[ProbeResult] = None
+
+    def record(self, r: ProbeResult) -> Optional[tuple[bool, bool]]:
+        """Count a result; returns (was_up, is_up) when the state flips."""
+        self.last, self.checked = r, True
+        self.checks += 1
+        if r.ok:
+            self.ok_run, self.fail_run = self.ok_run + 1, 0
+            if not self.up and self.ok_run >= self.rise:
+                self.up = True
+                self.transitions += 1
+                return False, True
+        else:
+            self.fail_run, self.ok_run = self.fail_run + 1, 0
+            if self.up and self.fail_run >= self.fall:
+                self.up = False
+                self.transitions += 1
+                return True, False
+        return None
+
+    @property
+    def run(self) -> int:
+        """Consecutive results of the current kind (successes or failures)."""
+        return self.ok_run or self.fail_run
+
 
 HEALTH_BATCH_S = 0.05  # health flips gathered into one map update
 RETRY_S = 1.0          # after a failed map update

@@ -14,6 +14,8 @@ import os
 import pytest
 
 from lb import health
+from lb import healthstate
+from lb import scheduler
 from lb.lab import netns
 
 from healthserver import HealthServer
@@ -118,7 +120,7 @@ def test_probe_identity():
 
 def _simulate(rise: int, fall: int, oks: list[bool], up: bool = False):
     """(check number, new state) of each flip a Verdict reports for the results `oks`."""
-    v = health.Verdict(rise, fall, up=up)
+    v = healthstate.Verdict(rise, fall, up=up)
     out = []
     for i, ok in enumerate(oks, start=1):
         flip = v.record(health.ProbeResult(ok, "x", 0.0))
@@ -142,7 +144,7 @@ def test_verdict_rise_fall():
     assert _simulate(2, 2, [F, F], up=True)[0] == [(2, "down")]  # seeded up (adopted)
     _, v = _simulate(2, 3, [T, T, F])
     assert v.up and v.checked and v.checks == 3 and v.fail_run == 1 and v.run == 1
-    assert health.Verdict(2, 3).checked is False  # never checked: down, no traffic
+    assert healthstate.Verdict(2, 3).checked is False  # never checked: down, no traffic
 
 
 def test_scheduler_transitions_against_servers(unit):
@@ -160,7 +162,7 @@ def test_scheduler_transitions_against_servers(unit):
     by_probe = {p: name for name, p in probes.items()}
     seen = {name: [] for name in probes}
     flips = {name: [] for name in probes}
-    verdicts = {name: health.Verdict(rise, fall) for name in probes}
+    verdicts = {name: healthstate.Verdict(rise, fall) for name in probes}
     counts0 = {name: unit[t].count() for name, t in targets.items() if t in unit}
 
     async def main():
@@ -175,7 +177,7 @@ def test_scheduler_transitions_against_servers(unit):
             if all(len(v) >= len(script) for v in seen.values()):
                 done.set()
 
-        sched = health.Scheduler(cb)
+        sched = scheduler.Scheduler(cb)
         sched.configure({p: interval for p in probes.values()})
         assert len(sched.intervals) == 5
         await asyncio.wait_for(done.wait(), 30)
@@ -204,7 +206,7 @@ def test_scheduler_jitter_and_spread():
     """First checks spread over the first 10% of the interval; each next one 90-110% of the
     interval after the previous one was due (planned times, read from the heap)."""
     async def main():
-        s = health.Scheduler(lambda p, r: None)
+        s = scheduler.Scheduler(lambda p, r: None)
         ps = {health.Probe("tcp", f"127.0.1.{i}", 9, 0.5): 10.0 for i in range(1, 201)}
         t0 = asyncio.get_running_loop().time()
         s.configure(ps)
@@ -214,7 +216,7 @@ def test_scheduler_jitter_and_spread():
     offsets = asyncio.run(main())
     assert len(offsets) == 200 and 0 <= offsets[0] and offsets[-1] <= 1.0 + 0.01
     assert offsets[-1] - offsets[0] > 0.5  # spread, not all at once
-    s = health.Scheduler(lambda p, r: None)
+    s = scheduler.Scheduler(lambda p, r: None)
     gaps = [s.interval_after(2.0) for _ in range(2000)]
     assert 1.8 <= min(gaps) < 1.85 and 2.15 < max(gaps) <= 2.2
 
@@ -235,7 +237,7 @@ def test_scheduler_survives_callback_errors_and_reconfigures(unit):
             if name[p] == "ok" and results["ok"] % 2:
                 raise RuntimeError("boom")
 
-        s = health.Scheduler(cb, on_error=lambda p, e: errors.append((p, str(e))))
+        s = scheduler.Scheduler(cb, on_error=lambda p, e: errors.append((p, str(e))))
         s.configure({p_ok: 0.05})
         while results["ok"] < 6:
             await asyncio.sleep(0.02)

@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from lb import health
+from lb import scheduler
 
 # connect() to the limited broadcast address fails at once with ENETUNREACH
 INSTANT_FAIL = "255.255.255.255"
@@ -83,7 +84,7 @@ def test_instant_connect_failure_does_not_delay_other_checks(accepting):
         good = {health.Probe("tcp", "127.0.0.1", accepting.port, 0.5 + i / 100): f"good{i}"
                 for i in range(5)}
         names = {bad: "bad", **good}
-        s = health.Scheduler(lambda p, r: order.append((names[p], r.ok)))
+        s = scheduler.Scheduler(lambda p, r: order.append((names[p], r.ok)))
         # the failing probe first (now), the others 90% into the first-check window
         firsts = iter([0.0] + [0.9] * len(good))
         s._rand = lambda: next(firsts, None) or random.random()
@@ -118,7 +119,7 @@ def test_descriptor_shortage_is_a_fault_of_the_checker_not_a_verdict(accepting):
 
     async def main() -> int:
         p = health.Probe("tcp", "127.0.0.1", accepting.port, 0.5)
-        s = health.Scheduler(lambda p, r: results.append(r), on_fault=faults.append)
+        s = scheduler.Scheduler(lambda p, r: results.append(r), on_fault=faults.append)
         s.configure({p: 0.05})  # the checker's own descriptors exist from here
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         hog: list[int] = []
