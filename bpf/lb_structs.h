@@ -56,7 +56,9 @@ struct backend {
 	__u32 addr[4];
 	__u8 family;
 	__u8 pad0;
-	__u16 gen;        /* bumped each time the backend stops keeping flows */
+	__u16 gen;        /* bumped each time the backend stops keeping flows or its id is
+			   * released; a released entry (AF_NONE, no flags) keeps it, so the
+			   * id's next user, even after a restart, is in a new generation */
 	__u32 flags;
 	__u32 vip_id;
 	__u32 nexthop_id; /* into `nexthops`; 0 (or an all-zero MAC) = unresolved: drop */

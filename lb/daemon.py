@@ -81,7 +81,9 @@ class Daemon:
         for name, why in self.dp.replaced.items():
             self.log.warning("pinned_map_replaced", map=name, reason=why)
         self.programmer = Programmer(self.dp, keep_rings=False)
-        adopted = self.programmer.adopt() if "vips" in self.dp.adopted else 0
+        # adopted backends carry generations even when their VIPs are gone
+        adopted = (self.programmer.adopt() if {"vips", "backends"} & set(self.dp.adopted)
+                   else 0)
         self.health.seed(cfg.vips, self.programmer.installed)
         self.egress_cfg = egress_config(cfg, self.egress)
         self.apply(self._resolve(cfg, self.nl, settle=True))

@@ -142,6 +142,9 @@ class Datapath:
                 continue
             with Map.from_fd(self.pins.get(name)) as old:
                 why = misfit(name, old, self.skel.map_spec(name), self.limits)
+                if not why and name == "flows" and "backends" not in self.adopted:
+                    # entries name backend ids and generations that only `backends` knew
+                    why = "backends not adopted"
                 if why:
                     self.replaced[name] = why
                     self.pins.clear(name)
@@ -216,9 +219,13 @@ class Datapath:
         b.nexthop_id = nexthop_id
         self._write_backend(bid, bytes(b))
 
-    def clear_backend(self, bid: int) -> None:
-        """Zero the entry: flows still pointing here are moved by the data path."""
-        self._write_backend(bid, bytes(ctypes.sizeof(layout.Backend)))
+    def clear_backend(self, bid: int, gen: int = 0) -> None:
+        """Release the entry (family AF_NONE, no flags: flows still pointing here are moved
+        by the data path), keeping only its generation `gen`: the pinned map carries it
+        across restarts, so the id's next user starts in a generation of its own."""
+        b = layout.Backend()
+        b.gen = gen & 0xFFFF
+        self._write_backend(bid, bytes(b))
 
     def _write_backend(self, bid: int, entry: bytes) -> None:
         """The entry into every CPU's copy (each a single memcpy; the counters beside it
@@ -242,6 +249,14 @@ class Datapath:
             b = self.backend(bid)
             if b.family != layout.AF_NONE:
                 yield bid, layout.backend_entry(b)
+
+    def released_generations(self) -> Iterator[tuple[int, int]]:
+        """(backend id, generation) of every released entry that keeps one (see
+        clear_backend)."""
+        for bid in range(1, self.limits.max_backends):
+            b = self.backend(bid)
+            if b.family == layout.AF_NONE and b.gen:
+                yield bid, b.gen
 
     # --- rings ---------------------------------------------------------------------
     def install_rings(self, rings: list[tuple[int, array.array]], chunk: int = 256) -> None:

@@ -321,16 +321,20 @@ class Programmer:
     def _remove_backend(self, removal: tuple[int, int]) -> None:
         """A backend leaves a VIP that stays: its counts stay in the VIP's total."""
         bid, vip_id = removal
-        self.dp.clear_backend(bid)
+        self._clear_backend(bid)
         self.dp.retire_backend_counters(bid, vip_id)
         self._free_backend(bid)
 
     def _release_backend(self, bid: int) -> None:
-        self.dp.clear_backend(bid)
+        self._clear_backend(bid)
         self._free_backend(bid)
 
+    def _clear_backend(self, bid: int) -> None:
+        # its reuse starts anew; the released entry keeps the generation for adopt()
+        self._gen[bid] = _next_gen(self._gen.get(bid, 0))
+        self.dp.clear_backend(bid, self._gen[bid])
+
     def _free_backend(self, bid: int) -> None:
-        self._gen[bid] = _next_gen(self._gen.get(bid, 0))  # its reuse starts anew
         self._free_be.append(bid)
 
     def _release_vip(self, cur: _VipRecord) -> None:
@@ -360,8 +364,13 @@ class Programmer:
                                 ring_size=len(ring) if ring is not None else 0)
             self._vips[ident] = by_id[e.vip_id] = cur
         used_be, used_nh = set(), set()
+        self._gen.update(dp.released_generations())
         for bid, b in dp.backend_entries():
             if b.vip_id not in by_id:
+                # left behind by a VIP that is gone (an instance killed mid-release):
+                # released now, as it would have been
+                self._gen[bid] = _next_gen(b.gen)
+                dp.clear_backend(bid, self._gen[bid])
                 continue
             cur = by_id[b.vip_id]
             cur.bids[b.addr] = bid

@@ -223,8 +223,10 @@ class LbEnv:
     """One loaded data path, programmed through lb.programmer."""
 
     def __init__(self, limits: Limits = Limits(max_vips=64, max_backends=1024,
-                                                max_nexthops=256, flow_table_size=4096)):
-        self.dp = Datapath(limits)
+                                                max_nexthops=256, flow_table_size=4096),
+                 pin_dir: Optional[str] = None):
+        self.limits, self.pin_dir = limits, pin_dir
+        self.dp = Datapath(limits, pin_dir=pin_dir)
         self.programmer = Programmer(self.dp)
         self.specs: list[VipSpec] = []
         self.macs: dict[str, bytes] = {}
@@ -233,6 +235,17 @@ class LbEnv:
 
     def close(self) -> None:
         self.dp.close()
+
+    def restart(self) -> None:
+        """What a daemon restart does: a new data path adopting the maps pinned in
+        pin_dir (its own flow cache starts empty), a new programmer rebuilt from them."""
+        assert self.pin_dir, "restart needs pin_dir"
+        self.dp.close()
+        self.dp = Datapath(self.limits, pin_dir=self.pin_dir)
+        assert "backends" in self.dp.adopted and "flows" in self.dp.adopted, self.dp.replaced
+        self.programmer = Programmer(self.dp)
+        self.programmer.adopt()
+        self._ring_cache = {}
 
     # -- programming
     def configure(self, **over) -> None:
