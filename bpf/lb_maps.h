@@ -113,8 +113,20 @@ struct {
 	__type(value, struct flow_rate);
 } too_big_rate SEC(".maps");
 
-/* Slots per CPU - 1 (a power of two - 1), set between open and load. */
+/* Slots per CPU - 1 (a power of two - 1), and the number of CPU ranges (possible
+ * CPUs), set between open and load. */
 const volatile __u32 flow_cache_mask = LB_FLOW_CACHE_SLOTS - 1;
+const volatile __u32 flow_cache_cpus = 1;
+
+/* One sequence number per flow-cache index (shared by all CPUs): bumped by every write
+ * of a `flows` entry whose key has that index, so a CPU that filled its cache slot from
+ * the table while a write was under way can tell (see flowcache.h). Not pinned. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_FLOW_CACHE_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} flow_seq SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -99,7 +99,7 @@ struct flow_val {
 struct flow_cache_slot {
 	struct flow_key key;
 	struct flow_val val;
-	__u64 pad;
+	__u64 pad; /* also what a fill's locked add (a barrier) targets, see flowcache.h */
 };
 
 enum lb_encap {

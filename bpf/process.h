@@ -10,6 +10,7 @@
 #include "select.h"
 #include "encap.h"
 #include "flowkey.h"
+#include "flowcache.h"
 #include "verdict.h"
 #include "ratelimit.h"
 #include "icmp_answer.h"
@@ -94,15 +95,6 @@ static __always_inline struct backend *entry_backend(const struct flow_val *fv)
 	return NULL;
 }
 
-static __always_inline void cache_fill(struct flow_cache_slot *cs, const struct flow_key *fk,
-				       const struct flow_val *fv)
-{
-	if (cs) {
-		__builtin_memcpy(&cs->key, fk, sizeof(*fk));
-		cs->val = *fv;
-	}
-}
-
 /* May this CPU add one more entry to the connection table now? With a limit set, at
  * most lb_config.flow_insert_limit per one-second window (coarse clock; the window
  * restarts on the first new flow after it ends). Beyond that a new flow still goes
@@ -115,7 +107,7 @@ static __always_inline int flow_insert_allowed(const struct lb_config *cfg)
 
 /* A new flow (or one whose entry may not be honoured: moved): the VIP decides. No VIP ->
  * pass; else the ring picks a backend and the entry is (re)written, within the insert
- * limit. */
+ * limit, and no other CPU's cache keeps the entry it replaced. */
 static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 				       const struct lb_config *cfg, const struct flow_key *fk,
 				       const struct encap_info *ei, __u32 frame_len,
@@ -124,7 +116,7 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 	struct vip_meta *vm = vip_of_flow(fk);
 	struct flow_val nv = {};
 	struct backend *be;
-	__u32 id, hash;
+	__u32 id, hash, idx, *seq, seen;
 
 	if (!vm)
 		return verdict_pass(g);
@@ -138,8 +130,11 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 	nv.hash = hash;
 	nv.gen = be->gen;
 	if (flow_insert_allowed(cfg)) {
+		idx = flow_cache_index(fk) & flow_cache_mask;
+		seq = flow_seq_of(idx);
+		seen = seq_read(seq);
 		bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
-		cache_fill(cs, fk, &nv);
+		cache_publish(cs, fk, &nv, idx, seq, seen);
 	} else {
 		/* packets forwarded without an entry: every packet of such a flow counts */
 		g->c[ST_FLOW_INSERT_LIMITED]++;
@@ -163,8 +158,8 @@ static __always_inline int touch_due(__u64 rx)
  * Otherwise the VIP decides: no VIP -> pass; else the ring picks a backend and the entry
  * is (re)written (lb_new_flow). A per-CPU direct-mapped cache of entries is asked before
  * the table: a slot with this flow's key and a still-valid entry saves the hash-table
- * lookup. It only holds what `flows` held for that key on this CPU, and is checked like a
- * `flows` entry, so a moved flow (maint/down) is never kept on its old backend by it. */
+ * lookup. It only holds what `flows` holds for that key (flowcache.h), and is checked
+ * like a `flows` entry, so a moved flow (maint/down) is never kept on its old backend. */
 static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 				   const struct flow_key *fk, const struct encap_info *ei,
 				   __u32 frame_len, int syn)
@@ -175,6 +170,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 	struct lb_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct flow_val *fv = NULL;
 	struct backend *be;
+	__u32 *seq, seen;
 
 	if (!cfg) /* cannot happen (an array's one entry); the verifier wants the check */
 		return verdict_pass(g);
@@ -182,8 +178,8 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 	 * and the table (two cache misses on a new flow) and overwrites whatever entry an
 	 * earlier connection with the same 5-tuple left. Its retransmissions land on the
 	 * same backend unless the ring changed in between; then the newer entry wins, and
-	 * the rest of the connection follows it. (Another CPU's cache may still hold the old
-	 * entry: like the per-CPU tables, this counts on RSS keeping a flow on one CPU.) A
+	 * the rest of the connection follows it, on every CPU (lb_new_flow empties other
+	 * CPUs' cached copies of the old entry). A
 	 * SYN over flow_insert_limit skips them too, as in Katran: under a flood the lookup
 	 * would triple the cost of every flood SYN; the price is that a new connection
 	 * reusing the 5-tuple of a remembered one, after a ring change, is split between the
@@ -199,11 +195,15 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 				return forward(ctx, g, cfg, be, cs->val.hash, ei, frame_len);
 			}
 		}
+		/* computed again, not kept from above: keeping it live spilled registers on the
+		 * hit path */
+		seq = flow_seq_of(flow_cache_index(fk) & flow_cache_mask);
+		seen = seq_read(seq);
 		fv = bpf_map_lookup_elem(&flows, fk);
 		if (fv) {
 			be = entry_backend(fv);
 			if (be) {
-				cache_fill(cs, fk, fv);
+				cache_fill_checked(cs, fk, fv, seq, seen);
 				g->c[ST_FLOW_HIT]++;
 				return forward(ctx, g, cfg, be, fv->hash, ei, frame_len);
 			}

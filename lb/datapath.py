@@ -97,7 +97,9 @@ class Datapath:
             if slots < 1 or slots & (slots - 1):
                 raise ValueError(f"flow_cache_slots must be a power of two, not {slots}")
             self.skel.set_max_entries("flow_cache", slots * self.ncpus)  # a range per CPU
+            self.skel.set_max_entries("flow_seq", slots)  # shared by the CPUs' ranges
             self.skel.rodata.flow_cache_mask = slots - 1
+            self.skel.rodata.flow_cache_cpus = self.ncpus
             if pin_dir:
                 self.pins = PinDir(pin_dir)
                 self._adopt_pins()
