@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from lb import layout as L
 from lb.datapath import Datapath, Limits
 from lb.programmer import VipSpec
 
@@ -92,5 +93,29 @@ def test_flows_are_adopted_only_with_backends(pin_dir):
                                  flow_table_size=4096), pin_dir=pin_dir)
         assert "backends" in env.dp.replaced and "flows" in env.dp.replaced
         assert env.flow_count() == 0
+    finally:
+        env.close()
+
+
+def test_backends_of_a_vip_gone_before_their_release_start_a_new_generation(pin_dir):
+    """An instance killed between deleting a VIP and releasing its backends leaves their
+    entries behind; the next one releases them in a new generation, so the VIP's old flow
+    entries are not honoured for the backends that get those ids next."""
+    limits = Limits(max_vips=8, max_backends=4, max_nexthops=16, flow_table_size=4096)
+    s0 = vip(["10.33.0.1", "10.33.0.2", "10.33.0.3"])
+    s1 = vip(["10.33.0.7", "10.33.0.8", "10.33.0.9"])
+    env = LbEnv(limits, pin_dir=pin_dir)
+    try:
+        env.apply([s0])
+        flows = rand_flows(200, s0, 33)
+        establish(env, s0, flows)
+        env.dp.delete_vip(L.vip_key(*s0.ident))  # the kill: VIP gone, backends not released
+        env.restart()
+        env.apply([s1])
+        assert sorted(env.vip_state(s1).backends.values()) == [1, 2, 3]
+        got, d = resend(env, flows)
+        assert_globals(d.glob, {"rx": 200, "tx": 200, "flow_moved": 200})
+        ring1 = env.ring(s1)
+        assert all(got[f] == ("tx", env.expect(f, ring1).backend.address) for f in flows)
     finally:
         env.close()
