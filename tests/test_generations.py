@@ -8,7 +8,6 @@ import os
 
 import pytest
 
-from lb import layout as L
 from lb.datapath import Datapath, Limits
 from lb.programmer import VipSpec
 
@@ -109,7 +108,7 @@ def test_backends_of_a_vip_gone_before_their_release_start_a_new_generation(pin_
         env.apply([s0])
         flows = rand_flows(200, s0, 33)
         establish(env, s0, flows)
-        env.dp.delete_vip(L.vip_key(*s0.ident))  # the kill: VIP gone, backends not released
+        env.dp.delete_vip(*s0.ident)  # the kill: VIP gone, backends not released
         env.restart()
         env.apply([s1])
         assert sorted(env.vip_state(s1).backends.values()) == [1, 2, 3]
