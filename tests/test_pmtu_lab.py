@@ -127,9 +127,11 @@ def test_large_request_and_upload_through_the_vip(lab, daemon, fam):
     resp = netns.run_in(lab.client, _http, vip, 10, body, timeout=60)
     name, length = resp.split(b"\r\n\r\n", 1)[1].split()
     assert name.decode() in names and int(length) == len(body), resp[:200]
-    # the client learned the MTU that fits from our answers
-    assert route_mtu(lab.client, vip) == LINK_MTU - OVERHEAD[(encap, fam)]
+    # the client learned the MTU that fits from our answers: they were sent, and a PMTU
+    # exception still cached names that MTU (a full run once found the IPv6 one already
+    # gone with both transfers done: its absence alone proves nothing)
     assert d.stats()["global"]["too_big_answered"] > before
+    assert route_mtu(lab.client, vip) in (None, LINK_MTU - OVERHEAD[(encap, fam)])
 
 
 def _udp_flow(vip: str) -> tuple[str, int]:
