@@ -105,6 +105,19 @@ def test_egress_goes_through_apply(dp, monkeypatch):
         prog.apply([], MAC, egress=EgressConfig(tx_mode=layout.TX_REDIRECT))
 
 
+def reshaped(s: VipSpec) -> tuple[VipSpec, VipSpec]:
+    """s with one backend demoted, one released and one joining, the ring resized; and a
+    second VIP."""
+    b = s.backends
+    changed = VipSpec(s.address, s.port, s.proto,
+                      (b[0], BackendSpec(b[1].address, in_ring=False, keep_flows=False,
+                                         nexthop="gw"),
+                       BackendSpec(A("10.1.0.99"), nexthop="gw")), ring_size=4111)
+    other = VipSpec(A("192.0.2.11"), 53, 17, (BackendSpec(A("10.1.0.50"), nexthop="gw"),),
+                    ring_size=13)
+    return changed, other
+
+
 def test_writes_follow_the_documented_order(dp, monkeypatch):
     """Gains, rings, VIP entries, addresses, then demotions and releases."""
     prog = Programmer(dp)
@@ -116,12 +129,7 @@ def test_writes_follow_the_documented_order(dp, monkeypatch):
     # one backend stops keeping flows (a demotion), one leaves (a release), one joins (a
     # gain); the ring changes size (a new slot, the old one released); a second VIP comes
     b = s.backends
-    changed = VipSpec(s.address, s.port, s.proto,
-                      (b[0], BackendSpec(b[1].address, in_ring=False, keep_flows=False,
-                                         nexthop="gw"),
-                       BackendSpec(A("10.1.0.99"), nexthop="gw")), ring_size=4111)
-    other = VipSpec(A("192.0.2.11"), 53, 17, (BackendSpec(A("10.1.0.50"), nexthop="gw"),),
-                    ring_size=13)
+    changed, other = reshaped(s)
     rep = prog.apply([changed, other], MAC)
     assert (rep.backends_added, rep.backends_removed, rep.rings_swapped) == (2, 1, 2)
     assert calls == ["set_backend", "set_backend",  # the joining backends
@@ -163,13 +171,7 @@ def test_apply_after_one_that_raised_repairs_the_maps(dp, monkeypatch, method):
     what is missing, and no id is lost (40 rounds fit in 8 VIP and 64 backend ids)."""
     prog = Programmer(dp)
     s = spec(4099, n=3)
-    b = s.backends
-    changed = VipSpec(s.address, s.port, s.proto,
-                      (b[0], BackendSpec(b[1].address, in_ring=False, keep_flows=False,
-                                         nexthop="gw"),
-                       BackendSpec(A("10.1.0.99"), nexthop="gw")), ring_size=4111)
-    other = VipSpec(A("192.0.2.11"), 53, 17, (BackendSpec(A("10.1.0.50"), nexthop="gw"),),
-                    ring_size=13)
+    changed, other = reshaped(s)
     real = getattr(dp, method)
     for _ in range(40):
         prog.apply([s, other], MAC)
