@@ -12,6 +12,18 @@ import time
 from lb.lab import netns
 
 
+def read_request(conn: socket.socket) -> bytes:
+    """An HTTP request's head (up to the blank line, or what came before the peer closed)."""
+    conn.settimeout(2)
+    req = b""
+    while b"\r\n\r\n" not in req:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        req += chunk
+    return req
+
+
 class HealthServer:
     """A TCP listener in namespace `ns` on (addr, port), served by a thread of this process.
     Each accepted connection takes the next entry of `script`, else `mode`:
@@ -95,14 +107,7 @@ class HealthServer:
             self.hung.append(conn)
             return
         conn.setblocking(True)
-        conn.settimeout(2)
-        req = b""
-        while b"\r\n\r\n" not in req:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            req += chunk
-        self.requests.append(req)
+        self.requests.append(read_request(conn))
         if what == "close":
             pass
         elif what == "garbage":

@@ -16,6 +16,8 @@ import pytest
 from lb import health
 from lb import scheduler
 
+from healthserver import read_request
+
 # connect() to the limited broadcast address fails at once with ENETUNREACH
 INSTANT_FAIL = "255.255.255.255"
 
@@ -46,16 +48,6 @@ class Server:
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
         self.thread.join(2)
-
-
-def read_request(conn: socket.socket) -> None:
-    conn.settimeout(2)
-    req = b""
-    while b"\r\n\r\n" not in req:
-        chunk = conn.recv(4096)
-        if not chunk:
-            return
-        req += chunk
 
 
 def status_then_close(conn: socket.socket) -> None:
