@@ -54,7 +54,7 @@ import tempfile
 import time
 
 from lb.control import NoInstance
-from lb.lab import netns
+from lb.lab import namespaces, netns
 from lb.lab.instance import Instance, RunFiles
 
 LB_ADDR, BE_ADDR = "10.250.0.1", "10.250.0.2"
@@ -71,7 +71,7 @@ FILES = RunFiles("bench-health")
 
 def _names() -> None:
     global NS_LB, NS_BE, FILES
-    NS_LB, NS_BE = netns.unique_name("xhbl"), netns.unique_name("xhbb")
+    NS_LB, NS_BE = namespaces.unique_name("xhbl"), namespaces.unique_name("xhbb")
     FILES = RunFiles(f"bench-health-{os.getpid()}")
 
 
@@ -160,7 +160,7 @@ def topology_up() -> None:
 
 def topology_down() -> None:
     for ns in (NS_LB, NS_BE):
-        netns.remove(ns)
+        namespaces.remove(ns)
 
 
 def napi_threaded(on: bool) -> None:
@@ -203,7 +203,7 @@ def _napi_threads_cpu() -> float:
 class Server:
     def __init__(self, tmp: str):
         self.out = tempfile.mktemp(prefix="arrivals-", suffix=".json", dir=tmp)
-        self.proc = netns.spawn_in(NS_BE, [sys.executable, "-m", "bench.health", "--serve",
+        self.proc = namespaces.spawn_in(NS_BE, [sys.executable, "-m", "bench.health", "--serve",
                                        str(PORT), self.out])
         deadline = time.monotonic() + 20
         while not os.path.exists(self.out + ".ready"):
@@ -354,7 +354,7 @@ def run_checker(kind: str, addrs: list[str], tmp: str, window: float) -> dict:
                 "checks_per_s": round((n1 - n0) / (t1 - t0), 1), "backends_up": up,
                 "_window": (t0, t1)}
     try:
-        with netns.entered(NS_LB):
+        with namespaces.entered(NS_LB):
             r = asyncio.run(main())
     finally:
         arrivals = server.stop()

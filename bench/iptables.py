@@ -240,7 +240,7 @@ def _sweep(lab: PktLab, lbs: LbSetup, services, rounds, duration, size, endpoint
     # iptables runs are up to 100x slower: fewer frames, the same time
     ipt_runner = Runner(lab, None, cpu, batch=batch, duration=duration, count=count,
                         min_count=min(small, 4_000), probe_count=min(small, 4_000))
-    floor_fd, pass_fd = lab.prog("bench_floor"), lab.prog("xdp_pass")
+    floor_fd, pass_fd = lab.prog("bench_floor"), lab.pass_fd
     lbs.configure(layout.ENCAP_IPIP, layout.TX_XDP_TX)
     lbs.apply(xdplb_services(services[0], endpoints))
     fill = lbs.fill_flow_table(runner)

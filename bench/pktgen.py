@@ -105,7 +105,7 @@ def run_cases(lab: PktLab, lbs: LbSetup, cases: Sequence[Case], rounds: int = 3,
               quiet: bool = True, count: int = 0) -> dict:
     """Every case `rounds` times, each right after a floor measurement with the same
     traffic (and, for stack-baseline cases, a run of the reference program too)."""
-    floor_fd, pass_fd = lab.prog("bench_floor"), lab.prog("xdp_pass")
+    floor_fd, pass_fd = lab.prog("bench_floor"), lab.pass_fd
     runners: dict[int, Runner] = {}
 
     def runner(threads: int) -> Runner:

@@ -26,7 +26,8 @@ import time
 from typing import Optional, Sequence
 
 from lb import native
-from lb.lab import netns
+from lb.lab import namespaces, netns
+from lb.lab.decap import load_decap
 
 from . import frames
 from .benchobj import B_FLOOR_TX, B_GEN, B_SINK_BYTES, B_SINK_PKTS, BenchObject
@@ -53,6 +54,7 @@ class PktLab:
         self.queues = queues or os.cpu_count() or 1
         self.ns: dict[str, netns.Netns] = {}
         self.bench: Optional[BenchObject] = None
+        self.decap: Optional[native.Skeleton] = None  # its xdp_pass: see pass_fd
         self.on_l0: Optional[str] = None
 
     # --- lifetime ----------------------------------------------------------------
@@ -66,7 +68,7 @@ class PktLab:
 
     def _up(self) -> None:
         for role in ("g", "l", "s"):
-            ns = netns.Netns(netns.unique_name(f"{self.prefix}{role}"))
+            ns = netns.Netns(namespaces.unique_name(f"{self.prefix}{role}"))
             self.ns[role] = ns
             for k in ("all", "default"):
                 ns.sysctl(f"net.ipv6.conf.{k}.disable_ipv6", 1)
@@ -83,6 +85,7 @@ class PktLab:
         for net in (BACKEND_NET4, OTHER_NET):
             lb.add_route(net, via=SINK_GW)
         self.bench = BenchObject()
+        self.decap = load_decap()
         self.gen_fd = self.bench.prog_fd("bench_gen")
         g.xdp_attach("g0", self.bench.prog_fd("bench_sink"), "native")
         s.xdp_attach("s0", self.bench.prog_fd("bench_sink"), "native")
@@ -95,6 +98,9 @@ class PktLab:
         if self.bench is not None:
             self.bench.close()
             self.bench = None
+        if self.decap is not None:
+            self.decap.close()
+            self.decap = None
 
     def __enter__(self) -> "PktLab":
         return self.up()
@@ -115,6 +121,11 @@ class PktLab:
 
     def prog(self, name: str) -> int:
         return self.bench.prog_fd(name)
+
+    @property
+    def pass_fd(self) -> int:
+        """lb.lab.decap's xdp_pass (XDP_PASS only): the reference program on l0."""
+        return self.decap.prog_fd("xdp_pass")
 
     # --- generator -------------------------------------------------------------------
     def set_traffic(self, t: Traffic) -> bytes:

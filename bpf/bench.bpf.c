@@ -10,9 +10,9 @@
  *                 With map `bench_gen_cfg` set (frame_len != 0) it writes frames of
  *                 any length, varies up to 4 big-endian 16-bit fields per frame
  *                 (base + (run / div) % mod [+ cpu * cpu_step]) and keeps the IPv4
- *                 header and TCP/UDP checksums valid (bench/pktgen.py).
+ *                 header and TCP/UDP checksums valid (configured by bench/traffic.py,
+ *                 run by bench/pktlab.py).
  *  bench_sink     counts what arrives and drops it.
- *  xdp_pass       XDP_PASS only: lets a veth peer receive XDP_TX/REDIRECT frames.
  *  bench_ops      calibration: `count` repetitions of one primitive (helper call, hash
  *                 lookup, LRU hash lookup, array lookup, adjust_head pair), chosen in map
  *                 `bench_ops_cfg`, so the cost of each primitive on this machine can be
@@ -128,7 +128,7 @@ int bench_floor(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
-/* --- flow generator (bench/pktgen.py) -------------------------------------------
+/* --- flow generator (bench/traffic.py: its config; bench/pktlab.py: runs it) ----
  * Live-frame pages are recycled without their contents being restored, and the program
  * under test rewrites the frames it receives, so every frame gets the whole template. */
 #define GEN_FIELDS 4
@@ -260,12 +260,6 @@ int bench_sink(struct xdp_md *ctx)
 	bump(B_SINK_PKTS, 1);
 	bump(B_SINK_BYTES, ctx->data_end - ctx->data);
 	return XDP_DROP;
-}
-
-SEC("xdp")
-int xdp_pass(struct xdp_md *ctx)
-{
-	return XDP_PASS;
 }
 
 /* --- calibration ------------------------------------------------------------------ */

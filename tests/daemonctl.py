@@ -10,8 +10,9 @@ import subprocess
 import sys
 from typing import Optional
 
-from lb import datapath, layout
+from lb import datapath, layout, maglev
 from lb.native import Map
+from lb.specs import backend_key
 
 
 FAST_HTTP_HEALTH = {"type": '"http"', "path": '"/healthz"', "interval": 0.5, "timeout": 0.4,
@@ -56,3 +57,12 @@ def pinned_ring(pin: str, vip_addr: str, port: int, proto: int) -> list:
             names[bid] = (str(layout.words_addr(b.addr, b.family))
                           if b is not None and b.family != layout.AF_NONE else None)
     return [names[bid] for bid in ids]
+
+
+def expected_ring(addresses, m: int) -> list:
+    """The Maglev ring of m slots (as backend addresses) that backends `addresses` get."""
+    if not addresses:
+        return [None] * m
+    addrs = sorted((ipaddress.ip_address(a) for a in addresses), key=backend_key)
+    table = maglev.build_reference([maglev.Slotholder(backend_key(a)) for a in addrs], m)
+    return [str(addrs[i]) for i in table]

@@ -19,7 +19,7 @@ from lb import maglev
 from lb.config import load_config
 from lb.control import NoInstance, request
 from lb.flowhash import flow_hash
-from lb.lab import netns, topology
+from lb.lab import namespaces, netns, topology
 from lb.lab.instance import Instance, RunFiles
 from lb.specs import backend_key
 
@@ -65,7 +65,7 @@ class E2ELab(topology.Lab):
             return p
 
     def sock(self, family: int, kind: int) -> socket.socket:
-        with netns.entered(self.client):
+        with namespaces.entered(self.client):
             return socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, kind)
 
     def src(self, family: int) -> str:
@@ -140,7 +140,7 @@ class Setup:
         if fresh:
             self._clean()
             self.write(self.conf)
-        n = len(self.read_events())
+        n = self.mark()
         d = Instance(self.lab.lb, self.cfgpath, self.logpath)
         self.daemons.append(d)
         ev = d.wait("datapath_attached", after=n, timeout=WAIT)
@@ -155,6 +155,10 @@ class Setup:
     # log events (log_format json: one object per line)
     def read_events(self) -> list[dict]:
         return self.daemons[-1].events() if self.daemons else []
+
+    def mark(self) -> int:
+        """The index the next event will have (see Instance.mark)."""
+        return self.daemons[-1].mark() if self.daemons else 0
 
     def wait_event(self, name, after: int, timeout: float = WAIT) -> dict:
         return self.daemons[-1].wait(name, after, timeout)
@@ -177,7 +181,7 @@ class Setup:
                 f.write('\n[[vip]]\nname = 1\n')
         else:
             self.write(conf)
-        n = len(self.read_events())
+        n = self.mark()
         self.proc.send_signal(signal.SIGHUP)
         ev = self.wait_event(("config_reloaded", "config_rejected"), after=n)
         if broken:

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from lb.lab import netns
+from lb.lab import namespaces
 
 
 def read_request(conn: socket.socket) -> bytes:
@@ -50,7 +50,7 @@ class HealthServer:
 
     def _listen(self) -> None:
         fam = socket.AF_INET6 if ":" in self.addr else socket.AF_INET
-        with netns.entered(self.ns):
+        with namespaces.entered(self.ns):
             s = socket.socket(fam, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((self.addr, self.port))

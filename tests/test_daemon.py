@@ -15,12 +15,11 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lb import layout, maglev
+from lb import layout
 from lb.datapath import MAP_NAMES
-from lb.lab import netns, topology
+from lb.lab import namespaces, netns, topology
 from lb.lab.instance import Instance, RunFiles
 from lb.native import Map
-from lb.specs import backend_key
 
 import daemonctl
 import traffic
@@ -83,15 +82,8 @@ def http(n: int, host: str = topology.VIP4) -> tuple[collections.Counter, int]:
 udp_from_ports = functools.partial(traffic.udp_from_ports, LAB)
 
 
-def ring_addresses(vip_addr: str, port: int, proto: int) -> list:
-    return daemonctl.pinned_ring(PIN, vip_addr, port, proto)
-
-
-def expected_ring(addresses: list[str], m: int = 65537) -> list[str]:
-    import ipaddress
-    addrs = sorted((ipaddress.ip_address(a) for a in addresses), key=backend_key)
-    table = maglev.build_reference([maglev.Slotholder(backend_key(a)) for a in addrs], m)
-    return [str(addrs[i]) for i in table]
+def expected_ring(addresses: list[str]) -> list[str]:
+    return daemonctl.expected_ring(addresses, 65537)
 
 
 def restore_config(tmp, cfg: str, d: Instance) -> None:
@@ -168,7 +160,7 @@ def test_admin_state_survives_reload(env):
         {"vip": "web", "backend": "10.200.0.11", "state": "drain"}]
     got, _ = http(30)
     assert got.get("xt-be1", 0) == 0
-    n = len(d.events())
+    n = d.mark()
     d.proc.send_signal(signal.SIGHUP)
     d.wait("config_reloaded", after=n)
     assert states(stats(cfg), "web")["10.200.0.11"] == "drain"
@@ -180,41 +172,42 @@ def test_admin_state_survives_reload(env):
 def test_reload_changes_only_expected_slots(env):
     tmp, cfg, d = env
     all3 = ["10.200.0.11", "10.200.0.12", "10.200.0.13"]
-    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring(all3)
-    udp_before = ring_addresses(topology.VIP4, topology.UDP_PORT, 17)
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, 80, 6) == expected_ring(all3)
+    udp_before = daemonctl.pinned_ring(PIN, topology.VIP4, topology.UDP_PORT, 17)
 
     # remove one backend: the ring equals the reference for the two others, and only
     # slots of the removed backend (plus Maglev's small extra) moved
     os.replace(_config(tmp, web_backends=all3[:2], name="next.toml"), cfg)
-    n = len(d.events())
+    n = d.mark()
     d.proc.send_signal(signal.SIGHUP)
     ev = d.wait("config_reloaded", after=n)
     assert ev["backends_removed"] == 1 and ev["rings_swapped"] == 1
-    after = ring_addresses(topology.VIP4, 80, 6)
+    after = daemonctl.pinned_ring(PIN, topology.VIP4, 80, 6)
     assert after == expected_ring(all3[:2])
-    assert ring_addresses(topology.VIP4, topology.UDP_PORT, 17) == udp_before  # untouched VIP
+    # the other VIP is untouched
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, topology.UDP_PORT, 17) == udp_before
 
     # a broken config changes nothing
     good = open(cfg).read()
     open(cfg, "w").write(good + "\n[[vip]]\nname = 1\n")
-    n = len(d.events())
+    n = d.mark()
     d.proc.send_signal(signal.SIGHUP)
     ev = d.wait("config_rejected", after=n)
     assert "name" in ev["error"]
-    assert ring_addresses(topology.VIP4, 80, 6) == after
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, 80, 6) == after
     got, failed = http(20)
     assert failed == 0 and got.get("xt-be3", 0) == 0
 
     # add it back
     os.replace(_config(tmp, name="next.toml"), cfg)
-    n = len(d.events())
+    n = d.mark()
     d.proc.send_signal(signal.SIGHUP)
     ev = d.wait("config_reloaded", after=n)
     assert ev["backends_added"] == 1
     # a backend new to the VIP starts down: no slots until it passes `rise` checks
-    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring(all3[:2])
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, 80, 6) == expected_ring(all3[:2])
     wait_all_active(cfg)
-    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring(all3)
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, 80, 6) == expected_ring(all3)
 
 
 def test_sigkill_keeps_forwarding_and_restart_adopts(env):
@@ -246,7 +239,7 @@ def test_prometheus_metrics(env):
     def scrape():
         import urllib.request
         return urllib.request.urlopen("http://127.0.0.1:19733/metrics", timeout=5).read()
-    text = netns.run_in(LAB.lb, scrape).decode()
+    text = namespaces.run_in(LAB.lb, scrape).decode()
     assert '# TYPE xdplb_packets_total counter' in text
     # label order is the exposition library's (sorted): compare parsed samples
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -335,7 +328,7 @@ def test_burst_of_sighups_ends_on_the_last_file(env):
     assert seen >= 1
     assert not d.events("config_rejected", after=n)
     wait_all_active(cfg)  # backends the burst re-added pass their checks first
-    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring(all3[:2])
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, 80, 6) == expected_ring(all3[:2])
     restore_config(tmp, cfg, d)
 
 
@@ -355,7 +348,7 @@ def test_flow_insert_limit_reaches_the_datapath_on_sighup(env):
             "[lb]\n", f"[lb]\nflow_insert_limit = {limit}\n", 1)
         (tmp / "next.toml").write_text(text)
         os.replace(tmp / "next.toml", cfg)
-        n = len(d.events())
+        n = d.mark()
         d.proc.send_signal(signal.SIGHUP)
         d.wait("config_reloaded", after=n)
         assert pinned_limit() == limit
@@ -384,7 +377,7 @@ def test_unresolved_nexthop_is_shown_and_logged_once(env):
         assert len(d.events("nexthop_unresolved", after=n, backend=addr)) == 1
     assert not d.events(("nexthop_unroutable", "nexthop_refresh_failed"), after=n)
     import urllib.request
-    text = netns.run_in(LAB.lb, lambda: urllib.request.urlopen(
+    text = namespaces.run_in(LAB.lb, lambda: urllib.request.urlopen(
         "http://127.0.0.1:19733/metrics", timeout=5).read()).decode()
     samples = {(s.labels["backend"]): s.value
                for f in text_string_to_metric_families(text) if f.name ==

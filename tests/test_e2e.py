@@ -231,7 +231,7 @@ def watch_flip(s: Setup, keys, to: str, action: Callable[[], object],
     VIP/backend pair in keys to `to` (logged once the maps have it); meanwhile poll the
     stats for a backend entry that satisfies `seen`. Returns (when the action started,
     those events, whether one was seen)."""
-    after = len(s.read_events())
+    after = s.mark()
     t_action = time.monotonic()
     action()
     was_seen = False

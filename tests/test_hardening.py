@@ -18,7 +18,7 @@ import time
 import pytest
 
 from lb.datapath import MAP_NAMES
-from lb.lab import netns, topology
+from lb.lab import namespaces, netns, topology
 from lb.lab.instance import Instance
 from lb.native import BPF_MAP_TYPE_ARRAY, Map, create_map, obj_pin
 
@@ -52,7 +52,7 @@ def config(tmp_path, name: str = "lb.toml", interface: str = "lb0", pin: str = P
 def run_xdplb(cfg: str, timeout: float = 15) -> tuple[int, str]:
     """Another xdplb in the lab's LB namespace: (exit code, stderr). One that keeps
     running is stopped after `timeout` (that is a failure of the test: -1)."""
-    p = netns.spawn_in(LAB.lb, [sys.executable, "-m", "lb.cli", "--config", cfg],
+    p = namespaces.spawn_in(LAB.lb, [sys.executable, "-m", "lb.cli", "--config", cfg],
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _, err = p.communicate(timeout=timeout)
@@ -257,13 +257,13 @@ def test_idle_metrics_connections_do_not_starve_health_checks(env):
     _, d = env
     mark = d.mark()
     code = HOLD.format(host=METRICS[0], port=METRICS[1])
-    p = netns.spawn_in(LAB.lb, [*NOBODY, sys.executable, "-c", code, str(HELD_CONNECTIONS),
+    p = namespaces.spawn_in(LAB.lb, [*NOBODY, sys.executable, "-c", code, str(HELD_CONNECTIONS),
                                 "3"], stderr=subprocess.PIPE)
     assert p.wait(30) == 0, p.stderr.read()
     time.sleep(1)  # let what the flood caused reach the log
     assert d.events("backend_state_changed", mark) == []
     assert "Traceback" not in open(d.logpath).read()
-    body = netns.run_in(LAB.lb, _scrape, timeout=30)
+    body = namespaces.run_in(LAB.lb, _scrape, timeout=30)
     assert "xdplb_packets_total" in body
 
 

@@ -16,7 +16,7 @@ import pytest
 from lb import health
 from lb import healthstate
 from lb import scheduler
-from lb.lab import netns
+from lb.lab import namespaces, netns
 
 from healthserver import HealthServer
 
@@ -34,7 +34,7 @@ PORTS = {"ok": 18001, "500": 18002, "hang": 18003, "flap": 18004, "redirect": 18
 
 @pytest.fixture(scope="module")
 def unit():
-    netns.remove(UNIT_NS)
+    namespaces.remove(UNIT_NS)
     ns = netns.Netns(UNIT_NS, owned=False)
     servers = {}
     try:
@@ -50,13 +50,13 @@ def unit():
     finally:
         for s in servers.values():
             s.close()
-        netns.remove(UNIT_NS)
+        namespaces.remove(UNIT_NS)
 
 
 def in_ns(coro):
     """Run a coroutine on a fresh loop with this thread in the unit namespace (its sockets
     are created there)."""
-    with netns.entered(UNIT_NS):
+    with namespaces.entered(UNIT_NS):
         return asyncio.run(coro)
 
 

@@ -18,11 +18,10 @@ import time
 
 import pytest
 
-from lb import layout, maglev
+from lb import layout
 from lb.lab import topology
 from lb.lab.instance import Instance, RunFiles
 from lb.native import Map
-from lb.specs import backend_key
 
 import daemonctl
 import traffic
@@ -127,22 +126,14 @@ def backend_rows(doc: dict, vip: str) -> dict[str, dict]:
     return {b["address"]: b for b in v["backends"]}
 
 
-def ring_addresses(vip_addr: str, port: int, proto: int) -> list:
-    return daemonctl.pinned_ring(PIN, vip_addr, port, proto)
-
-
 def expected_ring(addresses) -> list:
-    if not addresses:
-        return [None] * RING
-    addrs = sorted((ipaddress.ip_address(a) for a in addresses), key=backend_key)
-    table = maglev.build_reference([maglev.Slotholder(backend_key(a)) for a in addrs], RING)
-    return [str(addrs[i]) for i in table]
+    return daemonctl.expected_ring(addresses, RING)
 
 
 def assert_rings(in_ring, vips=(("web", 80, 6), ("echo", topology.UDP_PORT, 17))):
     want = expected_ring(in_ring)
     for name, port, proto in vips:
-        assert ring_addresses(topology.VIP4, port, proto) == want, name
+        assert daemonctl.pinned_ring(PIN, topology.VIP4, port, proto) == want, name
 
 
 def flow_backend(sport: int) -> str | None:
@@ -212,7 +203,7 @@ def test_never_checked_backend_gets_no_slot(env):
     row = backend_rows(doc, "slow")[B["xh-be3"]]
     assert row["last_check"] == "not checked" and row["checks"] == 0
     assert row["healthy"] is False and row["state"] == "down"
-    assert ring_addresses(topology.VIP4, 8443, 6) == [None] * RING
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, 8443, 6) == [None] * RING
     before = doc["global"]["drops"]["no_backend"]
     assert tcp_connects(topology.VIP4, 8443, 3) == 0
     assert stats(env["cfg"])["global"]["drops"]["no_backend"] >= before + 3
@@ -221,7 +212,7 @@ def test_never_checked_backend_gets_no_slot(env):
 
 def test_health_type_none_serves_at_once(env):
     """With health checks off every backend takes traffic from the start, unchecked."""
-    assert ring_addresses(topology.VIP4, 9000, 17) == expected_ring(list(B.values()))
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, 9000, 17) == expected_ring(list(B.values()))
     for row in backend_rows(stats(env["cfg"]), "open").values():
         assert (row["state"], row["healthy"], row["last_check"], row["checks"]) == (
             "active", True, "health checks off", 0)
@@ -262,8 +253,8 @@ def test_all_down_drop_and_spread(env):
         wait_for(lambda: all(r["last_check"] == "connection refused" for r in
                              backend_rows(stats(env["cfg"]), vip).values()), "checks")
         assert all(r["state"] == "down" and not r["healthy"] for r in rows.values())
-    assert ring_addresses(topology.VIP6, topology.UDP_PORT, 17) == expected_ring(V6)
-    assert ring_addresses(topology.VIP6, 80, 6) == [None] * RING
+    assert daemonctl.pinned_ring(PIN, topology.VIP6, topology.UDP_PORT, 17) == expected_ring(V6)
+    assert daemonctl.pinned_ring(PIN, topology.VIP6, 80, 6) == [None] * RING
     got = udp_from_ports(range(41100, 41120), host=topology.VIP6)
     assert None not in got.values() and len(set(got.values())) == 3
     before = stats(env["cfg"])["global"]["drops"]["no_backend"]
@@ -350,9 +341,9 @@ def test_drain_keeps_flows_maint_and_down_move_them(env):
     assert cli("backend", "drain", "echo", B["xh-be1"], "--config", cfg).returncode == 0
     ev = wait_state(env, "echo", B["xh-be1"], "drain", n)
     assert ev["from"] == "active" and ev["reason"] == "admin drain"
-    assert ring_addresses(topology.VIP4, topology.UDP_PORT, 17) == expected_ring(
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, topology.UDP_PORT, 17) == expected_ring(
         [B["xh-be2"], B["xh-be3"]])
-    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring(list(B.values()))
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, 80, 6) == expected_ring(list(B.values()))
     assert udp_from_ports(ports) == first
     for p in on["xh-be1"]:
         assert flow_backend(p) == B["xh-be1"]
@@ -429,12 +420,12 @@ def test_admin_states_survive_sighup_and_restart(env):
     assert ev["from"] == "active" and ev["reason"] == "config reload"
     web = backend_rows(stats(cfg), "web")
     assert web[B["xh-be3"]]["state"] == "maint" and web[B["xh-be2"]]["state"] == "drain"
-    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
     n = d.mark()
     d.proc.send_signal(signal.SIGHUP)  # again, nothing changes
     d.wait("config_reloaded", n)
     assert d.events("backend_state_changed", n) == []
-    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
 
     # restart: a new daemon reads the state file and the config
     d.stop()
@@ -453,6 +444,6 @@ def test_admin_states_survive_sighup_and_restart(env):
     assert web[B["xh-be3"]]["state"] == "maint" and web[B["xh-be3"]]["admin_state"] == "maint"
     assert web[B["xh-be3"]]["healthy"] is True
     assert web[B["xh-be2"]]["state"] == "drain"
-    assert ring_addresses(topology.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
-    wait_for(lambda: ring_addresses(topology.VIP4, topology.UDP_PORT, 17) == expected_ring(
-        list(B.values())), "echo ring with every backend")
+    assert daemonctl.pinned_ring(PIN, topology.VIP4, 80, 6) == expected_ring([B["xh-be1"]])
+    wait_for(lambda: daemonctl.pinned_ring(PIN, topology.VIP4, topology.UDP_PORT, 17)
+             == expected_ring(list(B.values())), "echo ring with every backend")

@@ -10,14 +10,14 @@ import subprocess
 
 import pytest
 
-from lb.lab import netns
+from lb.lab import namespaces, netns
 from lb.lab.decap import load_decap
 
 
 @pytest.fixture
 def pair():
-    a = netns.Netns(netns.unique_name("xta"))
-    b = netns.Netns(netns.unique_name("xtb"))
+    a = netns.Netns(namespaces.unique_name("xta"))
+    b = netns.Netns(namespaces.unique_name("xtb"))
     try:
         yield a, b
     finally:
@@ -26,29 +26,29 @@ def pair():
 
 
 def test_create_remove_idempotent():
-    name = netns.unique_name("xtc")
+    name = namespaces.unique_name("xtc")
     try:
-        assert netns.create(name) is True
-        assert netns.create(name) is False
-        assert netns.exists(name) and name in netns.list_namespaces()
+        assert namespaces.create(name) is True
+        assert namespaces.create(name) is False
+        assert namespaces.exists(name) and name in namespaces.list_namespaces()
         assert netns.Netns(name, create=False).links() == ["lo"]
     finally:
-        assert netns.remove(name) is True
-    assert netns.remove(name) is False
-    assert not netns.exists(name) and not os.path.exists(netns.ns_path(name))
+        assert namespaces.remove(name) is True
+    assert namespaces.remove(name) is False
+    assert not namespaces.exists(name) and not os.path.exists(namespaces.ns_path(name))
 
 
 def test_context_manager_owned_and_not():
-    with netns.Netns(netns.unique_name("xtd")) as ns:
-        assert netns.exists(ns.name)
-    assert not netns.exists(ns.name)
-    keep = netns.Netns(netns.unique_name("xte"), owned=False)
+    with netns.Netns(namespaces.unique_name("xtd")) as ns:
+        assert namespaces.exists(ns.name)
+    assert not namespaces.exists(ns.name)
+    keep = netns.Netns(namespaces.unique_name("xte"), owned=False)
     with keep:
         pass
     try:
-        assert netns.exists(keep.name)
+        assert namespaces.exists(keep.name)
     finally:
-        netns.remove(keep.name)
+        namespaces.remove(keep.name)
 
 
 def test_veth_addresses_routes_and_traffic(pair):
@@ -143,10 +143,10 @@ def test_run_returns_and_raises(pair):
     assert os.readlink("/proc/thread-self/ns/net") == here  # we never moved
     with pytest.raises(ZeroDivisionError):
         a.run(lambda: 1 / 0)
-    with pytest.raises(netns.NetnsError) as e:
+    with pytest.raises(namespaces.NetnsError) as e:
         a.run(lambda: socket.socket())  # unpicklable result
     assert "netns" in str(e.value)
-    with pytest.raises(netns.NetnsError) as e:
+    with pytest.raises(namespaces.NetnsError) as e:
         a.run(lambda: __import__("time").sleep(10), timeout=0.3)
     assert e.value.errno == errno.ETIMEDOUT
 
@@ -171,16 +171,16 @@ def test_entered_restores_on_error(pair):
 
 def test_errors_name_what_failed(pair):
     a, _ = pair
-    with pytest.raises(netns.NetnsError) as e:
+    with pytest.raises(namespaces.NetnsError) as e:
         a.ifindex("nope0")
     assert e.value.errno == errno.ENODEV and "nope0" in str(e.value) and a.name in str(e.value)
-    with pytest.raises(netns.NetnsError) as e:
+    with pytest.raises(namespaces.NetnsError) as e:
         a.add_route("10.1.0.0/16", via="10.99.99.99")  # gateway unreachable
     assert e.value.errno == errno.ENETUNREACH and "10.1.0.0/16" in str(e.value)
-    with pytest.raises(netns.NetnsError) as e:
-        netns.Netns(netns.unique_name("xtz"), create=False).links()
+    with pytest.raises(namespaces.NetnsError) as e:
+        netns.Netns(namespaces.unique_name("xtz"), create=False).links()
     assert e.value.errno == errno.ENOENT
-    with pytest.raises(netns.NetnsError) as e:
+    with pytest.raises(namespaces.NetnsError) as e:
         a.sysctl("net.ipv4.no_such_knob", 1)
     assert e.value.errno == errno.ENOENT
 

@@ -22,7 +22,7 @@ from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6
 
 from lb.config import load_config
-from lb.lab import netns, topology
+from lb.lab import namespaces, netns, topology
 from lb.lab.instance import Instance, RunFiles
 
 VIPS = {4: topology.VIP4, 6: topology.VIP6}
@@ -120,11 +120,11 @@ def test_large_request_and_upload_through_the_vip(lab, daemon, fam):
     before = d.stats()["global"]["too_big_answered"]
     names = set(lab.backends)
     # a request of 4,000 bytes (headers), then an upload of 100 kB (body)
-    resp = netns.run_in(lab.client, _http, vip, 4000 - 60, b"", timeout=60)
+    resp = namespaces.run_in(lab.client, _http, vip, 4000 - 60, b"", timeout=60)
     assert resp.startswith(b"HTTP/1.1 200") and resp.split(b"\r\n\r\n", 1)[1].strip() in \
         {n.encode() for n in names}, resp[:200]
     body = bytes(range(256)) * 400  # 102,400 bytes
-    resp = netns.run_in(lab.client, _http, vip, 10, body, timeout=60)
+    resp = namespaces.run_in(lab.client, _http, vip, 10, body, timeout=60)
     name, length = resp.split(b"\r\n\r\n", 1)[1].split()
     assert name.decode() in names and int(length) == len(body), resp[:200]
     # the client learned the MTU that fits from our answers: they were sent, and a PMTU
@@ -170,9 +170,9 @@ def test_too_big_reaches_the_flow_backend(lab, daemon, fam):
     for be in lab.backends:
         flush_route_cache(be)
         assert route_mtu(be, client) is None
-    owner, cport = netns.run_in(lab.client, _udp_flow, vip)
+    owner, cport = namespaces.run_in(lab.client, _udp_flow, vip)
     before = d.stats()["global"]["icmp_forwarded"]
-    netns.run_in(lab.client, _send_too_big, vip, client, cport, ROUTER_MTU)
+    namespaces.run_in(lab.client, _send_too_big, vip, client, cport, ROUTER_MTU)
     deadline = time.monotonic() + 5
     while route_mtu(owner, client) != ROUTER_MTU and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -34,7 +34,7 @@ from typing import Optional
 import pytest
 
 from lb import layout
-from lb.lab import netns
+from lb.lab import namespaces, netns
 from lb.datapath import Datapath, EgressConfig, Limits
 from lb.flowhash import flow_hash
 from lb.lab.decap import decap_stats, load_decap
@@ -107,7 +107,7 @@ def _namespaces(*roles: str):
     made: list[netns.Netns] = []
     try:
         for r in roles:
-            made.append(netns.Netns(netns.unique_name(f"xr{r}")))
+            made.append(netns.Netns(namespaces.unique_name(f"xr{r}")))
         yield made
     finally:
         for ns in reversed(made):

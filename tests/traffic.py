@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
-from lb.lab import netns, topology
+from lb.lab import namespaces, topology
 
 if TYPE_CHECKING:
     from e2e_setup import E2ELab
@@ -305,7 +305,7 @@ class Capture:
     PACKET_OUTGOING = 4
 
     def __init__(self, ns: str, ifname: str):
-        with netns.entered(ns):
+        with namespaces.entered(ns):
             self.s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
                                    socket.htons(self.ETH_P_ALL))
         self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
@@ -362,7 +362,7 @@ def udp_from_ports(lab, ports, host: str = VIP4,
                     out[p] = None
         return out
     h = lab.hosts()["client"]
-    return netns.run_in(lab.client, work, list(ports), h.v6 if ":" in host else h.v4, host,
+    return namespaces.run_in(lab.client, work, list(ports), h.v6 if ":" in host else h.v4, host,
                         timeout=60)
 
 
@@ -379,4 +379,4 @@ def tcp_connects(lab, host: str, port: int, n: int) -> int:
                 except OSError:
                     pass
         return ok
-    return netns.run_in(lab.client, work, host, port, n, timeout=60)
+    return namespaces.run_in(lab.client, work, host, port, n, timeout=60)

@@ -2,7 +2,7 @@
 addresses, routes, neighbours, sysctls, offloads and XDP programs, and veth pairs between
 namespaces. Links are driven over rtnetlink with pyroute2 (no `ip`), offloads with
 pyroute2's ethtool. Creating, entering and running things inside namespaces is in
-lb/lab/namespaces.py; its names are available here too.
+lb/lab/namespaces.py.
 
 Every failure raises NetnsError (an OSError: .errno set) saying what failed.
 
@@ -30,12 +30,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from .. import layout
 from . import namespaces
-from .namespaces import (NETNS_DIR, NetnsError, NsLike, create, entered, exists, ipr_in,
-                         list_namespaces, nl_errors, ns_name, ns_path, remove, run_in,
-                         spawn_in, unique_name)
-
-__all__ = ["NETNS_DIR", "NetnsError", "Netns", "add_veth", "create", "entered", "exists",
-           "list_namespaces", "ns_path", "remove", "run_in", "spawn_in", "unique_name"]
+from .namespaces import NetnsError, NsLike, ipr_in, nl_errors, ns_name, ns_path
 
 _IFA_F_NODAD = 0x02
 _TX_CSUM = "tx-checksumming"
@@ -81,7 +76,7 @@ class Netns:
         return ns_path(self.name)
 
     def remove(self) -> bool:
-        return remove(self.name)
+        return namespaces.remove(self.name)
 
     def __enter__(self) -> "Netns":
         return self
@@ -92,7 +87,7 @@ class Netns:
 
     def entered(self) -> contextlib.AbstractContextManager:
         """`with ns.entered():` the calling thread works inside this namespace."""
-        return entered(self.name)
+        return namespaces.entered(self.name)
 
     def ipr(self) -> contextlib.AbstractContextManager:
         """`with ns.ipr() as ipr:` an rtnetlink socket (pyroute2 IPRoute) bound to this
@@ -305,11 +300,11 @@ class Netns:
             **kwargs: Any) -> Any:
         """fn(*args, **kwargs) in a forked child inside this namespace; returns its
         result (must pickle) or raises its exception (as NetnsError if it won't pickle)."""
-        return run_in(self.name, fn, *args, timeout=timeout, **kwargs)
+        return namespaces.run_in(self.name, fn, *args, timeout=timeout, **kwargs)
 
     def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
         """Start argv inside this namespace (nsenter --net; /sys and bpffs stay)."""
-        return spawn_in(self.name, argv, **popen_kwargs)
+        return namespaces.spawn_in(self.name, argv, **popen_kwargs)
 
     def check_output(self, argv: Sequence[str], timeout: float = 30.0) -> str:
         p = self.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

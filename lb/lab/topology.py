@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import netns
+from . import namespaces, netns
 from .decap import attach_decap, attach_pass
 
 VIP4, VIP6 = "10.200.1.10", "fd00:201::10"
@@ -147,7 +147,7 @@ class Lab:
     def start_server(self, name: str) -> None:
         os.makedirs(self.piddir, exist_ok=True)
         log = open(os.path.join(self.piddir, f"{name}.log"), "ab")
-        p = netns.spawn_in(name, [sys.executable, "-m", "lb.lab.server", name, "--http",
+        p = namespaces.spawn_in(name, [sys.executable, "-m", "lb.lab.server", name, "--http",
                               str(HTTP_PORT), "--udp", str(UDP_PORT), "--echo",
                               str(ECHO_PORT), "--vip", VIP4,
                               "--vip", VIP6], stdout=log, stderr=log, start_new_session=True)
@@ -175,20 +175,20 @@ class Lab:
         """Remove everything `up` made, whatever state it is in."""
         for name in self.backends:
             self.stop_server(name)
-        for name in netns.list_namespaces():
+        for name in namespaces.list_namespaces():
             if name in (self.client, self.lb, self.sw, *self.backends):
-                netns.remove(name)
+                namespaces.remove(name)
         if not quiet:
             print("lab down")
 
     def client_http(self, host: str, n: int, port: int = HTTP_PORT
                     ) -> tuple[collections.Counter, int]:
         """n HTTP GETs from the client namespace: (answers per backend name, failures)."""
-        return netns.run_in(self.client, _http_work, host, port, n, timeout=120)
+        return namespaces.run_in(self.client, _http_work, host, port, n, timeout=120)
 
     def client_udp(self, host: str, n: int) -> tuple[collections.Counter, int]:
         """n UDP echo requests from the client namespace, likewise."""
-        return netns.run_in(self.client, _udp_work, host, n, timeout=120)
+        return namespaces.run_in(self.client, _udp_work, host, n, timeout=120)
 
 
 def _running(pid: int) -> bool:
