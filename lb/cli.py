@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--config", dest="sub_config")
     lab = sub.add_parser("lab", help="demo topology of network namespaces")
     lab.add_argument("action", choices=["up", "down"])
-    lab.add_argument("--variant", choices=["tx", "redirect"], default="tx")
+    lab.add_argument("--variant", choices=["tx", "redirect", "fleet"], default="tx")
     return p
 
 

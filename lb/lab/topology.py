@@ -11,6 +11,8 @@ variant "redirect" (XDP_REDIRECT, two LB interfaces), config/lab-redirect.toml:
     xl-client -- brc (xl-sw, 10.200.0.254) -- lb0 [xl-lb] lb1 -- brb (xl-sw, 10.200.2.254) -- xl-be1..3
 
 xl-sw routes between the two segments, so backends answer clients directly (DSR).
+
+variant "fleet": three xdplb nodes behind a router running BIRD, lb/lab/fleet.py.
 VIPs: 10.200.1.10 and fd00:201::10, HTTP on 80, a UDP echo on 5353 and a TCP line echo on
 7000 (long-lived connections); the client routes
 them via the LB. Veth traps handled: every peer that receives XDP_TX/REDIRECT frames has
@@ -45,7 +47,7 @@ class Host:
     v6: str
 
 
-def _netns(name: str) -> netns.Netns:
+def lab_netns(name: str) -> netns.Netns:
     """A lab namespace whose interfaces skip IPv6 duplicate address detection: while
     an interface's link-local address is tentative (about a second after it comes up),
     the kernel cannot resolve neighbours from it, so a backend's first IPv6 answers
@@ -84,12 +86,12 @@ class Lab:
 
     def up(self) -> "Lab":
         self.down(quiet=True)
-        sw = _netns(self.sw)
+        sw = lab_netns(self.sw)
         sw.set_link("lo", up=True)
         sw.router()
         h = self.hosts()
-        client = _netns(self.client)
-        lb = _netns(self.lb)
+        client = lab_netns(self.client)
+        lb = lab_netns(self.lb)
         for ns in (client, lb):
             ns.set_link("lo", up=True)
         if self.variant == "tx":
@@ -127,7 +129,7 @@ class Lab:
             attach_pass(sw, "sw-lb1")
 
         for i, name in enumerate(self.backends, start=1):
-            ns = _netns(name)
+            ns = lab_netns(name)
             netns.add_veth("eth0", ns, f"sw-be{i}", sw)
             sw.set_link(f"sw-be{i}", master=seg_b, up=True)
             b = h[name]
@@ -167,7 +169,7 @@ class Lab:
             if os.path.exists(path):
                 os.unlink(path)
         deadline = time.monotonic() + timeout
-        while _running(pid) and time.monotonic() < deadline:
+        while running(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
         return True
 
@@ -191,13 +193,27 @@ class Lab:
         return namespaces.run_in(self.client, _udp_work, host, n, timeout=120)
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """pid exists and is not a zombie (an exited child nobody has reaped yet)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def http_get(sock: socket.socket, host: str, port: int = HTTP_PORT) -> str:
+    """One HTTP GET over `sock` (a new TCP socket, its timeout set): the name of the
+    backend that answered. OSError if it failed."""
+    sock.connect((host, port))
+    sock.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep or not body.strip():
+        raise OSError(f"bad answer {data[:80]!r}")
+    return body.strip().decode()
 
 
 def _http_work(host: str, port: int, n: int):
@@ -207,13 +223,8 @@ def _http_work(host: str, port: int, n: int):
         try:
             with socket.socket(fam, socket.SOCK_STREAM) as s:
                 s.settimeout(2)
-                s.connect((host, port))
-                s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
-                data = b""
-                while chunk := s.recv(4096):
-                    data += chunk
-            got[data.split(b"\r\n\r\n", 1)[1].strip().decode()] += 1
-        except (OSError, IndexError):
+                got[http_get(s, host, port)] += 1
+        except OSError:
             failed += 1
     return got, failed
 
@@ -234,6 +245,9 @@ def _udp_work(host: str, n: int):
 
 
 def up(variant: str = "tx") -> int:
+    if variant == "fleet":
+        from . import fleetscene
+        return fleetscene.up()
     lab = Lab(variant=variant).up()
     h = lab.hosts()
     print(f"lab up ({variant}): client {h['client'].v4}, LB {h['lb'].v4}, backends "
@@ -243,5 +257,8 @@ def up(variant: str = "tx") -> int:
 
 
 def down() -> int:
+    """Whichever variant is up."""
+    from . import fleet
+    fleet.FleetLab().down()
     Lab().down(quiet=False)
     return 0

@@ -1,0 +1,137 @@
+"""The fleet scenes, shared by tests/test_fleet.py, the demo's fleet scene and
+`python -m bench fleet`: bring the fleet up, spread new flows over its nodes, kill a node
+as a machine dies while long-lived connections run, withdraw a node gracefully under
+load, cut a node off its backends, bring a node back. Each returns what it measured;
+the callers judge it.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Iterable
+
+from ..control import NoInstance
+from .fleet import FleetLab
+from .fleetload import Held, Requests
+from .instance import Instance
+from .topology import VIP4, VIP6
+
+WAIT = 30.0  # upper bound of every wait; never reached when well
+
+
+def all_active(d: Instance) -> bool:
+    return all(b["state"] == "active" for v in d.stats()["vips"] for b in v["backends"])
+
+
+def wait_hops(lab: FleetLab, nodes: Iterable[str], since: float) -> float:
+    """Until the router's VIP routes (both families) go to exactly `nodes`: the seconds
+    from `since` until the later of the two did."""
+    nodes = tuple(nodes)
+    return max(lab.wait_next_hops(vip, lab.node_addresses(nodes, fam), WAIT, since)
+               for vip, fam in ((VIP4, 4), (VIP6, 6)))
+
+
+def ready(lab: FleetLab, node: str) -> None:
+    """Wait until the node's xdplb runs with every backend active, then announce."""
+    d = lab.instances[node]
+    d.wait_until(lambda: all_active(d), f"every backend active on {node}", WAIT,
+                 ignore=(NoInstance, OSError, KeyError), poll=0.05)
+    lab.set_vip_routes(node)
+
+
+def start(lab: FleetLab) -> None:
+    """The lab up, xdplb on every node, every node announced and in the router's routes."""
+    lab.up()
+    for node in lab.nodes:
+        lab.start_node(node)
+    for node in lab.nodes:
+        ready(lab, node)
+    wait_hops(lab, lab.nodes, time.monotonic())
+
+
+def restore(lab: FleetLab) -> None:
+    """Every node running and announced again (after a scene that took one out)."""
+    for node in lab.nodes:
+        if node not in lab.instances:
+            lab.reboot_node(node)
+            ready(lab, node)
+        else:
+            lab.set_vip_routes(node)
+    wait_hops(lab, lab.nodes, time.monotonic())
+
+
+def packets_per_node(lab: FleetLab, vip: str) -> dict[str, int]:
+    out = {}
+    for node, d in lab.instances.items():
+        v = next(v for v in d.stats()["vips"] if v["name"] == vip)
+        out[node] = v["packets"]
+    return out
+
+
+def spread(lab: FleetLab, n: int) -> tuple[dict[str, int], int]:
+    """n UDP echo requests to the IPv4 VIP, each from a source port of its own (one
+    datagram, so one flow, each): (datagrams per node, requests unanswered)."""
+    before = packets_per_node(lab, "echo")
+    _, failed = lab.client_udp(VIP4, n)
+    after = packets_per_node(lab, "echo")
+    return {node: after[node] - before[node] for node in after}, failed
+
+
+def node_death(lab: FleetLab, held: Held, victim: str) -> dict:
+    """Kill `victim` while `held` runs. Measures: seconds until the router dropped it
+    (both families), connections broken, connections it carried, new requests failed
+    once the router had converged."""
+    on_victim = sum(1 for n in lab.node_of(held.flows()) if n == victim)
+    alive = [n for n in lab.nodes if n != victim]
+    t0 = lab.kill_node(victim)
+    convergence = wait_hops(lab, alive, t0)
+    progressed = held.wait_progress(t0 + convergence, WAIT)
+    got, failed4 = lab.client_http(VIP4, 50)
+    got6, failed6 = lab.client_http(VIP6, 50)
+    return {"convergence_s": convergence, "on_victim": on_victim,
+            "broken": [c.error for c in held.failed()], "progressed": progressed,
+            "failed_new_after_convergence": failed4 + failed6,
+            "new_backends": collections.Counter(got) + collections.Counter(got6)}
+
+
+def graceful_withdraw(lab: FleetLab, held: Held, node: str, settle: float = 1.0) -> dict:
+    """Withdraw `node`'s announcement while new requests run, keep the load `settle` s
+    after the router dropped it. Measures: requests made and failed, connections broken,
+    seconds until the router dropped it."""
+    load = Requests(lab.client, threads=2).start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    lab.set_vip_routes(node, announce=False)
+    took = wait_hops(lab, [n for n in lab.nodes if n != node], t0)
+    time.sleep(settle)
+    done = load.stop()
+    progressed = held.wait_progress(time.monotonic(), WAIT)
+    return {"requests": len(done), "failed": [r.error for r in load.failed()],
+            "withdrawn_after_s": took, "broken": [c.error for c in held.failed()],
+            "progressed": progressed}
+
+
+def rejoin(lab: FleetLab, held: Held, node: str) -> dict:
+    """Bring a killed node back as a rebooted machine. Measures: seconds from its start
+    until the router used it again, connections broken, connections it now carries."""
+    t0 = time.monotonic()
+    lab.reboot_node(node)
+    ready(lab, node)
+    took = wait_hops(lab, lab.nodes, t0)
+    progressed = held.wait_progress(time.monotonic(), WAIT)
+    on_node = sum(1 for n in lab.node_of(held.flows()) if n == node)
+    return {"rejoin_s": took, "broken": [c.error for c in held.failed()],
+            "on_node": on_node, "progressed": progressed}
+
+
+def up() -> int:
+    """`xdplb lab up --variant fleet`."""
+    lab = FleetLab()
+    start(lab)
+    h = lab.hosts()
+    print(f"lab up (fleet): client {h['client'].v4}, router {h['router'].v4} (BIRD, ECMP "
+          f"over {len(lab.nodes)} next hops), nodes {', '.join(h[n].v4 for n in lab.nodes)} "
+          f"(xdplb + BIRD; configs and logs in {lab.piddir}), backends "
+          f"{', '.join(h[b].v4 for b in lab.backends)}; VIPs {VIP4} and {VIP6}")
+    return 0
