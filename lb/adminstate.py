@@ -3,6 +3,9 @@
 overrides the config's `state` for that VIP/backend, `activate` included (an operator's
 last word wins over the file), until the next runtime command for that pair.
 
+The node-level withdrawal of the VIP announcements (`xdplb announce withdraw|restore`)
+is kept in the same file ("announce_withdrawn": true).
+
 A change is all-or-nothing: the file is written (temp file + rename) before memory
 changes, so a failed write changes nothing. A state file that cannot be read or has the
 wrong shape stops the start (ConfigError naming the file): starting without it would
@@ -28,13 +31,14 @@ class AdminStates:
     def __init__(self, path: str):
         self.path = Path(path)
         self._states: dict[tuple[str, str], str] = {}
+        self._withdrawn = False
         self.load()
 
     def load(self) -> None:
         try:
             text = self._read().decode("utf-8")
         except FileNotFoundError:
-            self._states = {}
+            self._states, self._withdrawn = {}, False
             return
         except (OSError, UnicodeDecodeError) as e:
             raise self._corrupt(getattr(e, "strerror", None) or str(e)) from None
@@ -43,6 +47,10 @@ class AdminStates:
         except (ValueError, RecursionError) as e:
             raise self._corrupt(f"not JSON: {e}") from None
         self._states = self._parse(data)
+        withdrawn = data.get("announce_withdrawn", False)
+        if not isinstance(withdrawn, bool):
+            raise self._corrupt('"announce_withdrawn" must be true or false')
+        self._withdrawn = withdrawn
 
     def _read(self) -> bytes:
         # non-blocking open: a FIFO in its place must not hang the start
@@ -83,17 +91,30 @@ class AdminStates:
         if state not in STATES:
             raise ValueError(f"unknown state {state!r}")
         states = {**self._states, (vip, backend): state}
-        self._save(states)
+        self._save(states, self._withdrawn)
         self._states = states
 
-    def _save(self, states: dict[tuple[str, str], str]) -> None:
+    @property
+    def announce_withdrawn(self) -> bool:
+        """The node's announcements withdrawn by `xdplb announce withdraw`."""
+        return self._withdrawn
+
+    def set_announce_withdrawn(self, withdrawn: bool) -> None:
+        """Persist, then remember (as `set`)."""
+        self._save(self._states, withdrawn)
+        self._withdrawn = withdrawn
+
+    def _save(self, states: dict[tuple[str, str], str], withdrawn: bool) -> None:
         items = [{"vip": v, "backend": b, "state": s} for (v, b), s in sorted(states.items())]
+        doc: dict = {"backends": items}
+        if withdrawn:
+            doc["announce_withdrawn"] = True
         tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state.")
             with os.fdopen(fd, "w") as f:
-                json.dump({"backends": items}, f, indent=1)
+                json.dump(doc, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)

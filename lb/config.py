@@ -46,6 +46,9 @@ RING_SLOTS_PER_BACKEND = 100  # ring_size must be a prime > 100 x backends of an
 RING_SIZE_MIN = 101
 RING_SIZE_MAX = 1 << 24       # 64 MiB of ring per VIP; Maglev build time grows with it
 WEIGHT_MAX = 65535
+# kernel routing tables that are the system's: unspec, compat, default, main, local
+RESERVED_TABLES = (0, 252, 253, 254, 255)
+WITHDRAW_DELAY_MAX = 600.0
 
 
 # --- the parsed configuration ------------------------------------------------------------
@@ -81,6 +84,17 @@ class LbSection:
             return None
         host, port = split_host_port(self.metrics_listen)
         return host, int(port)
+
+
+@dataclass(frozen=True)
+class AnnounceSection:
+    """[announce]: while a VIP is announced, a blackhole route for its address stays in
+    kernel routing table `table` (lb/announce.py), for the node's routing daemon to
+    export over BGP."""
+
+    table: int = 200
+    min_backends: int = 1
+    withdraw_delay: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +161,7 @@ class Config:
     health: HealthSection
     vips: tuple[Vip, ...]
     source: Optional[Path] = None
+    announce: Optional[AnnounceSection] = None  # None: nothing is announced
 
     @property
     def backend_count(self) -> int:
@@ -200,11 +215,14 @@ def _build_config(data: dict, source: Optional[Path], problems: list[str]
     health = _parse_health_defaults(Table(top.table("health") or {}, problems,
                                            prefix="health."))
     vips = _parse_vips(top.tables("vip", "vip") or [], health, problems)
+    announce_table = top.table("announce")
+    announce = (_parse_announce(Table(announce_table, problems, prefix="announce."), vips)
+                if announce_table is not None else None)
     top.finish()
     _check_vips_against_lb(vips, lb, bad_lb_keys, problems)
     if problems:
         return None
-    return Config(lb=lb, health=health, vips=tuple(vips), source=source)
+    return Config(lb=lb, health=health, vips=tuple(vips), source=source, announce=announce)
 
 
 def _parse_lb(t: Table) -> LbSection:
@@ -243,6 +261,27 @@ def _bpf_pin_path(t: Table, default: str) -> str:
                                  f"(e.g. /sys/fs/bpf/xdplb)")
         return default
     return path
+
+
+def _parse_announce(t: Table, vips: Sequence[Vip]) -> AnnounceSection:
+    """[announce]; an invalid value is reported and replaced by its default."""
+    d = AnnounceSection()
+    table = t.integer("table", d.table, 1, U32_MAX)
+    if table in RESERVED_TABLES:
+        t.report("table", f"{table} is one of the kernel's own tables (0, 252-255); pick an "
+                          f"unused one, e.g. 200")
+        table = d.table
+    min_backends = t.integer("min_backends", d.min_backends, 1, WEIGHT_MAX)
+    withdraw_delay = t.seconds("withdraw_delay", d.withdraw_delay, WITHDRAW_DELAY_MAX)
+    t.finish()
+    for vip in vips:  # such a VIP would never be announced
+        if len(vip.backends) < min_backends:
+            t.report("min_backends", f"{min_backends} exceeds the {len(vip.backends)} "
+                                     f"backend(s) of vip {fmt(vip.name)}, which would never "
+                                     f"be announced; lower it or add backends")
+            break
+    return AnnounceSection(table=table, min_backends=min_backends,
+                           withdraw_delay=withdraw_delay)
 
 
 # --- health ------------------------------------------------------------------------------

@@ -173,6 +173,16 @@ class Table:
             return default
         return float(value)
 
+    def seconds(self, key: str, default: float, hi: float) -> float:
+        """A finite number of seconds in 0..hi (integers accepted), returned as float."""
+        value = self.raw(key, "number")
+        if value is MISSING:
+            return default
+        if not math.isfinite(value) or not 0 <= value <= hi:
+            self.report(key, f"{fmt(value)} must be a number of seconds in 0..{fmt(hi)}")
+            return default
+        return float(value)
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self.raw(key, "boolean")
         return default if value is MISSING else value

@@ -32,6 +32,8 @@ CORRUPT = {
         '{"backends": [{"vip": 1, "backend": ["x"], "state": "drain"}]}'),
     "deep_nesting": lambda p: p.write_text("[" * 100000 + "]" * 100000),
     "huge_integer": lambda p: p.write_text('{"backends": [], "n": ' + "9" * 5000 + "}"),
+    "announce_withdrawn_not_bool": lambda p: p.write_text(
+        '{"backends": [], "announce_withdrawn": "yes"}'),
     "directory": lambda p: p.mkdir(),
     "fifo": lambda p: os.mkfifo(p),
     "symlink_loop": lambda p: os.symlink(p, p),
@@ -72,6 +74,21 @@ def test_valid_state_files_load(tmp_path):
                         '"state": "bogus"}]}', None)):
         path.write_text(text)
         assert AdminStates(str(path)).get("web", "10.0.0.1") == want, text
+
+
+def test_announce_withdrawn_persists_beside_the_backends(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text(GOOD)
+    states = AdminStates(str(path))
+    assert not states.announce_withdrawn
+    states.set_announce_withdrawn(True)
+    again = AdminStates(str(path))
+    assert again.announce_withdrawn and again.get("web", "10.0.0.1") == "drain"
+    again.set("web", "10.0.0.1", "maint")          # a backend change keeps it
+    assert AdminStates(str(path)).announce_withdrawn
+    again.set_announce_withdrawn(False)
+    assert not AdminStates(str(path)).announce_withdrawn
+    assert AdminStates(str(path)).get("web", "10.0.0.1") == "maint"
 
 
 def test_failed_write_changes_nothing(tmp_path):
