@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("sport", type=int)
     e.add_argument("dst")
     e.add_argument("dport", type=int)
+    an = sub.add_parser("announce", help="node-level maintenance of the VIP announcements")
+    an.add_argument("action", choices=["status", "withdraw", "restore"])
+    an.add_argument("--config", dest="sub_config")
     dr = sub.add_parser("doctor", help="check this node for known XDP traps")
     dr.add_argument("--config", dest="sub_config")
     lab = sub.add_parser("lab", help="demo topology of network namespaces")
@@ -141,6 +144,27 @@ def cmd_backend(path: str, action: str, vip: str, backend: str) -> int:
     return 0
 
 
+def cmd_announce(path: str, action: str) -> int:
+    from .control import request
+
+    reply = request(_control_socket(path), {"cmd": "announce", "action": action})
+    if not reply["ok"]:
+        print(f"xdplb: {escape(reply['error'])}", file=sys.stderr)
+        return reply.get("code", 1)
+    r = reply["result"]
+    if not r["configured"]:
+        print("announce: not configured (no [announce] in the config)")
+        return 0
+    node = "withdrawn (xdplb announce restore to announce again)" if r["withdrawn"] else \
+        "active"
+    print(f"announce: {node}; routes in table {r['table']}" +
+          (f"; rings held: {', '.join(r['held'])}" if r["held"] else ""))
+    for v in r["vips"]:
+        state = "announced" if v["announced"] else f"withdrawn ({v['reason']})"
+        print(f"{escape(v['name']):<16} {v['address']:<40} {escape(state)}")
+    return 0
+
+
 def _check_flow(a) -> None:
     """ConfigError (exit 1) naming the argument when the flow cannot exist."""
     import ipaddress
@@ -231,6 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_explain(path, args)
         if args.cmd == "doctor":
             return cmd_doctor(path)
+        if args.cmd == "announce":
+            return cmd_announce(path, args.action)
         if args.cmd == "lab":
             return cmd_lab(args.action, args.variant)
     except ConfigError as e:

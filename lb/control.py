@@ -1,7 +1,8 @@
 """The control socket: newline-delimited JSON requests and replies on a Unix socket
 (mode 0600, root only). Requests: {"cmd": "stats"}, {"cmd": "backend", "action":
 "drain|maint|activate", "vip": NAME_OR_ADDR, "backend": ADDR}, {"cmd": "explain", "proto",
-"src", "sport", "dst", "dport"}, {"cmd": "ping"}. Replies: {"ok": true, "result": ...} or
+"src", "sport", "dst", "dport"}, {"cmd": "announce", "action": "status|withdraw|restore"},
+{"cmd": "ping"}. Replies: {"ok": true, "result": ...} or
 {"ok": false, "error": "...", "code": N}."""
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ class ControlServer:
             if action not in ACTIONS:
                 raise KeyError(f"unknown action {action!r} (drain, maint, activate)")
             return {"state": self.d.set_admin(req["vip"], req["backend"], ACTIONS[action])}
+        if cmd == "announce":
+            action = req.get("action")
+            if action not in ("status", "withdraw", "restore"):
+                raise KeyError(f"unknown action {action!r} (status, withdraw, restore)")
+            return self.d.set_announce(action)
         if cmd == "explain":
             from .explain import explain_running
             return explain_running(self.d, req["proto"], req["src"], int(req["sport"]),

@@ -8,7 +8,7 @@ program attached and forwarding. The daemon wires the parts and serialises what 
 the maps: next hops from `nexthop.Resolver`, health from `healthstate.HealthBook`, the
 maps' contents from `policy.vip_specs`, written by `Programmer.apply`; interfaces
 re-created or changed are followed by `linkfollow.LinkFollower`; `sdnotify.Notifier`
-tells systemd."""
+tells systemd; `announce.Announcer` keeps the VIP routes of [announce]."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from typing import Optional
 
 from . import policy, preflight, sdnotify
 from .adminstate import AdminStates, admin_lookup, find_pair
+from .announce import Announcer
 from .attach import attach
 from .config import Config, load_config
 from .control import ControlServer
@@ -59,6 +60,7 @@ class Daemon:
         self.locks = InstanceLocks()
         self.attached: Optional[tuple[int, str]] = None
         self.applied: dict[tuple[str, str], str] = {}  # effective state the maps hold
+        self.announcer: Optional[Announcer] = None
 
     # --- start ---------------------------------------------------------------------
     def start(self) -> None:
@@ -86,11 +88,19 @@ class Daemon:
                    else 0)
         self.health.seed(cfg.vips, self.programmer.installed)
         self.egress_cfg = egress_config(cfg, self.egress)
+        if cfg.announce:  # routes a killed instance left: ours again
+            self.announcer = Announcer(cfg.announce.table, self.log, self._hold_ended)
+            kept, removed = self.announcer.adopt(cfg)
+            self.log.info("routes_adopted", table=cfg.announce.table, kept=kept,
+                          removed=removed)
         self.apply(self._resolve(cfg, self.nl, settle=True))
         mode = attach(self.ingress.index, self.ingress.name, self.dp.prog_fd,
                       cfg.lb.xdp_mode, self.log)
         self.attached = (self.ingress.index, mode)
         self.dp.pin_program()
+        if self.announcer:  # only a program attached and forwarding is announced
+            self.announcer.live = True
+            self.apply()
         self.log.info("datapath_attached", interface=cfg.lb.interface, mode=mode,
                       egress=self.egress.name, adopted_maps=len(self.dp.adopted),
                       adopted_vips=adopted)
@@ -113,6 +123,10 @@ class Daemon:
         v = self._vip_by_name.get(vip)
         return (v is not None and v.health.type == "none") or self.health.up(vip, backend)
 
+    def _verdicted(self, vip: str, backend: str) -> bool:
+        verdict = self.health.verdict(vip, backend)
+        return verdict is not None and verdict.checks > 0
+
     def _resolve(self, cfg: Config, nl: Optional[Netlink] = None,
                  settle: bool = False) -> Nexthops:
         """Next hops of cfg's backends (blocking: see Resolver.resolve)."""
@@ -129,9 +143,26 @@ class Daemon:
         if resolved is not None:
             self.nexthops = resolved
         specs, states = self._desired()
+        ann = self.announcer
+        if ann:  # withdrawals before the maps change, announcements after
+            decisions = ann.decide(self.cfg, states, self._verdicted,
+                                   self.admin.announce_withdrawn)
+            ann.withdraw(decisions, self.applied, self.cfg)
+            held_up = ann.up_view(self._up_of)
+            if held_up:  # rings of VIPs just withdrawn keep their health view
+                specs, states = policy.vip_specs(self.cfg, self._admin_of, held_up,
+                                                 self.nexthops.key_of)
         rep = self.programmer.apply(specs, self.nexthops.macs, egress=self.egress_cfg)
         self.applied = {k: e.state for k, e in states.items()}
+        if ann:
+            ann.announce(decisions)
         return rep
+
+    def _hold_ended(self) -> None:
+        try:
+            self.apply()
+        except Exception as e:  # the health flush's retry applies it later
+            self.log.error("health_apply_failed", error=str(e))
 
     def backend_view(self) -> dict[tuple[str, str], BackendView]:
         """(VIP name, backend address) -> what `stats` shows of that pair, for every pair
@@ -160,6 +191,26 @@ class Daemon:
                           **{"from": before, "to": after}, reason=f"admin {state}")
         return after
 
+    def set_announce(self, action: str) -> dict:
+        """`xdplb announce {status,withdraw,restore}`: persisted first (as set_admin)."""
+        if action in ("withdraw", "restore"):
+            if self.announcer is None:
+                raise KeyError(f"no [announce] in {self.path}: nothing is announced")
+            self.admin.set_announce_withdrawn(action == "withdraw")
+            self.apply()
+            self.log.info("announce_set", action=action)
+        return self.announce_status()
+
+    def announce_status(self) -> dict:
+        ann = self.announcer
+        if ann is None:
+            return {"configured": False, "vips": []}
+        return {"configured": True, "table": self.cfg.announce.table,
+                "withdrawn": self.admin.announce_withdrawn, "held": ann.held(),
+                "vips": [{"name": v.name, "address": str(v.address),
+                          "announced": ann.is_announced(v.address),
+                          "reason": ann.reason(v.address)} for v in self.cfg.vips]}
+
     # --- reload --------------------------------------------------------------------
     async def reload_async(self) -> None:
         """SIGHUP. Reloads run one at a time, each reading the file when its turn comes,
@@ -175,6 +226,10 @@ class Daemon:
             for k in FIXED:
                 if getattr(new.lb, k) != getattr(self.cfg.lb, k):
                     raise ConfigError([f"lb.{k} changed: restart xdplb to apply it"])
+            if (getattr(new.announce, "table", None) !=
+                    getattr(self.cfg.announce, "table", None)):
+                raise ConfigError(["[announce] added, removed or its table changed: "
+                                   "restart xdplb to apply it"])
             # the state file is read anew (it may have been edited, or moved)
             admin = await loop.run_in_executor(None, AdminStates, new.lb.state_file)
         except ConfigError as e:
@@ -246,6 +301,8 @@ class Daemon:
         links.start(loop)
         try:
             await stop.wait()
+            if self.announcer and not self.cfg.lb.keep_datapath_on_exit:
+                await self._withdraw_all(stop)
         finally:
             for task in tasks:
                 task.cancel()
@@ -256,6 +313,24 @@ class Daemon:
                 await metrics.close()
             self.shutdown()
         return 0
+
+    async def _withdraw_all(self, stop: asyncio.Event) -> None:
+        """SIGTERM with [announce]: every route withdrawn, then forwarding goes on until
+        the last withdrawal is withdraw_delay old (the router moves the traffic
+        meanwhile); a second SIGTERM/SIGINT cuts the wait short."""
+        self.announcer.stopping = True
+        try:
+            self.apply()
+        except Exception as e:  # still stop
+            self.log.error("withdraw_failed", error=str(e))
+        wait = self.announcer.delay_left(self.cfg.announce.withdraw_delay)
+        if wait > 0:
+            self.log.info("stopping_after_withdraw_delay", seconds=round(wait, 3))
+            stop.clear()
+            try:
+                await asyncio.wait_for(stop.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
 
     async def _refresh_loop(self) -> None:
         """Follow next-hop changes within NEXTHOP_REFRESH_S; retry unresolved ones fast."""
@@ -269,6 +344,8 @@ class Daemon:
                 # a reload meanwhile brought its own next hops: these may lack backends
                 if self.cfg is cfg and resolved != self.nexthops:
                     self.apply(resolved)
+                elif self.announcer and self.announcer.failing:  # try the routes again
+                    self.apply()
             except Exception as e:  # keep forwarding whatever happens here
                 self.log.warning("nexthop_refresh_failed", error=str(e))
 
@@ -281,6 +358,8 @@ class Daemon:
                 self.log.warning("detach_failed", error=str(e))
             self.dp.unpin_all()
         self.log.info("stopped", datapath_kept=keep)
+        if self.announcer:
+            self.announcer.close()
         if self.dp:
             self.dp.close()
 

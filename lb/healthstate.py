@@ -2,7 +2,8 @@
 feed them (one probe serves every pair that checks the same thing), and the state flips
 waiting for their map update.
 
-Flips are handed to a callback together, HEALTH_BATCH_S after the first one (a switch
+Flips (and first verdicts, which complete a VIP's view for its announcement) are handed
+to a callback together, HEALTH_BATCH_S after the first one (a switch
 failing under a thousand backends costs a few ring swaps, not a thousand), and logged
 once the callback has run: `backend_state_changed`, or `backend_health_changed` when an
 admin state hides the health (a maint backend going down changes no state)."""
@@ -76,6 +77,7 @@ class HealthBook:
         self.seed_up: set[Pair] = set()
         self.scheduler: Optional[Scheduler] = None
         self._pending: list[dict] = []  # events awaiting their map update
+        self._first_verdict = False     # a pair had its first result since the last one
         self._flush: Optional[asyncio.TimerHandle] = None
 
     # --- what the policy and the views read ---------------------------------------
@@ -160,6 +162,8 @@ class HealthBook:
         """A check's result, for every VIP/backend pair using that probe."""
         for k in self.probes.get(p, ()):
             v = self.verdicts.get(k)
+            # a first verdict completes a VIP's view (announcements wait for it)
+            self._first_verdict |= v is not None and not v.checks
             flip = v.record(r) if v is not None else None
             if flip:
                 admin = self.admin_of(*k)
@@ -169,13 +173,13 @@ class HealthBook:
                     "to": policy.effective(admin, flip[1]).state, "reason": r.reason,
                     "health": "up" if flip[1] else "down",
                     "consecutive": v.run, "check_count": v.checks})
-        if self._pending and self._flush is None:
+        if (self._pending or self._first_verdict) and self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(HEALTH_BATCH_S,
                                                                 self._flush_health)
 
     def _flush_health(self) -> None:
         self._flush = None
-        events, self._pending = self._pending, []
+        events, self._pending, self._first_verdict = self._pending, [], False
         try:
             self.apply_flips(events)
         except Exception as e:  # keep checking; try the maps again shortly

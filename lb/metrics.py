@@ -68,6 +68,15 @@ class StatsCollector:
                 m.add_metric(labels, v[key])
             yield m
 
+        announcing = [(labels, v) for labels, v in zip(vip_labels, vips) if "announced" in v]
+        if announcing:
+            m = GaugeMetricFamily("xdplb_vip_announced",
+                                  "1 while the VIP's address is announced (its route is in "
+                                  "the [announce] table).", labels=VIP_LABELS)
+            for labels, v in announcing:
+                m.add_metric(labels, int(v["announced"]))
+            yield m
+
         pairs = [((v["name"], b["address"]), b) for v in vips for b in v["backends"]]
         for name, key, help_ in (("backend_packets", "packets", "Packets sent to a backend."),
                                  ("backend_bytes", "bytes", "Bytes sent to a backend.")):

@@ -66,9 +66,12 @@ def stats_snapshot(d) -> dict:
                 # without a next-hop MAC every packet to it is dropped (no_nexthop)
                 "nexthop": "resolved" if d.nexthops.resolved(b.address) else "unresolved",
             })
-        vips.append({"name": v.name, "address": str(v.address), "port": v.port,
-                     "protocol": v.protocol, "packets": packets, "bytes": nbytes,
-                     "backends": backends})
+        vip = {"name": v.name, "address": str(v.address), "port": v.port,
+               "protocol": v.protocol, "packets": packets, "bytes": nbytes,
+               "backends": backends}
+        if d.announcer is not None:  # [announce]: its address's route is in place
+            vip["announced"] = d.announcer.is_announced(v.address)
+        vips.append(vip)
     doc = {"vips": vips, "global": global_section(dp.global_counters())}
     figures = d.health.figures()
     if figures is not None:

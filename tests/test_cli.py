@@ -65,7 +65,8 @@ def test_bad_config_exits_1_naming_the_key(cfg, tmp_path):
 
 
 def test_no_instance_exits_3(cfg):
-    for args in (("stats", "--json"), ("backend", "drain", "web", "10.1.0.11")):
+    for args in (("stats", "--json"), ("backend", "drain", "web", "10.1.0.11"),
+                 ("announce", "status"), ("announce", "withdraw")):
         r = run(*args, "--config", cfg())
         assert r.returncode == 3
         assert "no xdplb instance answers on /run/xdplb/clitest.sock" in one_line(r)

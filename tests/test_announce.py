@@ -1,0 +1,335 @@
+"""[announce] with the real daemon in the lab: the blackhole routes of protocol 252 in table
+200 of the LB's namespace, by health (all backends down, min_backends, first verdicts),
+by `xdplb announce withdraw|restore` (kept across a restart), on SIGTERM (withdrawn
+before the program stops forwarding), adopted after SIGKILL; routes of other protocols
+and tables are never touched. IPv4 and IPv6 VIPs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+from pyroute2.netlink.exceptions import NetlinkError
+
+from lb.announce import RTPROT_XDPLB
+from lb.lab import netns, topology
+from lb.lab.instance import Instance, RunFiles
+from lb.metrics import render
+
+import daemonctl
+
+LAB = topology.Lab(prefix="xa-")
+FILES = RunFiles("announce")
+TABLE = 200
+VIPS = {topology.VIP4: ("web", "echo"), topology.VIP6: ("web6",)}
+HEALTH = dict(daemonctl.FAST_HTTP_HEALTH, interval=0.25, timeout=0.2, fall=1)
+SPAWNED: list[Instance] = []
+
+
+def config(tmp, name="lb.toml", announce="", vip_extra="") -> str:
+    """web (tcp/80) and echo (udp/5353) on VIP4, web6 on VIP6, over the lab's three
+    backends, with [announce] (table 200, withdraw_delay 1 s unless `announce` says)."""
+    hosts = LAB.hosts()
+    text = FILES.lb_table("lb0", ring_size=65537, flow_table_size=65536)
+    text += "\n[health]\n" + "".join(f"{k} = {v}\n" for k, v in HEALTH.items())
+    text += f"\n[announce]\ntable = {TABLE}\nwithdraw_delay = 1.0\n{announce}"
+    for vip, addr, port, proto, fam in (("web", topology.VIP4, 80, "tcp", 4),
+                                        ("echo", topology.VIP4, 5353, "udp", 4),
+                                        ("web6", topology.VIP6, 80, "tcp", 6)):
+        text += (f'\n[[vip]]\nname = "{vip}"\naddress = "{addr}"\nport = {port}\n'
+                 f'protocol = "{proto}"\n')
+        if port != 80:
+            text += "[vip.health]\nport = 80\n"
+        if vip == "web":
+            text += vip_extra
+        for be in LAB.backends:
+            text += f'[[vip.backend]]\naddress = "{getattr(hosts[be], f"v{fam}")}"\n'
+    path = tmp / name
+    path.write_text(text)
+    return str(path)
+
+
+def routes(table: int = TABLE, proto: int = RTPROT_XDPLB) -> list[str]:
+    """The LB namespace's routes in `table` of protocol `proto`, as "addr/len" (sorted;
+    a duplicate shows twice)."""
+    out = []
+    with netns.Netns(LAB.lb, create=False, owned=False).ipr() as ipr:
+        for fam in (socket.AF_INET, socket.AF_INET6):
+            for r in ipr.route("dump", family=fam, table=table):
+                if r["proto"] == proto and r.get_attr("RTA_TABLE") == table:
+                    out.append(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
+    return sorted(out)
+
+
+ANNOUNCED = sorted([f"{topology.VIP4}/32", f"{topology.VIP6}/128"])
+
+
+def add_route(dst: str, table: int = TABLE, proto: int = RTPROT_XDPLB) -> None:
+    with netns.Netns(LAB.lb, create=False, owned=False).ipr() as ipr:
+        ipr.route("add", dst=dst, table=table, proto=proto, type="blackhole",
+                  family=socket.AF_INET6 if ":" in dst else socket.AF_INET)
+
+
+def del_routes(*dsts: str, table: int = TABLE, proto: int = 4) -> None:
+    """Remove the test's routes (protocol `proto`: static unless told)."""
+    with netns.Netns(LAB.lb, create=False, owned=False).ipr() as ipr:
+        for dst in dsts:
+            try:
+                ipr.route("del", dst=dst, table=table, type="blackhole", proto=proto,
+                          family=socket.AF_INET6 if ":" in dst else socket.AF_INET)
+            except NetlinkError:
+                pass
+
+
+def start(cfg: str, log: str) -> Instance:
+    d = Instance(LAB.lb, cfg, log)
+    SPAWNED.append(d)
+    d.wait("datapath_attached")
+    d.wait_control()
+    return d
+
+
+def announced(d: Instance) -> dict[str, bool]:
+    return {v["name"]: v["announced"] for v in d.stats()["vips"]}
+
+
+def wait_routes(d: Instance, want: list[str], what: str) -> None:
+    d.wait_until(lambda: routes() == want, f"{what}: routes {want} (have {routes()})")
+
+
+def servers(up: bool) -> None:
+    for be in LAB.backends:
+        (LAB.start_server if up else LAB.stop_server)(be)
+
+
+def ring(addr: str = topology.VIP4) -> list:
+    return daemonctl.pinned_ring(FILES.pin, addr, 80, socket.IPPROTO_TCP)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("announce")
+    FILES.clean()
+    LAB.up()
+    try:
+        cfg = config(tmp)
+        d = start(cfg, str(tmp / "daemon.log"))
+        wait_routes(d, ANNOUNCED, "first announcement")
+        yield tmp, cfg, d
+    finally:
+        for p in SPAWNED:
+            p.stop()
+        LAB.down()
+        FILES.clean()
+
+
+def current(env) -> Instance:
+    """The running daemon of the module (tests restart it); every server up, announced."""
+    tmp, cfg, _ = env
+    d = SPAWNED[-1]
+    if d.proc.poll() is not None:
+        d = start(cfg, str(tmp / "daemon.log"))
+    for be in LAB.backends:
+        if not os.path.exists(os.path.join(LAB.piddir, f"{be}.pid")):
+            LAB.start_server(be)
+    wait_routes(d, ANNOUNCED, "baseline")
+    d.wait_until(lambda: all(b["state"] == "active" for v in d.stats()["vips"]
+                             for b in v["backends"]), "every backend active")
+    return d
+
+
+def test_announced_once_every_backend_is_checked(env):
+    d = current(env)
+    assert routes() == ANNOUNCED           # one route per address, IPv4 /32 and IPv6 /128
+    assert announced(d) == {"web": True, "echo": True, "web6": True}
+    events = d.events("vip_announced")
+    assert sorted(e["vip"] for e in events) == ["echo", "web", "web6"]
+    assert {e["reason"] for e in events} == {"health"}
+    exposition = render(d.stats()).decode()
+    assert exposition.count("xdplb_vip_announced{") == 3
+    assert (f'xdplb_vip_announced{{address="{topology.VIP6}",port="80",protocol="tcp",'
+            f'vip="web6"}} 1.0') in exposition
+    status = daemonctl.cli("announce", "status", "--config", env[1])
+    assert status.returncode == 0, status.stderr
+    assert "announce: active; routes in table 200" in status.stdout
+    assert status.stdout.count(" announced\n") == 3
+
+
+def test_all_backends_down_withdraws_after_holding_the_ring(env):
+    d = current(env)
+    n = d.mark()
+    servers(False)
+    # the ring the VIP had when it was withdrawn stays until withdraw_delay has passed,
+    # so the withdrawal reaches the router before the ring changes
+    d.wait_until(lambda: routes() == [], "the withdrawal")
+    assert any(ring()), "the ring changed before the withdrawal had time to reach a router"
+    d.wait_until(lambda: not any(ring()), "the ring emptied after the hold")
+    withdrawn = d.events("vip_withdrawn", after=n)
+    assert sorted(e["vip"] for e in withdrawn) == ["echo", "web", "web6"]
+    assert {e["reason"] for e in withdrawn} == {"health"}
+    assert announced(d) == {"web": False, "echo": False, "web6": False}
+    out = daemonctl.cli("announce", "status", "--config", env[1]).stdout
+    assert "withdrawn (health)" in out
+    n = d.mark()
+    servers(True)
+    wait_routes(d, ANNOUNCED, "announced again")
+    back = d.events("vip_announced", after=n)
+    assert sorted(e["vip"] for e in back) == ["echo", "web", "web6"]
+    assert {e["reason"] for e in back} == {"health"}
+    assert len(d.events("vip_withdrawn", after=n)) == 0
+
+
+def test_min_backends(env):
+    tmp, cfg, _ = env
+    d = current(env)
+    os.replace(config(tmp, "next.toml", announce="min_backends = 3\n"), cfg)
+    n = d.mark()
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait("config_reloaded", after=n)
+    try:
+        assert routes() == ANNOUNCED
+        LAB.stop_server(LAB.backends[0])
+        d.wait_until(lambda: routes() == [], "withdrawn below min_backends")
+        # two backends still take new flows: after the hold the ring has them
+        d.wait_until(lambda: set(ring()) == {LAB.hosts()[b].v4 for b in LAB.backends[1:]},
+                     "the ring without the stopped backend")
+        assert routes() == []
+        assert {e["reason"] for e in d.events("vip_withdrawn", after=n)} == {"health"}
+        LAB.start_server(LAB.backends[0])
+        wait_routes(d, ANNOUNCED, "three backends again")
+    finally:
+        os.replace(config(tmp, "next.toml"), cfg)
+        n = d.mark()
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait("config_reloaded", after=n)
+
+
+def test_admin_withdraw_persists_across_restart_and_restore(env):
+    tmp, cfg, _ = env
+    d = current(env)
+    ring_before = ring()
+    n = d.mark()
+    r = daemonctl.cli("announce", "withdraw", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert "withdrawn (xdplb announce restore" in r.stdout
+    assert routes() == []                       # withdrawn when the command returns
+    assert ring() == ring_before                # forwarding goes on, ring untouched
+    counts, failed = LAB.client_http(topology.VIP4, 10)
+    assert failed == 0, counts
+    assert {e["reason"] for e in d.events("vip_withdrawn", after=n)} == {"admin"}
+    assert json.load(open(FILES.state))["announce_withdrawn"] is True
+    assert announced(d) == {"web": False, "echo": False, "web6": False}
+
+    d.stop()                                    # a restart keeps the node withdrawn
+    d = start(cfg, str(tmp / "daemon.log"))
+    d.wait_until(lambda: all(b["checks"] for v in d.stats()["vips"]
+                             for b in v["backends"]), "every backend checked")
+    time.sleep(0.5)                             # more verdicts: still nothing announced
+    assert routes() == []
+    n = d.mark()
+    r = daemonctl.cli("announce", "restore", "--config", cfg)
+    assert r.returncode == 0, r.stderr
+    assert routes() == ANNOUNCED
+    assert {e["reason"] for e in d.events("vip_announced", after=n)} == {"admin"}
+    assert "announce_withdrawn" not in json.load(open(FILES.state))
+
+
+def test_sigterm_withdraws_before_the_program_stops_forwarding(env):
+    tmp, cfg, _ = env
+    d = current(env)
+    add_route("10.200.9.8/32", proto=4)         # a static route in our table
+    try:
+        n = d.mark()
+        d.proc.send_signal(signal.SIGTERM)
+        d.wait_until(lambda: routes() == [], "the withdrawal on SIGTERM")
+        # withdrawn, and the program still attached and forwarding
+        assert d.proc.poll() is None
+        lb = netns.Netns(LAB.lb, create=False, owned=False)
+        assert lb.xdp_query("lb0")["prog_id"]
+        counts, failed = LAB.client_http(topology.VIP4, 10)
+        assert failed == 0, counts
+        assert d.proc.wait(10) == 0
+        events = [e["event"] for e in d.events(after=n)]
+        assert events.index("vip_withdrawn") < events.index("stopped")
+        assert {e["reason"] for e in d.events("vip_withdrawn", after=n)} == {"shutdown"}
+        assert not lb.xdp_query("lb0")["prog_id"]
+        assert routes(proto=4) == ["10.200.9.8/32"]
+    finally:
+        del_routes("10.200.9.8/32")
+
+
+def test_sigkill_leaves_routes_and_a_restart_adopts_only_its_own(env):
+    tmp, cfg, _ = env
+    d = current(env)
+    d.kill()
+    assert routes() == ANNOUNCED                # the program forwards: routes stay
+    n = len(d.events())
+    stale, foreign, elsewhere = "10.200.9.9/32", "10.200.9.7/32", "fd00:9::9/128"
+    add_route(stale)                            # ours, for no VIP: goes
+    add_route(foreign, proto=4)                 # another protocol's: stays
+    add_route(elsewhere, table=TABLE + 1)       # ours, other table: stays
+    try:
+        d = start(cfg, str(tmp / "daemon.log"))
+        ev = d.wait("routes_adopted", after=n)
+        assert (ev["kept"], ev["removed"]) == (2, 1)
+        time.sleep(0.5)                         # verdicts arrive: no second route
+        assert routes() == ANNOUNCED
+        assert routes(proto=4) == [foreign]
+        assert routes(table=TABLE + 1) == [elsewhere]
+        # adopted as they were: no transition, no event
+        assert d.events(("vip_announced", "vip_withdrawn"), after=n) == []
+        assert announced(d) == {"web": True, "echo": True, "web6": True}
+    finally:
+        del_routes(foreign)
+        del_routes(elsewhere, table=TABLE + 1, proto=RTPROT_XDPLB)
+
+
+def test_foreign_route_for_a_vip_address_blocks_only_that_address(env):
+    tmp, cfg, _ = env
+    d = current(env)
+    d.stop()
+    add_route(f"{topology.VIP6}/128", proto=4)
+    try:
+        n = len(d.events())
+        d = start(cfg, str(tmp / "daemon.log"))
+        ev = d.wait("announce_failed", after=n)
+        assert "not xdplb's" in ev["error"]
+        wait_routes(d, [f"{topology.VIP4}/32"], "the other address")
+        assert routes(proto=4) == [f"{topology.VIP6}/128"]   # untouched
+        assert announced(d)["web6"] is False
+        del_routes(f"{topology.VIP6}/128")      # gone: the retry announces
+        wait_routes(d, ANNOUNCED, "retried")
+    finally:
+        del_routes(f"{topology.VIP6}/128")
+
+
+def test_first_verdicts_gate_the_announcement(env):
+    """A backend whose first check takes long (no answer to ARP, the timeout runs)
+    keeps the VIP unannounced, though its other backends are up."""
+    tmp, cfg, _ = env
+    d = current(env)
+    d.stop()
+    assert routes() == []
+    slow = ('[vip.health]\ninterval = 2.0\ntimeout = 1.5\n'
+            '[[vip.backend]]\naddress = "10.200.0.99"\n')
+    gated = config(tmp, "gated.toml", vip_extra=slow)
+    d = start(gated, str(tmp / "gated.log"))
+    seen_partial = False
+    while True:
+        doc = d.stats()
+        web = next(v for v in doc["vips"] if v["name"] == "web")
+        if any(b["checks"] == 0 for b in web["backends"]):
+            seen_partial |= any(b["state"] == "active" for b in web["backends"])
+            assert not web["announced"], "announced with a backend not yet checked"
+            assert f"{topology.VIP4}/32" not in routes()
+        elif web["announced"]:
+            break
+        assert d.proc.poll() is None
+        time.sleep(0.02)
+    assert seen_partial
+    assert routes() == ANNOUNCED
+    d.stop()
