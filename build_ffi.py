@@ -53,7 +53,7 @@ def build_bpf() -> None:
     for src_name, skel_name in OBJECTS.items():
         src = BPF_DIR / f"{src_name}.bpf.c"
         obj = OUT_DIR / f"{src_name}.bpf.o"
-        _run([clang, "-g", "-O2", "-target", "bpf", "-Wall", "-Werror",
+        _run([clang, "-g", "-O2", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror",
               f"-I{_arch_include()}", f"-I{BPF_DIR}", "-c", str(src), "-o", str(obj)])
         skel = _run([bpftool, "gen", "skeleton", str(obj), "name", skel_name],
                     capture_output=True).stdout

@@ -86,9 +86,10 @@ static __always_inline __u32 flow_hash(const struct flow_key *k, int v6, int src
 	return mm3_final(h, n * 4);
 }
 
-/* Slot of a flow in the per-CPU flow cache: the ten key words folded by XOR, then
- * MurmurHash3's finaliser. Cheaper than flow_hash for IPv6 and only used as an index. */
-static __always_inline __u32 flow_cache_index(const struct flow_key *k)
+/* Where a flow sits in the connection table (its bucket and its own slot there): the ten
+ * key words folded by XOR, then MurmurHash3's finaliser. Cheaper than flow_hash for IPv6,
+ * and the same whatever the VIP's hash mode, since the table is asked before the VIP. */
+static __always_inline __u32 flow_slot_hash(const struct flow_key *k)
 {
 	const __u32 *w = (const void *)k;
 	__u32 h = w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4] ^ w[5] ^ w[6] ^ w[7] ^ w[8] ^ w[9];

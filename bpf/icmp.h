@@ -25,14 +25,14 @@ static __always_inline int icmp_to_backend(struct xdp_md *ctx, struct lb_global 
 					   const struct lb_config *cfg,
 					   const struct flow_key *fk, const struct encap_info *ei)
 {
-	__u32 frame_len = ctx->data_end - ctx->data, hash, id;
-	struct flow_val *fv = bpf_map_lookup_elem(&flows, fk);
-	struct backend *be = fv ? entry_backend(fv) : NULL;
+	__u32 frame_len = ctx->data_end - ctx->data, hash, id, h = flow_slot_hash(fk);
+	struct flow_val fv;
+	struct backend *be = ft_find(ft_bucket(h), fk, &fv) >= 0 ? entry_backend(&fv) : NULL;
 	struct vip_meta *vm;
 	int v;
 
 	if (be) {
-		hash = fv->hash;
+		hash = fv.hash;
 	} else {
 		vm = vip_of_flow(fk);
 		if (!vm)

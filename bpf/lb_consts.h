@@ -55,9 +55,7 @@
 #define LB_FLOW_TABLE_SIZE 65536
 #define LB_DEFAULT_RING_SIZE 65537
 #define LB_PREFILTER_WORDS 1024 /* 65536 bits */
-#define LB_FLOW_CACHE_SLOTS 16384 /* per CPU, a power of two */
+#define LB_FLOW_WAYS 8 /* slots per bucket of the connection table (a power of two) */
 #define ONE_SEC_NS 1000000000ULL
-#define FLOW_CACHE_TOUCH_BITS 6 /* one cache hit in 2^this also asks `flows` (keeps LRU
-				 * entries young), see touch_due() */
 
 #endif

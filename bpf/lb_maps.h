@@ -75,27 +75,22 @@ struct {
 	__type(value, struct nexthop);
 } nexthops SEC(".maps");
 
-/* Connection table: one hash table, one LRU list per CPU (no shared LRU lock). */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, LB_FLOW_TABLE_SIZE);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
-	__type(key, struct flow_key);
-	__type(value, struct flow_val);
-} flows SEC(".maps");
-
-/* Per-CPU direct-mapped cache in front of `flows` (see struct flow_cache_slot): one
- * flat array, CPU c owning slots [c * n, (c + 1) * n) with n = flow_cache_mask + 1. Flat
- * rather than PERCPU_ARRAY: a slot is one load from a page-aligned (mmapable) array, so
- * 64-byte slots sit on cache lines, instead of a load of the element's per-CPU pointer
- * and then a slot that may straddle two lines. Not pinned: a new instance starts empty. */
+/* Connection table: one table shared by every CPU (a connection's packets may arrive on
+ * any of them), set-associative: an element is a bucket of LB_FLOW_WAYS slots, a slot per
+ * cache line, written and aged by the data path itself (flowtable.h). An array: a lookup
+ * is an inlined read, an insert a few stores, with no allocation, lock or helper call.
+ * BPF_F_MMAPABLE: page-aligned, so slots sit on cache lines, and user space reads it
+ * through an mmap. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, LB_FLOW_CACHE_SLOTS);
+	__uint(max_entries, LB_FLOW_TABLE_SIZE / LB_FLOW_WAYS);
 	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
-	__type(value, struct flow_cache_slot);
-} flow_cache SEC(".maps");
+	__type(value, struct flow_bucket);
+} flows SEC(".maps");
+
+/* Buckets in `flows` (its max_entries), set between open and load. */
+const volatile __u32 flow_buckets = LB_FLOW_TABLE_SIZE / LB_FLOW_WAYS;
 
 /* Per-CPU window of flow-table inserts, for lb_config.flow_insert_limit. */
 struct {
@@ -112,21 +107,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct flow_rate);
 } too_big_rate SEC(".maps");
-
-/* Slots per CPU - 1 (a power of two - 1), and the number of CPU ranges (possible
- * CPUs), set between open and load. */
-const volatile __u32 flow_cache_mask = LB_FLOW_CACHE_SLOTS - 1;
-const volatile __u32 flow_cache_cpus = 1;
-
-/* One sequence number per flow-cache index (shared by all CPUs): bumped by every write
- * of a `flows` entry whose key has that index, so a CPU that filled its cache slot from
- * the table while a write was under way can tell (see flowcache.h). Not pinned. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, LB_FLOW_CACHE_SLOTS);
-	__type(key, __u32);
-	__type(value, __u32);
-} flow_seq SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -152,7 +132,7 @@ struct {
 /* Per-VIP counters of the packets for a VIP that were not sent (dropped); a sent packet
  * is counted for its backend only, and user space adds a VIP's backends to it, so a
  * forwarded packet touches one counter line, not two. Per CPU, laid out flat like
- * flow_cache: CPU c's counter for VIP id i is element c * vip_stats_stride + i (the
+ * backends: CPU c's counter for VIP id i is element c * vip_stats_stride + i (the
  * stride is max VIPs, set between open and load). User space sizes the map for one block
  * more than there are CPUs: the last block holds what removed backends had counted,
  * written by user space only. Only CPU c writes its block, so increments are exact. */

@@ -6,6 +6,7 @@
 #define XDPLB_STRUCTS_H
 
 #include <linux/types.h>
+#include "lb_consts.h"
 
 /* Address families as stored in maps. Zero means "no address": never forwarded to. */
 enum lb_family {
@@ -93,13 +94,23 @@ struct flow_val {
 	__u32 gen;
 };
 
-/* One slot of the per-CPU `flow_cache`, a direct-mapped cache of `flows` entries indexed
- * by the 5-tuple hash. A slot is honoured only if its key equals the packet's and its
- * entry passes the same checks as a `flows` entry; vip_id 0 marks an empty slot. */
-struct flow_cache_slot {
+/* One slot of the connection table `flows` (flowtable.h): a flow's key and entry, on one
+ * cache line. A key without address family (all zero) marks an empty slot. seq is odd
+ * while a CPU writes the slot (a reader that sees it odd, or changed across its read,
+ * reads again); age counts the entries written into the slot's bucket since this one was
+ * last used (saturating), so a full bucket gives up its least recently used entry. */
+struct flow_slot {
 	struct flow_key key;
 	struct flow_val val;
-	__u64 pad; /* also what a fill's locked add (a barrier) targets, see flowcache.h */
+	__u32 seq;
+	__u8 age;
+	__u8 pad[3];
+};
+
+/* One element of `flows`: a bucket, LB_FLOW_WAYS slots on consecutive cache lines (one
+ * lookup reaches all of them). */
+struct flow_bucket {
+	struct flow_slot slot[LB_FLOW_WAYS];
 };
 
 enum lb_encap {
@@ -172,7 +183,8 @@ enum lb_stat {
 			      * in tx_port (redirect mode) */
 	ST_DROP_ADJUST_FAIL, /* bpf_xdp_adjust_head refused the headroom */
 	ST_GUE_ZERO_CSUM,    /* GUE sent with UDP checksum 0: inner IPv4 UDP had none */
-	ST_FLOW_CACHE_HIT,   /* flow hits served by the per-CPU flow cache (also in FLOW_HIT) */
+	ST_FLOW_CACHE_HIT,   /* flow hits found in the flow's own slot of its bucket, one cache
+			      * line read (also in FLOW_HIT) */
 	ST_FLOW_INSERT_LIMITED, /* packets of flows forwarded without a table entry, over
 				 * lb_config.flow_insert_limit (each such packet; also in MISS/MOVED) */
 	ST_ICMP_FORWARDED,   /* ICMP errors quoting a VIP flow's reply, sent to the flow's
@@ -182,6 +194,10 @@ enum lb_stat {
 	ST_TOO_BIG_LIMITED,  /* too big, not answered: over lb_config.too_big_per_sec (also
 			      * in DROP and DROP_TOO_BIG) */
 	ST_ECHO_ANSWERED,    /* echo requests to a VIP address answered (also in TX) */
+	ST_FLOW_EVICTED,     /* connection-table entries given up for a new flow's (its
+			      * bucket was full: the least recently used one went) */
+	ST_FLOW_INSERT_RACED, /* new flows not remembered: another CPU was writing the same
+			       * bucket at that moment (also in MISS/MOVED) */
 	ST__MAX,
 };
 

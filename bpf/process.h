@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
-/* A parsed flow's way out: the per-CPU flow cache, the connection table, or the VIP's
- * ring for a new flow, then encapsulation and the send. */
+/* A parsed flow's way out: the connection table, or the VIP's ring for a new flow, then
+ * encapsulation and the send. */
 #ifndef XDPLB_PROCESS_H
 #define XDPLB_PROCESS_H
 
@@ -10,7 +10,7 @@
 #include "select.h"
 #include "encap.h"
 #include "flowkey.h"
-#include "flowcache.h"
+#include "flowtable.h"
 #include "verdict.h"
 #include "ratelimit.h"
 #include "icmp_answer.h"
@@ -107,16 +107,17 @@ static __always_inline int flow_insert_allowed(const struct lb_config *cfg)
 
 /* A new flow (or one whose entry may not be honoured: moved): the VIP decides. No VIP ->
  * pass; else the ring picks a backend and the entry is (re)written, within the insert
- * limit, and no other CPU's cache keeps the entry it replaced. */
+ * limit. */
 static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 				       const struct lb_config *cfg, const struct flow_key *fk,
 				       const struct encap_info *ei, __u32 frame_len,
-				       struct flow_cache_slot *cs, int moved)
+				       __u32 bucket, __u32 own, int moved)
 {
 	struct vip_meta *vm = vip_of_flow(fk);
 	struct flow_val nv = {};
 	struct backend *be;
-	__u32 id, hash, idx, *seq, seen;
+	__u32 id, hash;
+	int res;
 
 	if (!vm)
 		return verdict_pass(g);
@@ -130,11 +131,11 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 	nv.hash = hash;
 	nv.gen = be->gen;
 	if (flow_insert_allowed(cfg)) {
-		idx = flow_cache_index(fk) & flow_cache_mask;
-		seq = flow_seq_of(idx);
-		seen = seq_read(seq);
-		bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
-		cache_publish(cs, fk, &nv, idx, seq, seen);
+		res = ft_store(bucket, own, fk, &nv);
+		if (res == FT_EVICTED)
+			g->c[ST_FLOW_EVICTED]++;
+		else if (res == FT_RACED)
+			g->c[ST_FLOW_INSERT_RACED]++;
 	} else {
 		/* packets forwarded without an entry: every packet of such a flow counts */
 		g->c[ST_FLOW_INSERT_LIMITED]++;
@@ -142,74 +143,58 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 	return forward(ctx, g, cfg, be, hash, ei, frame_len);
 }
 
-/* One cache hit in 2^FLOW_CACHE_TOUCH_BITS (64) also asks `flows`, so the LRU entry of a flow
- * served from the cache stays young (a counter in the slot would dirty its line on every
- * hit). Which hits: the top bits of this CPU's packet count times the golden ratio, so
- * a flow whose packets come at a regular stride (every 2nd packet, say) is still picked
- * one time in 64, as a plain `count % 64` would not. */
-static __always_inline int touch_due(__u64 rx)
-{
-	return ((rx * 0x9E3779B97F4A7C15ull) >> (64 - FLOW_CACHE_TOUCH_BITS)) == 0;
-}
-
 /* A TCP/UDP packet whose destination passed the prefilter. The connection table comes
  * first: an entry whose backend still takes existing flows and still belongs to the
- * entry's VIP forwards at once (one hash lookup; the hash was stored with the entry).
- * Otherwise the VIP decides: no VIP -> pass; else the ring picks a backend and the entry
- * is (re)written (lb_new_flow). A per-CPU direct-mapped cache of entries is asked before
- * the table: a slot with this flow's key and a still-valid entry saves the hash-table
- * lookup. It only holds what `flows` holds for that key (flowcache.h), and is checked
- * like a `flows` entry, so a moved flow (maint/down) is never kept on its old backend. */
+ * entry's VIP forwards at once (the hash was stored with the entry). The flow's own slot
+ * is read first, one cache line, where nearly every hit is found; then the rest of its
+ * bucket. Otherwise the VIP decides: no VIP -> pass; else the ring picks a backend and
+ * the entry is (re)written (lb_new_flow). A hit marks its entry used (age 0) only when it
+ * was not, so a busy flow does not dirty its line on every packet. */
 static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 				   const struct flow_key *fk, const struct encap_info *ei,
 				   __u32 frame_len, int syn)
 {
-	__u32 zero = 0, slot = bpf_get_smp_processor_id() * (flow_cache_mask + 1) +
-				(flow_cache_index(fk) & flow_cache_mask);
-	struct flow_cache_slot *cs = bpf_map_lookup_elem(&flow_cache, &slot);
+	__u32 zero = 0, h = flow_slot_hash(fk), bucket = ft_bucket(h), own = ft_own(h);
+	struct flow_bucket *b = ft_lookup_bucket(bucket);
 	struct lb_config *cfg = bpf_map_lookup_elem(&config, &zero);
-	struct flow_val *fv = NULL;
+	struct flow_slot *s;
+	struct flow_val fv;
 	struct backend *be;
-	__u32 *seq, seen;
+	int found = -1;
 
-	if (!cfg) /* cannot happen (an array's one entry); the verifier wants the check */
+	if (!cfg || !b) /* cannot happen (in range, one entry); the verifier wants the check */
 		return verdict_pass(g);
-	/* A SYN opens a connection: it goes where the ring says now, so it skips the cache
-	 * and the table (two cache misses on a new flow) and overwrites whatever entry an
-	 * earlier connection with the same 5-tuple left. Its retransmissions land on the
-	 * same backend unless the ring changed in between; then the newer entry wins, and
-	 * the rest of the connection follows it, on every CPU (lb_new_flow empties other
-	 * CPUs' cached copies of the old entry). A
-	 * SYN over flow_insert_limit skips them too, as in Katran: under a flood the lookup
-	 * would triple the cost of every flood SYN; the price is that a new connection
-	 * reusing the 5-tuple of a remembered one, after a ring change, is split between the
-	 * ring's backend (its SYN) and the old entry's (the rest). */
-	if (!syn) {
-		if (cs && cs->val.vip_id && flow_key_eq(&cs->key, fk)) {
-			be = entry_backend(&cs->val);
-			if (be) {
-				if (touch_due(g->c[ST_RX]))
-					bpf_map_lookup_elem(&flows, fk);
-				g->c[ST_FLOW_HIT]++;
-				g->c[ST_FLOW_CACHE_HIT]++;
-				return forward(ctx, g, cfg, be, cs->val.hash, ei, frame_len);
-			}
+	s = ft_slot(b, own);
+	/* A SYN opens a connection: it goes where the ring says now, so it skips the lookup
+	 * and overwrites whatever entry an earlier connection with the same 5-tuple left.
+	 * Its retransmissions land on the same backend unless the ring changed in between;
+	 * then the newer entry wins, and the rest of the connection follows it, on every CPU
+	 * (there is one table). A SYN over flow_insert_limit skips the lookup too, as in
+	 * Katran: the price is that a new connection reusing the 5-tuple of a remembered
+	 * one, after a ring change, is split between the ring's backend (its SYN) and the
+	 * old entry's (the rest). */
+	if (syn) {
+	} else if (ft_read(s, fk, &fv) > 0) {
+		be = entry_backend(&fv);
+		if (be) {
+			if (s->age)
+				s->age = 0;
+			g->c[ST_FLOW_HIT]++;
+			g->c[ST_FLOW_CACHE_HIT]++;
+			return forward(ctx, g, cfg, be, fv.hash, ei, frame_len);
 		}
-		/* computed again, not kept from above: keeping it live spilled registers on the
-		 * hit path */
-		seq = flow_seq_of(flow_cache_index(fk) & flow_cache_mask);
-		seen = seq_read(seq);
-		fv = bpf_map_lookup_elem(&flows, fk);
-		if (fv) {
-			be = entry_backend(fv);
-			if (be) {
-				cache_fill_checked(cs, fk, fv, seq, seen);
-				g->c[ST_FLOW_HIT]++;
-				return forward(ctx, g, cfg, be, fv->hash, ei, frame_len);
-			}
+		found = 0;
+	} else if ((found = ft_find(bucket, fk, &fv)) >= 0) {
+		be = entry_backend(&fv);
+		if (be) {
+			s = ft_slot(b, found);
+			if (s->age)
+				s->age = 0;
+			g->c[ST_FLOW_HIT]++;
+			return forward(ctx, g, cfg, be, fv.hash, ei, frame_len);
 		}
 	}
-	return lb_new_flow(ctx, g, cfg, fk, ei, frame_len, cs, fv != NULL);
+	return lb_new_flow(ctx, g, cfg, fk, ei, frame_len, bucket, own, found >= 0);
 }
 
 #endif

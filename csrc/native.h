@@ -15,6 +15,8 @@ const char *xdplb_log_text(void);
 
 /* the data path's MurmurHash3 over n words (bpf/flowhash.h) */
 uint32_t xdplb_murmur3(const uint32_t *words, uint32_t n, uint32_t seed);
+/* The connection-table slot hash of a struct flow_key (its ten 32-bit words). */
+uint32_t xdplb_flow_slot_hash(const uint32_t *key_words);
 
 /* weighted Maglev table (maglev.c) */
 int xdplb_maglev_build(uint32_t ring_size, uint32_t n, const uint32_t *keys,

@@ -1,7 +1,7 @@
 """What the data path's maps will cost in memory, and whether this machine can afford it.
 
-The maps are allocated when the program loads (arrays and the LRU connection table are
-preallocated), so an absurd `max_backends` or `flow_table_size` would take the machine's
+The maps are allocated when the program loads (all of them arrays or preallocated
+hashes), so an absurd `max_backends` or `flow_table_size` would take the machine's
 memory at start; `check` and the start refuse it first, naming the key that costs most."""
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ import os
 from typing import Optional
 
 from . import layout
-from .datapath import Limits
+from .flowtable import buckets_for
 
-# kernel bookkeeping per hash-map element (htab_elem header, LRU node, alignment)
-HASH_ELEM_OVERHEAD = 64
 # share of the machine's memory the maps may take
 MEMORY_SHARE = 0.5
 
@@ -32,13 +30,11 @@ def estimate(lb, vips: int, ncpus: Optional[int] = None) -> dict[str, int]:
     config, each with a ring of lb.ring_size, two while one is swapped)."""
     ncpus = ncpus or _cpus()
     size = ctypes.sizeof
-    flow = size(layout.FlowKey) + size(layout.FlowVal) + HASH_ELEM_OVERHEAD
     return {
         "max_backends": lb.max_backends * ncpus * size(layout.BackendSlot),
         "max_vips": lb.max_vips * ((ncpus + 1) * size(layout.Counters) +
                                    2 * size(layout.VipMeta) + 2 * size(layout.AddrKey)),
-        "flow_table_size": lb.flow_table_size * flow +
-        Limits.flow_cache_slots * ncpus * size(layout.FlowCacheSlot),
+        "flow_table_size": buckets_for(lb.flow_table_size) * size(layout.FlowBucket),
         "ring_size": 2 * vips * lb.ring_size * 8,  # u32 ids at a stride of 8
     }
 

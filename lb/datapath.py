@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, Optional
 from . import layout
 from .adopt import misfit
 from .flowhash import prefilter_index
+from .flowtable import FlowTable, buckets_for
 from .layout import BackendEntry, IPAddress, VipEntry
 from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, num_cpus
 from .pindir import PinDir
@@ -36,8 +37,7 @@ class Limits:
     max_vips: int = 4096
     max_backends: int = 65536
     max_nexthops: int = 4096
-    flow_table_size: int = 65536
-    flow_cache_slots: int = 16384  # per CPU, a power of two (64 bytes each)
+    flow_table_size: int = 65536  # flows; the table has buckets of FLOW_WAYS slots
 
 
 @dataclass(frozen=True)
@@ -92,14 +92,9 @@ class Datapath:
             self.skel.rodata.vip_stats_stride = limits.max_vips
             self.skel.rodata.backends_stride = limits.max_backends
             self.skel.set_max_entries("nexthops", limits.max_nexthops)
-            self.skel.set_max_entries("flows", limits.flow_table_size)
-            slots = limits.flow_cache_slots
-            if slots < 1 or slots & (slots - 1):
-                raise ValueError(f"flow_cache_slots must be a power of two, not {slots}")
-            self.skel.set_max_entries("flow_cache", slots * self.ncpus)  # a range per CPU
-            self.skel.set_max_entries("flow_seq", slots)  # shared by the CPUs' ranges
-            self.skel.rodata.flow_cache_mask = slots - 1
-            self.skel.rodata.flow_cache_cpus = self.ncpus
+            buckets = buckets_for(limits.flow_table_size)
+            self.skel.set_max_entries("flows", buckets)
+            self.skel.rodata.flow_buckets = buckets
             if pin_dir:
                 self.pins = PinDir(pin_dir)
                 self._adopt_pins()
@@ -119,12 +114,14 @@ class Datapath:
             "backend": ("backends", limits.max_backends, self.ncpus,
                         ctypes.sizeof(layout.BackendSlot), layout.BackendSlot.c.offset)}
         self._views: dict[str, mmap.mmap] = {}
+        self.flows: Optional[FlowTable] = None
         try:
             for name in ("vip_stats", "backends"):
                 m = self.maps[name]
                 size = -(-m.value_size * m.max_entries // mmap.PAGESIZE) * mmap.PAGESIZE
                 self._views[name] = mmap.mmap(m.fd, size, mmap.MAP_SHARED,
                                               mmap.PROT_READ | mmap.PROT_WRITE)
+            self.flows = FlowTable(self.maps["flows"])
         except BaseException:
             self.close()
             raise
@@ -176,6 +173,9 @@ class Datapath:
         for v in getattr(self, "_views", {}).values():
             v.close()
         self._views = {}
+        if getattr(self, "flows", None) is not None:
+            self.flows.close()
+            self.flows = None
         self.skel.close()
         if self.pins is not None:
             self.pins.close()
@@ -384,15 +384,9 @@ class Datapath:
         for off in offsets:
             _COUNTERS.pack_into(view, off, 0, 0)
 
-    def clear_flow_cache(self) -> None:
-        """Empty every CPU's flow cache (after editing `flows` from user space)."""
-        m = self.skel.map("flow_cache")
-        keys = array.array("I", range(m.max_entries))
-        m.update_batch(keys.tobytes(), bytes(m.value_size * m.max_entries), m.max_entries)
-
     def flow_backend(self, fk: layout.FlowKey) -> Optional[int]:
-        raw = self.maps["flows"].lookup(fk)
-        return None if raw is None else layout.FlowVal.unpack(raw).backend_id
+        val = self.flows.lookup(fk)
+        return None if val is None else val.backend_id
 
 
 def read_ring(rings: Map, ring_id: int) -> Optional[array.array]:

@@ -24,6 +24,7 @@ BE_F_FLOWS_STAY = 1 << 0
 ENCAP_IPIP, ENCAP_GUE = 0, 1
 TX_XDP_TX, TX_REDIRECT = 0, 1
 GLOBAL_SLOTS = 32
+FLOW_WAYS = 8  # LB_FLOW_WAYS: slots per bucket of the connection table
 PREFILTER_WORDS = 1024
 
 
@@ -52,6 +53,8 @@ class Stat(enum.IntEnum):
     TOO_BIG_ANSWERED = 19
     TOO_BIG_LIMITED = 20
     ECHO_ANSWERED = 21
+    FLOW_EVICTED = 22
+    FLOW_INSERT_RACED = 23
 
 
 class _S(ctypes.Structure):
@@ -90,8 +93,12 @@ class FlowVal(_S):
     _fields_ = [("backend_id", u32), ("vip_id", u32), ("hash", u32), ("gen", u32)]
 
 
-class FlowCacheSlot(_S):
-    _fields_ = [("key", FlowKey), ("val", FlowVal), ("pad", u64)]
+class FlowSlot(_S):
+    _fields_ = [("key", FlowKey), ("val", FlowVal), ("seq", u32), ("age", u8), ("pad", u8 * 3)]
+
+
+class FlowBucket(_S):
+    _fields_ = [("slot", FlowSlot * FLOW_WAYS)]
 
 
 class LbConfig(_S):
@@ -126,7 +133,7 @@ class BenchTemplate(_S):
 MIRRORS = {
     "vip_key": VipKey, "vip_meta": VipMeta, "addr_key": AddrKey, "backend": Backend,
     "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal,
-    "flow_cache_slot": FlowCacheSlot, "lb_config": LbConfig,
+    "flow_slot": FlowSlot, "flow_bucket": FlowBucket, "lb_config": LbConfig,
     "lb_counters": Counters, "lb_global": Global, "flow_rate": FlowRate,
     "backend_slot": BackendSlot,
 }

@@ -47,6 +47,14 @@ class StatsCollector:
             "xdplb_flow_insert_limited",
             "Packets of new flows forwarded without a connection-table entry "
             "(over lb.flow_insert_limit).", value=g.get("flow_insert_limited", 0))
+        yield CounterMetricFamily(
+            "xdplb_flow_evictions",
+            "Connection-table entries given up for new flows' (their bucket was full; the "
+            "least recently used went).", value=g.get("flow_evictions", 0))
+        yield CounterMetricFamily(
+            "xdplb_flow_insert_raced",
+            "New flows forwarded but not remembered: another CPU was writing the same "
+            "connection-table bucket at that moment.", value=g.get("flow_insert_raced", 0))
         m = CounterMetricFamily(
             "xdplb_icmp", "ICMP handled for VIPs: errors forwarded to a flow's backend, "
             "too-big answers sent and held back by the rate limit, echo requests answered.",

@@ -29,6 +29,7 @@ def global_section(c: dict[str, int]) -> dict:
             "flow_misses": c["flow_miss"], "flow_moved": c["flow_moved"],
             "flow_cache_hits": c["flow_cache_hit"],
             "flow_insert_limited": c["flow_insert_limited"],
+            "flow_evictions": c["flow_evicted"], "flow_insert_raced": c["flow_insert_raced"],
             "gue_zero_csum": c["gue_zero_csum"],
             "icmp_forwarded": c["icmp_forwarded"], "too_big_answered": c["too_big_answered"],
             "too_big_limited": c["too_big_limited"], "echo_answered": c["echo_answered"],

@@ -56,7 +56,8 @@ COUNTER_NAMES = ("rx", "tx", "redirect", "pass", "drop", "flow_hit", "flow_miss"
                  "flow_moved", "drop_no_backend", "drop_malformed", "drop_too_big",
                  "drop_fragment", "drop_ip_options", "drop_no_nexthop", "drop_adjust_fail",
                  "gue_zero_csum", "flow_cache_hit", "flow_insert_limited", "icmp_forwarded",
-                 "too_big_answered", "too_big_limited", "echo_answered")
+                 "too_big_answered", "too_big_limited", "echo_answered", "flow_evicted",
+                 "flow_insert_raced")
 
 
 def mac_for(key: str) -> bytes:
@@ -315,13 +316,10 @@ class LbEnv:
         return native.test_run(self.dp.prog_fd, data)
 
     def flush_flows(self) -> None:
-        m = self.dp.maps["flows"]
-        for k in list(m.keys()):
-            m.delete(k)
-        self.dp.clear_flow_cache()
+        self.dp.flows.clear()
 
     def flow_count(self) -> int:
-        return sum(1 for _ in self.dp.maps["flows"].keys())
+        return self.dp.flows.count()
 
     # -- counters
     def snapshot(self) -> Snapshot:
@@ -354,7 +352,7 @@ class LbEnv:
 def assert_globals(delta: dict, expected: dict) -> None:
     """Every global counter moved exactly as `expected` says (absent = unchanged).
     flow_cache_hit, when `expected` does not name it, only has to stay within flow_hit
-    (which hits the per-CPU cache serves depends on slot collisions)."""
+    (which hits find their entry in its own slot depends on collisions in the bucket)."""
     unknown = set(expected) - set(COUNTER_NAMES)
     assert not unknown, f"unknown counters {unknown}"
     assert set(delta) == set(COUNTER_NAMES), f"counter names changed: {sorted(delta)}"

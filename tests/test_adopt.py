@@ -16,7 +16,7 @@ from lb.native import Map
 
 PIN = "/sys/fs/bpf/xdplb-adopt-test"
 VIP = ipaddress.ip_address("192.0.2.10")
-LIMITS = Limits(max_vips=64, max_backends=256, flow_table_size=1024, flow_cache_slots=64)
+LIMITS = Limits(max_vips=64, max_backends=256, flow_table_size=1024)
 
 
 def _clean() -> None:

@@ -293,15 +293,13 @@ def test_flow_entry_of_other_vip_id_is_not_honoured(env):
     env.apply([v1, v2])
     f = rand_flows(1, v1, 12)[0]
     foreign = env.bid_of(v2, A("10.11.0.9"))
-    env.dp.maps["flows"].update(f.key(), layout.FlowVal(backend_id=foreign))
-    env.dp.clear_flow_cache()  # user space edited `flows`: drop cached copies
+    env.dp.flows.put(f.key(), layout.FlowVal(backend_id=foreign))
     before = env.snapshot()
     assert send(env, f) == ("tx", A("10.11.0.1"))
     assert_globals(env.delta(before).glob, {"rx": 1, "tx": 1, "flow_moved": 1})
     assert env.dp.flow_backend(f.key()) == env.bid_of(v1, A("10.11.0.1"))
     # an entry naming a nonexistent id (beyond the table) is re-hashed too
-    env.dp.maps["flows"].update(f.key(), layout.FlowVal(backend_id=0xFFFFFFF0))
-    env.dp.clear_flow_cache()
+    env.dp.flows.put(f.key(), layout.FlowVal(backend_id=0xFFFFFFF0))
     before = env.snapshot()
     assert send(env, f) == ("tx", A("10.11.0.1"))
     assert_globals(env.delta(before).glob, {"rx": 1, "tx": 1, "flow_moved": 1})

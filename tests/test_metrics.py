@@ -28,6 +28,8 @@ FAMILIES = {  # name in the text -> (type, label names)
     "xdplb_packets_total": ("counter", ("verdict",)),
     "xdplb_flow_table_total": ("counter", ("result",)),
     "xdplb_flow_insert_limited_total": ("counter", ()),
+    "xdplb_flow_evictions_total": ("counter", ()),
+    "xdplb_flow_insert_raced_total": ("counter", ()),
     "xdplb_icmp_total": ("counter", ("action",)),
     "xdplb_drops_total": ("counter", ("reason",)),
     "xdplb_vip_packets_total": ("counter", VIP),

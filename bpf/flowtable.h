@@ -1,0 +1,278 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* The connection table `flows`: one table for every CPU, so a connection's packets find
+ * the same entry whatever CPU they arrive on, and nothing per CPU needs to be kept
+ * coherent. Set-associative: a flow's key hashes (flow_slot_hash) to a bucket of
+ * LB_FLOW_WAYS slots and to its own slot there. A lookup reads the own slot first (one
+ * cache line: nearly every hit), then the bucket. A write takes, in order: the slot that
+ * already holds the key; the own slot when empty; else the own slot, moving its entry to
+ * the bucket's free or least recently used slot (that entry is evicted), unless its entry
+ * was used since the bucket's last write (then the new entry takes the free or LRU slot).
+ * So entries go only when their bucket is full, least recently used first, and every
+ * eviction is counted.
+ *
+ * Concurrency, per slot, seqlock style: a writer takes the slot by turning its even seq
+ * odd (compare-and-swap against the value its scan saw, so it never overwrites what
+ * another CPU wrote since) and ends it even again; a reader retries a slot whose seq was
+ * odd or changed across its read. A scan of the bucket checks all its seqs again at the
+ * end, so an entry being moved between two slots is never missed. Loads are not
+ * reordered with loads, nor stores with stores, on x86-64 (the JIT's target here): the
+ * compiler barriers are all the ordering this needs. Two CPUs writing one bucket at the
+ * same moment: the loser's flow is forwarded but not remembered (flow_insert_raced). */
+#ifndef XDPLB_FLOWTABLE_H
+#define XDPLB_FLOWTABLE_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "lb_maps.h"
+#include "flowkey.h"
+#include "flowhash.h"
+
+#define FT_WAYS LB_FLOW_WAYS
+#define FT_MASK (FT_WAYS - 1)
+#define FT_NONE FT_WAYS /* no such slot */
+#define FT_TRIES 3      /* reads of a bucket that writers keep changing */
+#define FT_AGE_MAX 255
+
+enum ft_result {
+	FT_RACED = -1,  /* not written: another CPU was writing the bucket */
+	FT_STORED = 0,
+	FT_EVICTED = 1, /* written in place of another flow's entry */
+};
+
+/* A slot holds a flow when its key has an address family (a packet's key always has):
+ * an all-zero slot is empty. */
+static __always_inline int ft_used(const struct flow_slot *s)
+{
+	return s->key.family != LB_AF_NONE;
+}
+
+static __always_inline __u32 ft_seq(const struct flow_slot *s)
+{
+	return *(volatile const __u32 *)&s->seq;
+}
+
+/* The bucket of a flow with slot hash h (multiply-shift: any number of buckets, no
+ * division), and the flow's own slot within it. */
+static __always_inline __u32 ft_bucket(__u32 h)
+{
+	return (__u32)(((__u64)h * flow_buckets) >> 32);
+}
+
+static __always_inline __u32 ft_own(__u32 h)
+{
+	return h & FT_MASK;
+}
+
+static __always_inline struct flow_bucket *ft_lookup_bucket(__u32 bucket)
+{
+	return bpf_map_lookup_elem(&flows, &bucket);
+}
+
+static __always_inline struct flow_slot *ft_slot(struct flow_bucket *b, __u32 i)
+{
+	return &b->slot[i & FT_MASK];
+}
+
+/* Slot s read consistently: 1 if it holds fk (its entry in *out), 0 if it holds another
+ * flow or none (an empty slot's zero key matches no packet's), -1 if a CPU wrote it
+ * meanwhile. */
+static __always_inline int ft_read(const struct flow_slot *s, const struct flow_key *fk,
+				   struct flow_val *out)
+{
+	__u32 seq = ft_seq(s);
+	int match;
+
+	barrier();
+	match = flow_key_eq(&s->key, fk);
+	if (match)
+		*out = s->val;
+	barrier();
+	if ((seq & 1) || ft_seq(s) != seq)
+		return -1;
+	return match;
+}
+
+#define FT_BUSY (~0ULL)
+
+/* The sum of a bucket's seqs, FT_BUSY while a slot is being written. The sum changes
+ * whenever a slot is written (a write only ever increases its seq), so equal sums before
+ * and after a read of the bucket mean nothing was written meanwhile. */
+static __always_inline __u64 ft_seq_sum(const struct flow_bucket *b)
+{
+	__u64 sum = 0;
+	__u32 i, seq, odd = 0;
+
+	for (i = 0; i < FT_WAYS; i++) {
+		seq = ft_seq(&b->slot[i]);
+		sum += seq;
+		odd |= seq;
+	}
+	return odd & 1 ? FT_BUSY : sum;
+}
+
+/* The entry of fk, looked up in the whole bucket: its slot with *out filled, or -1 when
+ * the table has none (or writers kept the bucket changing). A function of its own,
+ * verified once rather than at every caller. */
+__noinline int ft_find(__u32 bucket, const struct flow_key *fk, struct flow_val *out)
+{
+	struct flow_bucket *b = ft_lookup_bucket(bucket);
+	const struct flow_slot *s;
+	__u32 t, i;
+	__u64 sum;
+	int found;
+
+	if (!b || !fk || !out)
+		return -1;
+	for (t = 0; t < FT_TRIES; t++) {
+		sum = ft_seq_sum(b);
+		if (sum == FT_BUSY)
+			continue;
+		barrier();
+		found = -1;
+		for (i = 0; i < FT_WAYS; i++) {
+			s = &b->slot[i];
+			if (flow_key_eq(&s->key, fk)) {
+				*out = s->val;
+				found = i;
+				break;
+			}
+		}
+		barrier();
+		if (ft_seq_sum(b) == sum)
+			return found;
+	}
+	return -1;
+}
+
+/* What a writer needs to know of a bucket, read consistently (ft_scan). */
+struct ft_scan {
+	__u32 seq[FT_WAYS]; /* each slot's seq when read */
+	__u32 match;        /* the slot holding the key, FT_NONE if none */
+	__u32 dup;          /* a second one (two CPUs wrote the key at once), FT_NONE */
+	__u32 empty;        /* an empty slot (the own one if it is), FT_NONE */
+	__u32 oldest;       /* the least recently used entry of another flow, FT_NONE */
+};
+
+/* Read the bucket until no slot changed while it was read (at most FT_TRIES times).
+ * 0 with *sc filled, -1 when writers kept changing it. */
+static __always_inline int ft_scan(struct flow_bucket *b, __u32 own,
+				   const struct flow_key *fk, struct ft_scan *sc)
+{
+	struct flow_slot *s;
+	__u32 t, i, age, oldest_age, odd;
+
+	for (t = 0; t < FT_TRIES; t++) {
+		sc->match = sc->dup = sc->empty = sc->oldest = FT_NONE;
+		oldest_age = 0;
+		odd = 0;
+		for (i = 0; i < FT_WAYS; i++) {
+			s = &b->slot[i];
+			sc->seq[i] = ft_seq(s);
+			odd |= sc->seq[i];
+			barrier();
+			age = s->age;
+			if (!ft_used(s)) {
+				if (sc->empty == FT_NONE || i == own)
+					sc->empty = i;
+			} else if (flow_key_eq(&s->key, fk)) {
+				if (sc->match == FT_NONE)
+					sc->match = i;
+				else
+					sc->dup = i;
+			} else if (sc->oldest == FT_NONE || age > oldest_age) {
+				sc->oldest = i;
+				oldest_age = age;
+			}
+		}
+		if (odd & 1)
+			continue;
+		barrier();
+		odd = 0;
+		for (i = 0; i < FT_WAYS; i++)
+			odd |= ft_seq(&b->slot[i]) ^ sc->seq[i];
+		if (!odd)
+			return 0;
+	}
+	return -1;
+}
+
+/* Take slot s if its seq is still `seq` (nobody wrote it since it was read). The locked
+ * compare-and-swap also orders the writes that follow after it. */
+static __always_inline int ft_lock(struct flow_slot *s, __u32 seq)
+{
+	return __sync_val_compare_and_swap(&s->seq, seq, seq + 1) == seq;
+}
+
+static __always_inline void ft_unlock(struct flow_slot *s, __u32 seq)
+{
+	barrier();
+	*(volatile __u32 *)&s->seq = seq + 2;
+}
+
+static __always_inline void ft_put(struct flow_slot *s, const struct flow_key *fk,
+				   const struct flow_val *v, __u8 age)
+{
+	__builtin_memcpy(&s->key, fk, sizeof(*fk));
+	s->val = *v;
+	s->age = age;
+}
+
+/* Remember fk -> nv (see the top of this file for where it goes); an enum ft_result. A
+ * function of its own, as ft_find. */
+__noinline int ft_store(__u32 bucket, __u32 own, const struct flow_key *fk,
+			const struct flow_val *nv)
+{
+	struct flow_bucket *b = ft_lookup_bucket(bucket);
+	struct flow_slot *s, *to;
+	struct ft_scan sc;
+	__u32 i, t = own & FT_MASK, move = FT_NONE;
+	int res = FT_STORED;
+
+	if (!b || !fk || !nv || ft_scan(b, t, fk, &sc))
+		return FT_RACED;
+	if (sc.match != FT_NONE) {
+		t = sc.match;
+	} else if (sc.empty != t) {
+		/* the own slot holds another flow: the bucket's free slot, else its LRU
+		 * entry (maybe the own one), gives way */
+		move = sc.empty != FT_NONE ? sc.empty : sc.oldest;
+		if (sc.empty == FT_NONE)
+			res = FT_EVICTED;
+		if (!ft_slot(b, t)->age) { /* used since the bucket's last write: it stays */
+			t = move;
+			move = FT_NONE;
+		} else if (move == t) {
+			move = FT_NONE;
+		}
+	}
+	/* the other entries grow one write older (racy increments: only an order) */
+	for (i = 0; i < FT_WAYS; i++) {
+		s = &b->slot[i];
+		if (i != sc.match && ft_used(s) && s->age < FT_AGE_MAX)
+			s->age++;
+	}
+	s = ft_slot(b, t);
+	if (!ft_lock(s, sc.seq[t & FT_MASK]))
+		return FT_RACED;
+	if (move != FT_NONE) {
+		to = ft_slot(b, move);
+		if (!ft_lock(to, sc.seq[move & FT_MASK])) {
+			ft_unlock(s, sc.seq[t & FT_MASK]);
+			return FT_RACED;
+		}
+		ft_put(to, &s->key, &s->val, s->age);
+		ft_unlock(to, sc.seq[move & FT_MASK]);
+	}
+	ft_put(s, fk, nv, 0);
+	ft_unlock(s, sc.seq[t & FT_MASK]);
+	if (sc.dup != FT_NONE) {
+		s = ft_slot(b, sc.dup);
+		if (ft_lock(s, sc.seq[sc.dup & FT_MASK])) {
+			s->key.family = LB_AF_NONE;
+			ft_unlock(s, sc.seq[sc.dup & FT_MASK]);
+		}
+	}
+	return res;
+}
+
+#endif
