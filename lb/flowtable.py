@@ -6,6 +6,7 @@ busy traffic."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import struct
@@ -100,7 +101,23 @@ class FlowTable:
     def count(self) -> int:
         return self.slots - self._families().count(0)
 
+    def keys(self) -> set[bytes]:
+        """The keys of every flow held (as bytes)."""
+        return {bytes(self.slot(idx).key) for idx, family in enumerate(self._families())
+                if family}
+
     def clear(self) -> None:
         for idx, family in enumerate(self._families()):
             if family:
                 self._write(idx, layout.FlowSlot())
+
+
+@contextlib.contextmanager
+def pinned(path: str) -> Iterator[FlowTable]:
+    """The table a running (or killed) instance pinned at `path`."""
+    with Map.from_pin(path) as flows:
+        table = FlowTable(flows)
+    try:
+        yield table
+    finally:
+        table.close()

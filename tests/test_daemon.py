@@ -15,7 +15,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lb import layout
+from lb import flowtable, layout
 from lb.datapath import MAP_NAMES
 from lb.lab import namespaces, netns, topology
 from lb.lab.instance import Instance, RunFiles
@@ -213,8 +213,8 @@ def test_reload_changes_only_expected_slots(env):
 def test_sigkill_keeps_forwarding_and_restart_adopts(env):
     tmp, cfg, d = env
     http(10)
-    with Map.from_pin(f"{PIN}/flows") as flows:
-        before = set(flows.keys())
+    with flowtable.pinned(f"{PIN}/flows") as flows:
+        before = flows.keys()
     assert before
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(10)
@@ -224,8 +224,8 @@ def test_sigkill_keeps_forwarding_and_restart_adopts(env):
     d2 = Daemon(cfg, d.logpath)
     ev = d2.wait("datapath_attached", after=n)
     assert ev["adopted_maps"] == len(MAP_NAMES) and ev["adopted_vips"] == 4
-    with Map.from_pin(f"{PIN}/flows") as flows:
-        assert before <= set(flows.keys())
+    with flowtable.pinned(f"{PIN}/flows") as flows:
+        assert before <= flows.keys()
     d.proc = d2.proc
     wait_all_active(cfg)
     got, failed = http(20)

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from lb import layout
+from lb import flowtable, layout
 from lb.lab import topology
 from lb.lab.instance import Instance, RunFiles
 from lb.native import Map
@@ -140,11 +140,11 @@ def flow_backend(sport: int) -> str | None:
     """The backend the pinned connection table holds for client:sport -> echo VIP."""
     key = layout.flow_key(17, ipaddress.ip_address(LAB.hosts()["client"].v4), sport,
                      ipaddress.ip_address(topology.VIP4), topology.UDP_PORT)
-    with Map.from_pin(f"{PIN}/flows") as flows:
-        raw = flows.lookup(key)
-    if raw is None:
+    with flowtable.pinned(f"{PIN}/flows") as flows:
+        val = flows.lookup(key)
+    if val is None:
         return None
-    bid = layout.FlowVal.unpack(raw).backend_id
+    bid = val.backend_id
     with Map.from_pin(f"{PIN}/backends") as bes:
         b = layout.Backend.unpack(bes.lookup(ctypes.c_uint32(bid)))
     return str(layout.words_addr(b.addr, b.family))
