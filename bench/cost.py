@@ -196,8 +196,11 @@ class CostBench:
         self.bench = None
         try:
             # too-big answers unlimited: the too_big case measures answering, not the limit
+            # if_mac: the frames' destination, so VIP packets pay the MAC check as in
+            # the daemon
             self.egress = EgressConfig(smac=SMAC, source_v4=SRC_V4, source_v6=SRC_V6,
-                                       gue_port=6080, mtu=1500, too_big_per_sec=0xFFFFFFFF)
+                                       gue_port=6080, mtu=1500, too_big_per_sec=0xFFFFFFFF,
+                                       if_mac=frames.DST_MAC)
             self.dp.set_config(self.egress)
             if vips is None:
                 b4 = tuple(BackendSpec(v4_backend(i), nexthop="nh") for i in range(backends))

@@ -249,7 +249,7 @@ class LbSetup:
         xdp_tx = tx_mode == layout.TX_XDP_TX
         egress = EgressConfig(smac=MAC["l0"] if xdp_tx else MAC["l1"], encap=encap,
                               tx_mode=tx_mode, source_v4=SOURCE4, source_v6=SOURCE6,
-                              gue_port=GUE_PORT, mtu=1500,
+                              gue_port=GUE_PORT, mtu=1500, if_mac=MAC["l0"],
                               tx_port=None if xdp_tx else self.lab.l1_index)
         with self.lab.lb.entered():  # the devmap resolves the ifindex in the caller's netns
             self.programmer.apply(self.vips, self.macs, egress=egress)

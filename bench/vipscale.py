@@ -25,13 +25,14 @@ from typing import Optional
 
 from lb.datapath import Limits
 
-from . import publish
+from . import frames, publish
 from .cost import CostBench, _add, machine_info, pick_cpu
 from .iptables import ENDPOINTS, EST_FLOWS, traffic, xdplb_services
 from .traffic import Traffic
 
 TARGET = 1.10
-MACS = (bytes.fromhex("020000000a01"), bytes.fromhex("020000000a02"))
+# (source, destination): the destination is the MAC CostBench gives the data path
+MACS = (bytes.fromhex("020000000a01"), frames.DST_MAC)
 
 
 class Side(CostBench):

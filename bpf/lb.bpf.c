@@ -8,6 +8,7 @@
 #include "flowkey.h"
 #include "process.h"
 #include "icmp.h"
+#include "ourmac.h"
 
 SEC("xdp")
 int xdplb(struct xdp_md *ctx)
@@ -32,6 +33,10 @@ int xdplb(struct xdp_md *ctx)
 		v = flow_ipv6(&c, end, g, &fk, &ei, &syn);
 	else
 		return verdict_pass(g);
+	if ((v == FLOW_KEY_READY || v == FLOW_ICMP) && for_another_host(ctx)) {
+		g->c[ST_OTHER_HOST_PASSED]++;
+		return verdict_pass(g);
+	}
 	if (v != FLOW_KEY_READY) {
 		if (v == FLOW_ICMP)
 			return proto == bpf_htons(ETH_P_IP) ? lb_icmp4(ctx, g) : lb_icmp6(ctx, g);

@@ -140,7 +140,10 @@ struct lb_config {
 	 * 0: none (a packet too big to encapsulate is only dropped). */
 	__u32 too_big_per_sec;
 	__u8 answer_ping; /* echo requests to a VIP address answered here; 0: passed on */
-	__u8 pad[7];
+	__u8 pad;
+	/* MAC of the interface the program is attached to: a VIP frame to another unicast
+	 * MAC passes (ourmac.h). All zero: no check. */
+	__u8 if_mac[6];
 };
 
 /* The one per-CPU entry of `flow_rate` (flow-table inserts) and of `too_big_rate` (ICMP
@@ -198,6 +201,8 @@ enum lb_stat {
 			      * bucket was full: the least recently used one went) */
 	ST_FLOW_INSERT_RACED, /* new flows not remembered: another CPU was writing the same
 			       * bucket at that moment (also in MISS/MOVED) */
+	ST_OTHER_HOST_PASSED, /* VIP frames to another host's unicast MAC, passed (also in
+			       * PASS): a flooding switch delivered them here too */
 	ST__MAX,
 };
 

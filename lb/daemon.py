@@ -31,7 +31,7 @@ from .linkfollow import LinkFollower
 from .metrics import MetricsServer
 from .native import xdp_detach
 from .instancelock import InstanceLocks
-from .nexthop import Netlink, Nexthops, Resolver
+from .nexthop import Interface, Netlink, Nexthops, Resolver
 from .programmer import Programmer
 from .stats import BackendView, stats_snapshot
 
@@ -50,6 +50,8 @@ class Daemon:
         self.notify = sdnotify.Notifier(log, lambda: sdnotify.status_line(
             len(self.cfg.vips), self.applied))  # systemd: READY/RELOADING/STATUS/WATCHDOG
         self.nl: Optional[Netlink] = None
+        self.ingress: Optional[Interface] = None  # the attached one, and the egress one
+        self.egress: Optional[Interface] = None
         self.dp: Optional[Datapath] = None
         self.programmer: Optional[Programmer] = None
         self.health = HealthBook(log, self._admin_of, lambda flips: self.apply())
@@ -87,7 +89,7 @@ class Daemon:
         adopted = (self.programmer.adopt() if {"vips", "backends"} & set(self.dp.adopted)
                    else 0)
         self.health.seed(cfg.vips, self.programmer.installed)
-        self.egress_cfg = egress_config(cfg, self.egress)
+        self.egress_cfg = egress_config(cfg, self.egress, self.ingress)
         if cfg.announce:  # routes a killed instance left: ours again
             self.announcer = Announcer(cfg.announce.table, self.log, self._hold_ended)
             kept, removed = self.announcer.adopt(cfg)
@@ -246,7 +248,7 @@ class Daemon:
         old, old_egress, old_admin = self.cfg, self.egress_cfg, self.admin
         self.admin, self.cfg = admin, new
         try:
-            self.egress_cfg = egress_config(new, self.egress)
+            self.egress_cfg = egress_config(new, self.egress, self.ingress)
             self.health.configure(new.vips)
             rep = self.apply(resolved)
         except Exception as e:  # whatever failed, the old config stays in force

@@ -54,6 +54,8 @@ class EgressConfig:
     too_big_per_sec: int = 1000  # ICMP too-big answers per second per CPU; 0: none
     tx_port: Optional[int] = None  # ifindex XDP_REDIRECT sends to (tx_mode TX_REDIRECT);
     #                                None with XDP_TX
+    if_mac: bytes = bytes(6)  # the attached interface's MAC: VIP frames to another
+    #                           unicast MAC pass; zero: no check
 
     def __post_init__(self):
         if (self.tx_port is None) != (self.tx_mode == layout.TX_XDP_TX):
@@ -200,6 +202,7 @@ class Datapath:
         c.flow_insert_limit = cfg.flow_insert_limit
         c.too_big_per_sec = cfg.too_big_per_sec
         c.answer_ping = int(cfg.answer_ping)
+        c.if_mac[:] = cfg.if_mac
         self.maps["config"].update(_u32(0), c)
 
     def set_tx_port(self, ifindex: int) -> None:

@@ -9,9 +9,10 @@ from .layout import ENCAP_GUE, ENCAP_IPIP, TX_REDIRECT, TX_XDP_TX
 from .nexthop import Interface
 
 
-def egress_config(cfg, eg: Interface) -> EgressConfig:
+def egress_config(cfg, eg: Interface, ingress: Interface) -> EgressConfig:
     """cfg: a Config; eg: the egress interface (the ingress one unless
-    lb.egress_interface, which makes the data path redirect to it)."""
+    lb.egress_interface, which makes the data path redirect to it); ingress: the one the
+    program is attached to (frames to another MAC than its own are not forwarded)."""
     src4 = cfg.lb.source_v4 or (eg.v4[0] if eg.v4 else None)
     src6 = cfg.lb.source_v6 or (eg.v6[0] if eg.v6 else None)
     fams = {b.address.version for v in cfg.vips for b in v.backends}
@@ -26,4 +27,5 @@ def egress_config(cfg, eg: Interface) -> EgressConfig:
         smac=eg.mac, encap=ENCAP_GUE if cfg.lb.encap == "gue" else ENCAP_IPIP,
         tx_mode=TX_REDIRECT if redirect else TX_XDP_TX, tx_port=eg.index if redirect else None,
         source_v4=src4, source_v6=src6, gue_port=cfg.lb.gue_port, mtu=eg.mtu,
-        flow_insert_limit=cfg.lb.flow_insert_limit, answer_ping=cfg.lb.answer_ping)
+        flow_insert_limit=cfg.lb.flow_insert_limit, answer_ping=cfg.lb.answer_ping,
+        if_mac=ingress.mac)

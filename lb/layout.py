@@ -55,6 +55,7 @@ class Stat(enum.IntEnum):
     ECHO_ANSWERED = 21
     FLOW_EVICTED = 22
     FLOW_INSERT_RACED = 23
+    OTHER_HOST_PASSED = 24
 
 
 class _S(ctypes.Structure):
@@ -105,7 +106,7 @@ class LbConfig(_S):
     _fields_ = [("smac", u8 * 6), ("encap", u8), ("tx_mode", u8), ("src_v4", u32),
                 ("src_v6", u32 * 4), ("gue_port", u16), ("mtu", u16),
                 ("flow_insert_limit", u32), ("too_big_per_sec", u32), ("answer_ping", u8),
-                ("pad", u8 * 7)]
+                ("pad", u8), ("if_mac", u8 * 6)]
 
 
 class FlowRate(_S):

@@ -94,7 +94,7 @@ class LinkFollower:
         if not reattach and (ingress, egress) == (d.ingress, d.egress):
             return
         try:  # before attaching: a new interface may not have its addresses yet
-            egress_cfg = egress_config(d.cfg, egress)
+            egress_cfg = egress_config(d.cfg, egress, ingress)
         except XdplbError as e:
             self.missing = came_back  # still not usable: the address events retry
             log.warning("interface_incomplete", interface=egress.name, error=str(e))

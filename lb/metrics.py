@@ -55,6 +55,10 @@ class StatsCollector:
             "xdplb_flow_insert_raced",
             "New flows forwarded but not remembered: another CPU was writing the same "
             "connection-table bucket at that moment.", value=g.get("flow_insert_raced", 0))
+        yield CounterMetricFamily(
+            "xdplb_other_host_passed",
+            "Frames for a VIP addressed to another host's MAC (a flooding switch), passed "
+            "to the kernel, not forwarded.", value=g.get("other_host_passed", 0))
         m = CounterMetricFamily(
             "xdplb_icmp", "ICMP handled for VIPs: errors forwarded to a flow's backend, "
             "too-big answers sent and held back by the rate limit, echo requests answered.",

@@ -33,6 +33,7 @@ def global_section(c: dict[str, int]) -> dict:
             "gue_zero_csum": c["gue_zero_csum"],
             "icmp_forwarded": c["icmp_forwarded"], "too_big_answered": c["too_big_answered"],
             "too_big_limited": c["too_big_limited"], "echo_answered": c["echo_answered"],
+            "other_host_passed": c["other_host_passed"],
             "drops": {r: c[f"drop_{r}"] for r in DROP_REASONS}}
 
 

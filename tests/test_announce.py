@@ -6,6 +6,7 @@ and tables are never touched. IPv4 and IPv6 VIPs."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import time
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
+from bench import frames
 from lb.announce import RTPROT_XDPLB
 from lb.lab import netns, topology
 from lb.lab.instance import Instance, RunFiles
@@ -333,3 +335,43 @@ def test_first_verdicts_gate_the_announcement(env):
     assert seen_partial
     assert routes() == ANNOUNCED
     d.stop()
+
+
+def _pinned_if_mac() -> bytes:
+    from lb import layout
+    from lb.native import Map
+    with Map.from_pin(f"{FILES.pin}/config") as m:
+        return bytes(layout.LbConfig.unpack(m.lookup(ctypes.c_uint32(0))).if_mac)
+
+
+def test_frames_for_another_host_are_passed_not_forwarded(env):
+    """The daemon gives the data path lb0's MAC (and follows a change of it); a frame to
+    the VIP that the bridge floods to lb0 for another MAC is counted and passed, and no
+    backend gets it."""
+    tmp, cfg, _ = env
+    d = current(env)
+    lb = netns.Netns(LAB.lb, create=False, owned=False)
+    mac = lb.mac("lb0")
+    assert _pinned_if_mac() == mac
+    before = d.stats()
+    web = lambda doc: next(v for v in doc["vips"] if v["name"] == "web")  # noqa: E731
+    client = netns.Netns(LAB.client, create=False, owned=False)
+    frame = frames.frame(6, "10.200.0.1", 40999, topology.VIP4, 80, 64,
+                         smac=client.mac("c0"), dmac=bytes.fromhex("02000000aaaa"))
+    with client.entered(), socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind(("c0", 0))
+        for _ in range(3):
+            s.send(frame)
+    d.wait_until(lambda: d.stats()["global"]["other_host_passed"] -
+                 before["global"]["other_host_passed"] >= 3, "the flooded frames counted")
+    assert web(d.stats())["packets"] == web(before)["packets"]   # forwarded to none
+    # the interface's MAC changes: the data path follows
+    new = bytes.fromhex("02000000abcd")
+    n = d.mark()
+    try:
+        lb.set_link("lb0", mac=new)
+        d.wait("interface_changed", after=n)
+        d.wait_until(lambda: _pinned_if_mac() == new, "the new MAC in the config map")
+    finally:
+        lb.set_link("lb0", mac=mac)
+    d.wait_until(lambda: _pinned_if_mac() == mac, "the MAC back")

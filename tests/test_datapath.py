@@ -26,8 +26,8 @@ from lb.datapath import Limits
 from lb.errors import BpfError
 from lb.specs import VipSpec
 
-from packets import (A, TCP_P, UDP_P, Flow, LbEnv, assert_globals, be, check_encap, eth,
-                     fast_frame, frame, mac_for, ones_sum, outer_dst, parse_input, pkt,
+from packets import (A, LB_MAC, TCP_P, UDP_P, Flow, LbEnv, assert_globals, be, check_encap,
+                     eth, fast_frame, frame, mac_for, ones_sum, outer_dst, parse_input, pkt,
                      prefilter_collider, pseudo_header)
 
 RING = 1009
@@ -119,6 +119,19 @@ def drops(id, data, reason, cfg=None, vip_hit=False, flow_entry=False, miss=Fals
     if limited:
         c["too_big_limited"] = 1
     return Row(id, data, "drop", "same", c, cfg or {}, vip_hit, flow_entry)
+
+
+OTHER_MAC = bytes.fromhex("0200000000aa")
+OURS = {"if_mac": LB_MAC}  # the receiving interface's MAC, as the daemon sets it
+
+
+def other_host(id, data, cfg=None):
+    return Row(id, data, "pass", "same", {"rx": 1, "pass": 1, "other_host_passed": 1},
+               dict(OURS, **(cfg or {})))
+
+
+def to_mac(data: bytes, mac: bytes) -> bytes:
+    return mac + data[6:]
 
 
 def t4(dst, dport=80, src=C4, sport=40001, payload=b"hello", ip=None, l4=None):
@@ -288,6 +301,20 @@ ROWS += [
     drops("v6-plen-beyond-frame", patch(t6(V6), 18, struct.pack("!H", 26)), "drop_malformed"),
     drops("v6-version-4", patch(t6(V6), 14, b"\x40"), "drop_malformed"),
     passes("v4-tot-len-beyond-frame-non-vip", patch(t4(COLL4), 16, struct.pack("!H", 46))),
+    # a frame to another host's MAC (a flooding switch): passed, never forwarded or
+    # answered; broadcast and multicast destinations are ours; no MAC set: no check
+    other_host("other-host-v4-tcp", to_mac(t4(V4), OTHER_MAC)),
+    other_host("other-host-v6-udp-gue", to_mac(u6(V6), OTHER_MAC), GUE),
+    other_host("other-host-one-bit-off", to_mac(t4(V4_6), LB_MAC[:5] + b"\x00")),
+    other_host("other-host-echo", to_mac(frame(IP(src=C4, dst=V4) / ICMP()), OTHER_MAC)),
+    other_host("other-host-no-backend", to_mac(t4(V4_NB), OTHER_MAC)),
+    fwd("our-mac-v4", t4(V4), OURS),
+    fwd("our-mac-v6-redirect", t6(V6), dict(OURS, tx_mode=layout.TX_REDIRECT),
+        verdict="redirect"),
+    fwd("broadcast-mac", to_mac(u4(V4), b"\xff" * 6), OURS),
+    fwd("multicast-mac", to_mac(t6(V6_4), bytes.fromhex("333300000001")), OURS),
+    fwd("other-mac-no-check", to_mac(t4(V4), OTHER_MAC)),
+    passes("other-host-non-vip", to_mac(t4(OTHER4), OTHER_MAC), OURS),
 ]
 assert len({r.id for r in ROWS}) == len(ROWS)
 

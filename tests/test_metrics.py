@@ -19,7 +19,8 @@ DOC = {
     "global": {"rx_packets": 100, "tx": 50, "redirect": 3, "pass": 40, "drop": 10,
                "flow_hits": 7, "flow_misses": 3, "flow_moved": 1, "flow_insert_limited": 4,
                "icmp_forwarded": 5, "too_big_answered": 6, "too_big_limited": 1,
-               "echo_answered": 2, "drops": {"no_backend": 10, "malformed": 0}},
+               "echo_answered": 2, "other_host_passed": 8,
+               "drops": {"no_backend": 10, "malformed": 0}},
 }
 
 VIP = ("address", "port", "protocol", "vip")
@@ -30,6 +31,7 @@ FAMILIES = {  # name in the text -> (type, label names)
     "xdplb_flow_insert_limited_total": ("counter", ()),
     "xdplb_flow_evictions_total": ("counter", ()),
     "xdplb_flow_insert_raced_total": ("counter", ()),
+    "xdplb_other_host_passed_total": ("counter", ()),
     "xdplb_icmp_total": ("counter", ("action",)),
     "xdplb_drops_total": ("counter", ("reason",)),
     "xdplb_vip_packets_total": ("counter", VIP),
@@ -60,6 +62,7 @@ def test_exposition_names_types_labels_values():
     assert [value("xdplb_flow_table_total", result=r) for r in
             ("hit", "miss", "moved")] == [7, 3, 1]
     assert value("xdplb_flow_insert_limited_total") == 4
+    assert value("xdplb_other_host_passed_total") == 8
     assert [value("xdplb_icmp_total", action=a) for a in
             ("forwarded", "too_big_answered", "too_big_limited", "echo_answered")] == [5, 6, 1, 2]
     assert value("xdplb_drops_total", reason="no_backend") == 10

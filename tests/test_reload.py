@@ -46,7 +46,7 @@ def test_reload_that_raises_keeps_the_old_config(tmp_path, monkeypatch):
     d.egress_cfg = old_egress = object()
     d.programmer = BrokenProgrammer()
     monkeypatch.setattr(d, "_resolve", lambda cfg, nl=None: Nexthops())
-    monkeypatch.setattr(daemon, "egress_config", lambda cfg, eg: object())
+    monkeypatch.setattr(daemon, "egress_config", lambda cfg, eg, ingress: object())
     monkeypatch.setattr(d.health, "configure", lambda vips: None)
     d.egress = None
     # the new file renames a VIP: its pairs are in the new cfg, not in `applied`
