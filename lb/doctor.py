@@ -353,9 +353,39 @@ def check_caps(node: Node) -> list[Finding]:
     return [Finding("capabilities", OK, ", ".join(preflight.REQUIRED_CAPS))]
 
 
+def check_announce(node: Node) -> list[Finding]:
+    """[announce]: no ip rule may look the table up (its blackhole routes would drop
+    this node's own traffic to the VIPs), and no other protocol's route may hold a VIP
+    address there (that address could not be announced)."""
+    ann = node.cfg.announce
+    if ann is None:
+        return [Finding("announce", OK, "no [announce]: nothing announced")]
+    from .announce import RTPROT_XDPLB
+    vips = {str(v.address) for v in node.cfg.vips}
+    with IPRoute() as ipr:
+        rules = [r for fam in (2, 10) for r in ipr.get_rules(family=fam)
+                 if (r.get_attr("FRA_TABLE") or r["table"]) == ann.table]
+        foreign = sorted({r.get_attr("RTA_DST") for fam in (2, 10)
+                          for r in ipr.route("dump", family=fam, table=ann.table)
+                          if r.get_attr("RTA_TABLE") == ann.table
+                          and r["proto"] != RTPROT_XDPLB} & vips)
+    out = []
+    if rules:
+        out.append(Finding("announce", FAIL, f"{len(rules)} ip rule(s) look up table "
+                           f"{ann.table}, where xdplb keeps blackhole routes for the VIPs: "
+                           f"this node's own traffic to them would be dropped; set "
+                           f"announce.table to a table no rule uses (ip rule show)"))
+    if foreign:
+        out.append(Finding("announce", WARN, f"table {ann.table} has routes of another "
+                           f"protocol for {', '.join(foreign)}: xdplb cannot announce those "
+                           f"addresses; remove them (ip route show table {ann.table})"))
+    return out or [Finding("announce", OK, f"table {ann.table}: no ip rule uses it, no "
+                           f"foreign route for a VIP")]
+
+
 CHECKS = (check_caps, check_xdp_mode, check_offloads, check_mtu, check_veth_peer,
           check_veth_checksum, check_rx_queues, check_bpffs, check_pin_path, check_jit,
-          check_nexthops, check_clock, check_memlock)
+          check_nexthops, check_clock, check_memlock, check_announce)
 
 
 class _Quiet:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 
@@ -188,3 +189,24 @@ def test_cli_table_and_exit(lab):
                         "lb.cli", "doctor", "--config", path], capture_output=True, text=True,
                        timeout=60)
     assert " fail " not in r.stdout and r.returncode == 0, r.stdout
+
+
+def test_announce_table(lab):
+    tmp, lbns, _ = lab
+    assert status(lbns, config(tmp), doctor.check_announce, "announce") == "ok"
+    path = tmp / "lb.toml"
+    path.write_text(path.read_text() + "\n[announce]\ntable = 200\n")
+    cfg = load_config(str(path))
+    assert status(lbns, cfg, doctor.check_announce, "announce") == "ok"
+    with lbns.ipr() as ipr:
+        ipr.rule("add", table=200, priority=1000, family=socket.AF_INET6)
+        ipr.route("add", dst="10.200.1.10/32", table=200, proto=4, type="blackhole")
+    try:
+        got = [f for f in lbns.run(doctor.check_announce, doctor.Node(cfg))]
+        assert [f.status for f in got] == ["fail", "warn"], got
+        assert "ip rule" in got[0].detail and "10.200.1.10" in got[1].detail
+    finally:
+        with lbns.ipr() as ipr:
+            ipr.rule("del", table=200, priority=1000, family=socket.AF_INET6)
+            ipr.route("del", dst="10.200.1.10/32", table=200, proto=4, type="blackhole")
+    assert status(lbns, cfg, doctor.check_announce, "announce") == "ok"
