@@ -42,6 +42,12 @@ int xdplb(struct xdp_md *ctx)
 			return proto == bpf_htons(ETH_P_IP) ? lb_icmp4(ctx, g) : lb_icmp6(ctx, g);
 		return v;
 	}
+	/* a QUIC connection ID names its backend whatever the 5-tuple: asked first */
+	if (fk.k.proto == IPPROTO_UDP) {
+		v = lb_quic(ctx, g, &fk.k, &ei, frame_len);
+		if (v != FLOW_KEY_READY)
+			return v;
+	}
 	/* one copy of the flow and forwarding code for both families: half the program's
 	 * hot instructions, which matters when NAPI and the stack share the i-cache */
 	return lb_flow(ctx, g, &fk.k, &ei, frame_len, syn);

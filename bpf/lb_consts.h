@@ -56,6 +56,9 @@
 #define LB_DEFAULT_RING_SIZE 65537
 #define LB_PREFILTER_WORDS 1024 /* 65536 bits */
 #define LB_FLOW_WAYS 8 /* slots per bucket of the connection table (a power of two) */
+#define LB_QUIC_FILTER_WORDS 4096 /* 65536 four-bit entries, see quic.h */
+#define LB_MAX_QUIC_SERVERS 65536
+#define LB_QUIC_CACHE_SLOTS 1024 /* per CPU, a power of two */
 #define ONE_SEC_NS 1000000000ULL
 
 #endif

@@ -146,4 +146,45 @@ struct {
 
 const volatile __u32 vip_stats_stride = LB_MAX_VIPS;
 
+/* QUIC VIPs' server IDs -> backends (see quic.h). Sized like `backends` (one entry per
+ * VIP/backend pair at most) but not preallocated: it costs memory only for QUIC VIPs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LB_MAX_QUIC_SERVERS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct quic_server_key);
+	__type(value, struct quic_server);
+} quic_servers SEC(".maps");
+
+/* Per-CPU direct-mapped cache in front of quic_servers (struct quic_cache_slot), laid
+ * out like flow_cache: CPU c owns slots [c * LB_QUIC_CACHE_SLOTS, (c + 1) * ...). Only
+ * the data path writes it, each CPU its own range. Not pinned: a new instance starts
+ * empty. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_QUIC_CACHE_SLOTS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct quic_cache_slot);
+} quic_cache SEC(".maps");
+
+/* The epoch of quic_cache entries: user space bumps it after each change of
+ * quic_servers, so no CPU keeps serving an entry it cached before. Not pinned. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} quic_epoch SEC(".maps");
+
+/* Which QUIC server-ID lengths a QUIC VIP hashing to an index may use: four bits (bit
+ * L-1: length L) per index of quic_filter_index(), sixteen indexes a word. All zero for
+ * a UDP packet no QUIC VIP can be for, so such packets pay one inlined array read. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_QUIC_FILTER_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} quic_filter SEC(".maps");
+
 #endif

@@ -25,6 +25,7 @@ struct vip_key {
 };
 
 #define VIP_F_HASH_SRC_ONLY (1u << 0)
+#define VIP_F_QUIC (1u << 1) /* a UDP VIP whose QUIC short-header packets go by their CID */
 
 /* Value of `vips`. vip_id indexes `vip_stats` and owns backends; ring_id indexes `rings`,
  * and ring_size is that ring's size: both change in one update of this value, so a VIP
@@ -111,6 +112,39 @@ struct flow_slot {
  * lookup reaches all of them). */
 struct flow_bucket {
 	struct flow_slot slot[LB_FLOW_WAYS];
+};
+
+/* Key of `quic_servers`: a QUIC VIP as packets name it (address and port as in
+ * vip_key; QUIC VIPs have a port), the length of its server IDs (1..4 bytes) and one
+ * server ID, in host order. */
+struct quic_server_key {
+	__u32 addr[4];
+	__u16 port;
+	__u8 family;
+	__u8 sid_len;
+	__u32 server_id;
+};
+
+/* Value of `quic_servers`: the backend whose connection IDs carry that server ID. It is
+ * honoured only while the backend belongs to vip_id and keeps its flows (active or
+ * draining); cid_len is the length of the VIP's connection IDs (a short header carries
+ * none): a datagram too short to hold one is not routed by it. Backend id 0: none. */
+struct quic_server {
+	__u32 backend_id;
+	__u32 vip_id;
+	__u8 cid_len;
+	__u8 pad[3];
+};
+
+/* One slot of the per-CPU `quic_cache`, a direct-mapped cache of `quic_servers` entries
+ * filled by the data path: honoured only when its key equals the packet's and its epoch
+ * is the current quic_epoch (user space bumps it after changing quic_servers). An
+ * all-zero slot (family 0) never matches. */
+struct quic_cache_slot {
+	struct quic_server_key key;
+	struct quic_server val;
+	__u32 epoch;
+	__u64 pad[3];
 };
 
 enum lb_encap {
@@ -203,6 +237,11 @@ enum lb_stat {
 			       * bucket at that moment (also in MISS/MOVED) */
 	ST_OTHER_HOST_PASSED, /* VIP frames to another host's unicast MAC, passed (also in
 			       * PASS): a flooding switch delivered them here too */
+	ST_QUIC_ROUTED_BY_CID, /* QUIC short-header packets sent to the backend their
+				* connection ID names, before the connection table */
+	ST_QUIC_FALLBACK,    /* QUIC short-header packets to a QUIC VIP not routed by their
+			      * connection ID (unknown or unroutable server ID, backend not
+			      * usable, truncated): balanced as UDP flows */
 	ST__MAX,
 };
 

@@ -14,6 +14,7 @@
 #include "verdict.h"
 #include "ratelimit.h"
 #include "icmp_answer.h"
+#include "quic.h"
 
 /* A packet for a VIP that is too big once encapsulated. With DF (always for IPv6) the
  * client is told the MTU that fits, from the VIP address, within this CPU's budget of
@@ -195,6 +196,25 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 		}
 	}
 	return lb_new_flow(ctx, g, cfg, fk, ei, frame_len, bucket, own, found >= 0);
+}
+
+/* A UDP packet, before lb_flow: a QUIC short header whose connection ID names a usable
+ * backend goes there whatever its 5-tuple (quic.h). FLOW_KEY_READY: not routed so, on
+ * to lb_flow. */
+static __always_inline int lb_quic(struct xdp_md *ctx, struct lb_global *g,
+				   const struct flow_key *fk, const struct encap_info *ei,
+				   __u32 frame_len)
+{
+	__u32 zero = 0, hash;
+	struct backend *be = quic_backend(ctx, g, fk, ei, &hash);
+	struct lb_config *cfg;
+
+	if (!be)
+		return FLOW_KEY_READY;
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg)
+		return verdict_pass(g);
+	return forward(ctx, g, cfg, be, hash, ei, frame_len);
 }
 
 #endif

@@ -25,7 +25,7 @@ from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, num_cpus
 from .pindir import PinDir
 
 MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", "flows",
-             "config", "tx_port", "stats", "vip_stats")
+             "config", "tx_port", "stats", "vip_stats", "quic_servers", "quic_filter")
 
 GLOBAL_NAMES = {s.name.lower(): s for s in layout.Stat}
 
@@ -94,6 +94,8 @@ class Datapath:
             self.skel.rodata.vip_stats_stride = limits.max_vips
             self.skel.rodata.backends_stride = limits.max_backends
             self.skel.set_max_entries("nexthops", limits.max_nexthops)
+            self.skel.set_max_entries("quic_servers", limits.max_backends)  # one per pair
+            self.skel.set_max_entries("quic_cache", layout.QUIC_CACHE_SLOTS * self.ncpus)
             buckets = buckets_for(limits.flow_table_size)
             self.skel.set_max_entries("flows", buckets)
             self.skel.rodata.flow_buckets = buckets
@@ -301,9 +303,10 @@ class Datapath:
 
     # --- VIPs ----------------------------------------------------------------------
     def set_vip(self, addr: IPAddress, port: int, proto: int, vip_id: int, ring_id: int,
-                ring_size: int, hash_src_only: bool = False) -> None:
-        meta = layout.VipMeta(vip_id=vip_id, ring_size=ring_size, ring_id=ring_id,
-                              flags=layout.VIP_F_HASH_SRC_ONLY if hash_src_only else 0)
+                ring_size: int, hash_src_only: bool = False, quic: bool = False) -> None:
+        flags = ((layout.VIP_F_HASH_SRC_ONLY if hash_src_only else 0)
+                 | (layout.VIP_F_QUIC if quic else 0))
+        meta = layout.VipMeta(vip_id=vip_id, ring_size=ring_size, ring_id=ring_id, flags=flags)
         self.maps["vips"].update(layout.vip_key(addr, port, proto), meta)
 
     def delete_vip(self, addr: IPAddress, port: int, proto: int) -> None:

@@ -20,12 +20,15 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 
 AF_NONE, AF_INET, AF_INET6 = 0, 1, 2
 VIP_F_HASH_SRC_ONLY = 1 << 0
+VIP_F_QUIC = 1 << 1
 BE_F_FLOWS_STAY = 1 << 0
 ENCAP_IPIP, ENCAP_GUE = 0, 1
 TX_XDP_TX, TX_REDIRECT = 0, 1
 GLOBAL_SLOTS = 32
 FLOW_WAYS = 8  # LB_FLOW_WAYS: slots per bucket of the connection table
 PREFILTER_WORDS = 1024
+QUIC_FILTER_WORDS = 4096
+QUIC_CACHE_SLOTS = 1024  # per CPU
 
 
 class Stat(enum.IntEnum):
@@ -56,6 +59,8 @@ class Stat(enum.IntEnum):
     FLOW_EVICTED = 22
     FLOW_INSERT_RACED = 23
     OTHER_HOST_PASSED = 24
+    QUIC_ROUTED_BY_CID = 25
+    QUIC_FALLBACK = 26
 
 
 class _S(ctypes.Structure):
@@ -102,6 +107,20 @@ class FlowBucket(_S):
     _fields_ = [("slot", FlowSlot * FLOW_WAYS)]
 
 
+class QuicServerKey(_S):
+    _fields_ = [("addr", u32 * 4), ("port", u16), ("family", u8), ("sid_len", u8),
+                ("server_id", u32)]
+
+
+class QuicServer(_S):
+    _fields_ = [("backend_id", u32), ("vip_id", u32), ("cid_len", u8), ("pad", u8 * 3)]
+
+
+class QuicCacheSlot(_S):
+    _fields_ = [("key", QuicServerKey), ("val", QuicServer), ("epoch", u32),
+                ("pad", u64 * 3)]
+
+
 class LbConfig(_S):
     _fields_ = [("smac", u8 * 6), ("encap", u8), ("tx_mode", u8), ("src_v4", u32),
                 ("src_v6", u32 * 4), ("gue_port", u16), ("mtu", u16),
@@ -136,7 +155,8 @@ MIRRORS = {
     "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal,
     "flow_slot": FlowSlot, "flow_bucket": FlowBucket, "lb_config": LbConfig,
     "lb_counters": Counters, "lb_global": Global, "flow_rate": FlowRate,
-    "backend_slot": BackendSlot,
+    "backend_slot": BackendSlot, "quic_server_key": QuicServerKey,
+    "quic_server": QuicServer, "quic_cache_slot": QuicCacheSlot,
 }
 
 

@@ -60,6 +60,13 @@ class StatsCollector:
             "Frames for a VIP addressed to another host's MAC (a flooding switch), passed "
             "to the kernel, not forwarded.", value=g.get("other_host_passed", 0))
         m = CounterMetricFamily(
+            "xdplb_quic", "QUIC short-header packets to QUIC VIPs: sent to the backend their "
+            "connection ID names, or not routable by it and balanced as UDP flows.",
+            labels=("result",))
+        for result in ("routed_by_cid", "fallback"):
+            m.add_metric((result,), g.get(f"quic_{result}", 0))
+        yield m
+        m = CounterMetricFamily(
             "xdplb_icmp", "ICMP handled for VIPs: errors forwarded to a flow's backend, "
             "too-big answers sent and held back by the rate limit, echo requests answered.",
             labels=("action",))

@@ -5,8 +5,10 @@ what differs, in an order that never lets a packet see a half-built state:
 1. next-hop MACs, then backend entries that gain something (new, or may now keep flows);
 2. each changed ring, filled completely in a new inner map and swapped in atomically
    (all of one apply in batches: the kernel waits an RCU grace period per update call);
-3. VIP entries, then VIP addresses (vip_addrs, then the prefilter bit that makes them live);
-4. only then what loses something: backend flags removed, backends and VIPs released.
+3. VIP entries, then VIP addresses (vip_addrs, then the prefilter bit that makes them live),
+   QUIC server IDs (quic_servers, then the filter bits that make them live);
+4. only then what loses something: backend flags removed, QUIC server IDs and filter bits
+   dropped, backends and VIPs released.
 
 `_diff` decides (takes ids, updates the records) and writes nothing: it fills a `_Plan`
 whose lists are these steps; `_execute` writes them in that order.
@@ -31,6 +33,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 
 from .datapath import Datapath, EgressConfig
 from .layout import IPAddress
+from .quicmaps import QuicMaps, routes_of
 from .specs import VipSpec, ring_for
 
 RING_BATCH = 64  # rings held before a batched swap (memory vs. RCU waits)
@@ -59,6 +62,7 @@ class _VipRecord:
     written: dict = field(default_factory=dict)  # backend id -> (keep_flows, nexthop id)
     ring_id: int = 0                    # slot in `rings` of the installed ring
     ring_size: int = 0
+    quic: dict = field(default_factory=dict)  # QuicRoute -> QuicTarget written
 
 
 class _BackendWrite(NamedTuple):
@@ -76,6 +80,7 @@ class _VipWrite(NamedTuple):
     ring_id: int
     ring_size: int
     hash_src_only: bool
+    quic: bool
 
 
 @dataclass
@@ -93,6 +98,9 @@ class _Plan:
     vip_deletes: list = field(default_factory=list)     # 3. idents
     # 3. (VIP addresses, previous, addresses an apply that raised may have left)
     addrs: tuple = field(default_factory=lambda: (set(), set(), set()))
+    quic_sets: list = field(default_factory=list)       # 3. (QuicRoute, QuicTarget)
+    quic_filter: tuple = field(default_factory=lambda: (set(), set()))  # 3./4. now, before
+    quic_deletes: list = field(default_factory=list)    # 4. QuicRoute
     demotions: list = field(default_factory=list)       # 4. _BackendWrite, new generation
     ring_releases: list = field(default_factory=list)   # 4. ring ids
     backend_removals: list = field(default_factory=list)  # 4. (backend id, its VIP's id)
@@ -135,6 +143,7 @@ class Programmer:
         """keep_rings=False keeps only a digest per ring (1,000 rings of 65537 slots
         would hold 256 MB in Python); the installed ring stays readable from the map."""
         self.dp = dp
+        self.quic = QuicMaps(dp)
         self.keep_rings = keep_rings
         self._vips: dict[tuple, _VipRecord] = {}
         self._free_vip = collections.deque(range(1, dp.limits.max_vips))
@@ -146,6 +155,8 @@ class Programmer:
         self._macs: dict[int, bytes] = {}
         self._egress: Optional[EgressConfig] = None
         self._unfinished = _Plan()  # releases an apply that raised did not get to
+        self._quic_filter: set = set()  # filter entries written
+        self._quic_resync = False  # quic_servers to be read back (after adopt or a raise)
 
     # --- ids -----------------------------------------------------------------------
     def _take(self, pool: collections.deque, what: str) -> int:
@@ -177,6 +188,8 @@ class Programmer:
         rewrites every entry, and hand it the releases this one did not do."""
         self._macs.clear()
         self._egress = None
+        self._quic_resync = True
+        self._quic_filter |= plan.quic_filter[0] | plan.quic_filter[1]
         for cur in self._vips.values():
             cur.spec = cur.digest = None
             cur.written = dict.fromkeys(cur.bids.values(), _UNKNOWN)
@@ -197,6 +210,8 @@ class Programmer:
         plan.backend_removals.extend(left.backend_removals)
         plan.vip_releases.extend(left.vip_releases)
         plan.addrs[2].update(left.addrs[2])
+        if self._quic_resync:
+            self._read_quic(plan)
         if egress is not None:
             if egress.tx_port is not None and (self._egress is None
                                                or egress.tx_port != self._egress.tx_port):
@@ -229,10 +244,15 @@ class Programmer:
             self._diff_vip(cur, spec, plan, rep)
         for ident in [i for i in self._vips if i not in wanted]:
             plan.vip_deletes.append(ident)
+            plan.quic_deletes.extend(self._vips[ident].quic)
             plan.vip_releases.append(self._vips.pop(ident))
             rep.vips_removed += 1
         plan.addrs[0].update(v.spec.address for v in self._vips.values())
         plan.addrs[1].update(old_addrs)
+        now = {r.filter_entry for v in self._vips.values() for r in v.quic}
+        plan.quic_filter[0].update(now)
+        plan.quic_filter[1].update(self._quic_filter)
+        self._quic_filter = now
 
     def _diff_vip(self, cur: _VipRecord, spec: VipSpec, plan: _Plan,
                   rep: ApplyReport) -> None:
@@ -273,9 +293,15 @@ class Programmer:
             cur.ring = ring if self.keep_rings else None
             rep.rings_swapped += 1
         if (first or cur.spec is None or cur.ring_id != old_ring_id
-                or spec.hash_src_only != cur.spec.hash_src_only):
+                or spec.hash_src_only != cur.spec.hash_src_only
+                or (spec.quic is None) != (cur.spec.quic is None)):
             plan.vip_entries.append((len(plan.rings), _VipWrite(
-                spec.ident, cur.vip_id, cur.ring_id, cur.ring_size, spec.hash_src_only)))
+                spec.ident, cur.vip_id, cur.ring_id, cur.ring_size, spec.hash_src_only,
+                spec.quic is not None)))
+        quic = routes_of(spec, new_bids, cur.vip_id)
+        plan.quic_sets.extend((r, t) for r, t in quic.items() if cur.quic.get(r) != t)
+        plan.quic_deletes.extend(r for r in cur.quic if r not in quic)
+        cur.quic = quic
         for addr, bid in cur.bids.items():  # new ones are in already: a raise leaks none
             if addr not in new_bids:
                 rep.backends_removed += 1
@@ -308,15 +334,20 @@ class Programmer:
         if stale:  # after an apply that raised: every address again, then the leftovers
             dp.set_vip_addrs(now)
         dp.set_vip_addrs(now, before | stale)
+        self.quic.apply(plan.quic_sets, lambda rt: self.quic.set_server(*rt))
+        qnow, qbefore = plan.quic_filter
+        self.quic.set_filter(qnow | qbefore)
         for w in plan.demotions:
             dp.set_backend(w.bid, w.addr, w.vip_id, w.nexthop_id, w.keep_flows, w.gen)
+        self.quic.apply(plan.quic_deletes, self.quic.delete_server)
+        self.quic.set_filter(qnow, qbefore)
         _each(plan.ring_releases, self._release_ring)
         _each(plan.backend_removals, self._remove_backend)
         _each(plan.vip_releases, self._release_vip)
 
     def _write_vip(self, v: _VipWrite) -> None:
         self.dp.set_vip(*v.ident, vip_id=v.vip_id, ring_id=v.ring_id, ring_size=v.ring_size,
-                        hash_src_only=v.hash_src_only)
+                        hash_src_only=v.hash_src_only, quic=v.quic)
 
     def _remove_backend(self, removal: tuple[int, int]) -> None:
         """A backend leaves a VIP that stays: its counts stay in the VIP's total."""
@@ -383,7 +414,23 @@ class Programmer:
         self._free_ring = collections.deque(i for i in self._free_ring if i not in rings)
         self._free_be = collections.deque(i for i in self._free_be if i not in used_be)
         self._free_nh = collections.deque(i for i in self._free_nh if i not in used_nh)
+        self._quic_resync = True
         return len(by_id)
+
+    def _read_quic(self, plan: _Plan) -> None:
+        """quic_servers read back (after adopt or a raise) into the VIPs' records; entries
+        of no VIP are deleted, every entry's filter bits rewritten."""
+        by_id = {v.vip_id: v for v in self._vips.values()}
+        for v in by_id.values():
+            v.quic = {}
+        for r, t in self.quic.entries():
+            owner = by_id.get(t.vip_id)
+            if owner is None:
+                plan.quic_deletes.append(r)
+            else:
+                owner.quic[r] = t
+            self._quic_filter.add(r.filter_entry)
+        self._quic_resync = False
 
     # --- read-only views for stats, explain and tests ------------------------------
     def installed(self, ident: tuple) -> Optional[InstalledVip]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import array
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Optional
 
 from . import maglev
 from .layout import IPAddress, addr_words, family_of
@@ -19,6 +19,15 @@ class BackendSpec:
     in_ring: bool = True      # takes new flows
     keep_flows: bool = True   # flows already on it stay (active or draining)
     nexthop: str = ""         # key into the next-hop MAC table
+    server_id: int = 0        # QUIC VIPs: the server ID in its connection IDs (0: none)
+
+
+@dataclass(frozen=True)
+class QuicSpec:
+    """A QUIC VIP's connection-ID layout (QUIC-LB plaintext)."""
+
+    sid_len: int = 2          # bytes of server ID after the first octet
+    cid_len: int = 8          # length of the connection IDs its servers issue
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,7 @@ class VipSpec:
     backends: tuple[BackendSpec, ...] = ()
     hash_src_only: bool = False
     ring_size: int = 65537
+    quic: Optional[QuicSpec] = None  # a QUIC VIP (UDP): short headers routed by CID
 
     @property
     def ident(self) -> tuple:

@@ -34,6 +34,7 @@ def global_section(c: dict[str, int]) -> dict:
             "icmp_forwarded": c["icmp_forwarded"], "too_big_answered": c["too_big_answered"],
             "too_big_limited": c["too_big_limited"], "echo_answered": c["echo_answered"],
             "other_host_passed": c["other_host_passed"],
+            "quic_routed_by_cid": c["quic_routed_by_cid"], "quic_fallback": c["quic_fallback"],
             "drops": {r: c[f"drop_{r}"] for r in DROP_REASONS}}
 
 

@@ -57,7 +57,8 @@ COUNTER_NAMES = ("rx", "tx", "redirect", "pass", "drop", "flow_hit", "flow_miss"
                  "drop_fragment", "drop_ip_options", "drop_no_nexthop", "drop_adjust_fail",
                  "gue_zero_csum", "flow_cache_hit", "flow_insert_limited", "icmp_forwarded",
                  "too_big_answered", "too_big_limited", "echo_answered", "flow_evicted",
-                 "flow_insert_raced", "other_host_passed")
+                 "flow_insert_raced", "other_host_passed", "quic_routed_by_cid",
+                 "quic_fallback")
 
 
 def mac_for(key: str) -> bytes:

@@ -147,11 +147,14 @@ def test_other_enums_and_flags_match_header():
     tx = _c_enum(text, "lb_tx_mode")
     assert (tx["LB_TX_XDP_TX"], tx["LB_TX_REDIRECT"]) == (layout.TX_XDP_TX, layout.TX_REDIRECT)
     assert _c_define(text, "VIP_F_HASH_SRC_ONLY") == layout.VIP_F_HASH_SRC_ONLY
+    assert _c_define(text, "VIP_F_QUIC") == layout.VIP_F_QUIC
     assert _c_define(text, "BE_F_FLOWS_STAY") == layout.BE_F_FLOWS_STAY
     consts = CONSTS_H.read_text()
     assert _c_define(consts, "FLOW_HASH_SEED") == flowhash.FLOW_HASH_SEED
     assert _c_define(consts, "PREFILTER_MULT") == flowhash.PREFILTER_MULT
     assert _c_define(consts, "LB_PREFILTER_WORDS") == layout.PREFILTER_WORDS
+    assert _c_define(consts, "LB_QUIC_FILTER_WORDS") == layout.QUIC_FILTER_WORDS
+    assert _c_define(consts, "LB_QUIC_CACHE_SLOTS") == layout.QUIC_CACHE_SLOTS
 
 
 def test_objects_are_current():

@@ -19,7 +19,8 @@ DOC = {
     "global": {"rx_packets": 100, "tx": 50, "redirect": 3, "pass": 40, "drop": 10,
                "flow_hits": 7, "flow_misses": 3, "flow_moved": 1, "flow_insert_limited": 4,
                "icmp_forwarded": 5, "too_big_answered": 6, "too_big_limited": 1,
-               "echo_answered": 2, "other_host_passed": 8,
+               "echo_answered": 2, "other_host_passed": 8, "quic_routed_by_cid": 8,
+               "quic_fallback": 9,
                "drops": {"no_backend": 10, "malformed": 0}},
 }
 
@@ -33,6 +34,7 @@ FAMILIES = {  # name in the text -> (type, label names)
     "xdplb_flow_insert_raced_total": ("counter", ()),
     "xdplb_other_host_passed_total": ("counter", ()),
     "xdplb_icmp_total": ("counter", ("action",)),
+    "xdplb_quic_total": ("counter", ("result",)),
     "xdplb_drops_total": ("counter", ("reason",)),
     "xdplb_vip_packets_total": ("counter", VIP),
     "xdplb_vip_bytes_total": ("counter", VIP),
@@ -66,6 +68,7 @@ def test_exposition_names_types_labels_values():
     assert [value("xdplb_icmp_total", action=a) for a in
             ("forwarded", "too_big_answered", "too_big_limited", "echo_answered")] == [5, 6, 1, 2]
     assert value("xdplb_drops_total", reason="no_backend") == 10
+    assert [value("xdplb_quic_total", result=r) for r in ("routed_by_cid", "fallback")] == [8, 9]
     assert value("xdplb_vip_bytes_total", vip="web", address="10.200.1.10", port="80",
                  protocol="tcp") == 3456
     assert value("xdplb_vip_packets_total", vip='odd"name\\', address="::1", port="0",
