@@ -8,9 +8,9 @@ line each, naming the key and the VIP/backend, e.g.
     vip "web" backend 10.1.0.300: address: "10.1.0.300" is not an IP address
     unknown key lb.interfac (did you mean "interface"?)
 
-This module is the schema; reading a typed table and collecting its problems is
-lb/tomltable.py, checks of single values (addresses, names, HOST:PORT, primes)
-lb/valuecheck.py.
+This module is the schema, with [health] in lb/healthconfig.py and a VIP's QUIC keys in
+lb/quicconfig.py; reading a typed table and collecting its problems is lb/tomltable.py,
+checks of single values (addresses, names, HOST:PORT, primes) lb/valuecheck.py.
 
 Only what the file alone proves wrong is an error. Whatever depends on the machine (does the
 interface exist, which outer source address a backend family gets when `source_v4`/`source_v6`
@@ -19,7 +19,6 @@ is absent) is resolved and reported at run time.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 from dataclasses import dataclass, field
@@ -27,7 +26,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from .errors import ConfigError
-from .tomltable import MISSING, Table, bare, kind_of, parse_toml, read_text
+from .healthconfig import HealthSection, parse_health_defaults, resolve_health
+from .quicconfig import check_server_ids, read_quic
+from .tomltable import Table, bare, kind_of, parse_toml, read_text
 from .valuecheck import U32_MAX, IPAddress, fmt, next_prime, split_host_port
 
 PathLike = Union[str, os.PathLike]
@@ -39,7 +40,6 @@ PROTOCOLS = ("tcp", "udp")
 PROTO_NUMBERS = {"tcp": 6, "udp": 17}
 HASHES = ("5tuple", "src_ip")
 ALL_DOWN = ("drop", "spread")
-HEALTH_TYPES = ("tcp", "http", "none")
 BACKEND_STATES = ("active", "drain", "maint")
 
 RING_SLOTS_PER_BACKEND = 100  # ring_size must be a prime > 100 x backends of any VIP
@@ -98,27 +98,11 @@ class AnnounceSection:
 
 
 @dataclass(frozen=True)
-class HealthSection:
-    """[health] (defaults for every VIP) and, resolved, each VIP's health check.
-
-    In [health], `port` may be None (= each VIP's port); in `Vip.health` it is always set
-    (0 only for `type = "none"` on a VIP that listens on any port)."""
-
-    type: str = "tcp"
-    port: Optional[int] = None
-    path: str = "/"
-    expect_status: int = 200
-    interval: float = 2.0
-    timeout: float = 1.0
-    rise: int = 2
-    fall: int = 3
-
-
-@dataclass(frozen=True)
 class Backend:
     address: IPAddress
     weight: int = 1
     state: str = "active"
+    server_id: Optional[int] = None  # QUIC VIPs: the server ID in its connection IDs
 
 
 @dataclass(frozen=True)
@@ -131,6 +115,9 @@ class Vip:
     all_down: str = "drop"
     health: HealthSection = field(default_factory=HealthSection)
     backends: tuple[Backend, ...] = ()
+    quic: bool = False             # UDP: QUIC short headers routed by connection ID
+    quic_server_id_len: int = 2    # bytes of server ID after a CID's first octet
+    quic_cid_len: int = 8          # length of the CIDs the VIP's servers issue
 
     @property
     def proto(self) -> int:
@@ -212,7 +199,7 @@ def _build_config(data: dict, source: Optional[Path], problems: list[str]
     top = Table(data, problems)
     lb = _parse_lb(Table(top.table("lb") or {}, problems, prefix="lb."))
     bad_lb_keys = {p.split(":", 1)[0] for p in problems}
-    health = _parse_health_defaults(Table(top.table("health") or {}, problems,
+    health = parse_health_defaults(Table(top.table("health") or {}, problems,
                                            prefix="health."))
     vips = _parse_vips(top.tables("vip", "vip") or [], health, problems)
     announce_table = top.table("announce")
@@ -284,53 +271,6 @@ def _parse_announce(t: Table, vips: Sequence[Vip]) -> AnnounceSection:
                            withdraw_delay=withdraw_delay)
 
 
-# --- health ------------------------------------------------------------------------------
-
-def _read_health(t: Table) -> dict[str, Any]:
-    """The health keys present (and valid) in one table, checked one by one."""
-    values = dict(
-        type=t.choice("type", MISSING, HEALTH_TYPES),
-        port=t.integer("port", MISSING, 1, 65535),
-        path=t.url_path("path"),
-        expect_status=t.integer("expect_status", MISSING, 100, 599),
-        interval=t.positive("interval", MISSING),
-        timeout=t.positive("timeout", MISSING),
-        rise=t.integer("rise", MISSING, 1, 1000),
-        fall=t.integer("fall", MISSING, 1, 1000),
-    )
-    t.finish()
-    return {k: v for k, v in values.items() if v is not MISSING}
-
-
-def _timing_problem(h: HealthSection) -> Optional[str]:
-    if h.timeout > h.interval:
-        return f"{fmt(h.timeout)} exceeds interval {fmt(h.interval)}"
-    return None
-
-
-def _parse_health_defaults(t: Table) -> HealthSection:
-    health = HealthSection(**_read_health(t))
-    problem = _timing_problem(health)
-    if problem:
-        t.report("timeout", problem)
-    return health
-
-
-def _resolve_health(t: Table, base: HealthSection, vip_port: Optional[int]) -> HealthSection:
-    """A VIP's [vip.health] (table `t`, possibly empty) merged over [health]."""
-    own = _read_health(t)
-    health = dataclasses.replace(base, **own)
-    problem = _timing_problem(health)
-    if problem and ("interval" in own or "timeout" in own):  # else [health] reported it
-        t.report("timeout", problem)
-    if health.port is None:
-        if vip_port == 0 and health.type != "none":
-            t.report("port", f"required: the VIP takes any port (port = 0), so its "
-                             f"{health.type} check needs an explicit port")
-        health = dataclasses.replace(health, port=vip_port or 0)
-    return health
-
-
 # --- VIPs and backends -------------------------------------------------------------------
 
 def _vip_label(data: Any, index: int) -> str:
@@ -361,14 +301,16 @@ def _parse_vip(t: Table, base_health: HealthSection) -> Optional[Vip]:
     protocol = t.choice("protocol", "tcp", PROTOCOLS)
     hash_ = t.choice("hash", "5tuple", HASHES)
     all_down = t.choice("all_down", "drop", ALL_DOWN)
+    quic = read_quic(t, protocol, port)
     health_table = Table(t.table("health") or {}, t.problems, where=t.where, prefix="health.")
-    health = _resolve_health(health_table, base_health, port)
+    health = resolve_health(health_table, base_health, port)
     backends = _parse_backends(t)
     t.finish()
     if name is None or address is None or port is None or backends is None:
         return None
+    check_server_ids(t, quic, backends)
     return Vip(name=name, address=address, port=port, protocol=protocol, hash=hash_,
-               all_down=all_down, health=health, backends=tuple(backends))
+               all_down=all_down, health=health, backends=tuple(backends), **quic)
 
 
 def _parse_backends(t: Table) -> Optional[list[Backend]]:
@@ -402,8 +344,11 @@ def _parse_backend(t: Table) -> Optional[Backend]:
     address = t.address("address", required=True)
     weight = t.integer("weight", 1, 0, WEIGHT_MAX)
     state = t.choice("state", "active", BACKEND_STATES)
+    server_id = t.integer("server_id", None, 1, U32_MAX)
     t.finish()
-    return None if address is None else Backend(address=address, weight=weight, state=state)
+    if address is None or (server_id is None and "server_id" in t.data):
+        return None
+    return Backend(address=address, weight=weight, state=state, server_id=server_id)
 
 
 def _check_duplicate_backends(t: Table, backends: Sequence[Optional[Backend]]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from .layout import IPAddress
-from .specs import BackendSpec, VipSpec
+from .specs import BackendSpec, QuicSpec, VipSpec
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,9 @@ def vip_specs(cfg, admin_of: Callable[[str, str], str], up_of: Callable[[str, st
             if spread and e.state != "maint":
                 in_ring = keep = True
             backends.append(BackendSpec(b.address, b.weight, in_ring, keep,
-                                        nexthop_of(b.address)))
+                                        nexthop_of(b.address),
+                                        (b.server_id or 0) if vip.quic else 0))
+        quic = QuicSpec(vip.quic_server_id_len, vip.quic_cid_len) if vip.quic else None
         specs.append(VipSpec(vip.address, vip.port, vip.proto, tuple(backends),
-                             vip.hash == "src_ip", cfg.lb.ring_size))
+                             vip.hash == "src_ip", cfg.lb.ring_size, quic))
     return Desired(specs, states)

@@ -48,7 +48,7 @@ def expectations(path: Path) -> list[str]:
 def test_example_loads_and_sets_every_key():
     config = load_config(EXAMPLE)
     assert config.source == EXAMPLE
-    assert check(EXAMPLE) == (True, ["ok: 2 vips, 5 backends"])
+    assert check(EXAMPLE) == (True, ["ok: 3 vips, 7 backends"])
     # every [lb] key is written out in the example (the contract asks for all of them)
     text = EXAMPLE.read_text()
     for f in dataclasses.fields(LbSection):
@@ -65,6 +65,11 @@ def test_example_loads_and_sets_every_key():
     assert dns6.health.port == 53
     assert dns6.health.interval == config.health.interval  # inherited from [health]
     assert dns6.backend("FD00:1:0::11") is dns6.backends[0]
+    h3 = config.vip("h3")
+    assert (h3.quic, h3.quic_server_id_len, h3.quic_cid_len) == (True, 2, 8)
+    assert [b.server_id for b in h3.backends] == [1, 2]
+    for f in ("quic", "quic_server_id_len", "quic_cid_len", "server_id"):
+        assert f"\n{f} = " in text, f"config/lb.toml lacks {f}"
 
 
 def test_defaults():
@@ -203,3 +208,13 @@ def test_no_vips_is_valid():
 def test_deep_nesting_is_one_problem():
     problems = problems_of("x = " + "[" * 5000 + "]" * 5000 + "\n")
     assert len(problems) == 1 and "\n" not in problems[0]
+
+
+def test_quic_keys_outside_a_quic_vip_are_accepted():
+    """As in the contract's example: the QUIC keys on a TCP VIP with quic = false, and
+    server IDs that repeat there, are not errors (they only matter with quic = true)."""
+    text = MINIMAL + "server_id = 7\n\n[[vip.backend]]\naddress = \"10.1.0.12\"\nserver_id = 7\n"
+    text = text.replace('port = 80\n', 'port = 80\nquic = false\nquic_server_id_len = 2\n'
+                                       'quic_cid_len = 8\n')
+    vip = parse_config(text).vips[0]
+    assert not vip.quic and [b.server_id for b in vip.backends] == [7, 7]
