@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("sport", type=int)
     e.add_argument("dst")
     e.add_argument("dport", type=int)
+    e.add_argument("--quic-cid", metavar="HEX", default="",
+                   help="a QUIC short header's destination connection ID (quic VIPs)")
     an = sub.add_parser("announce", help="node-level maintenance of the VIP announcements")
     an.add_argument("action", choices=["status", "withdraw", "restore"])
     an.add_argument("--config", dest="sub_config")
@@ -180,6 +182,12 @@ def _check_flow(a) -> None:
             problems.append(f"{name} {getattr(a, name)}: not a port (0-65535)")
     if not problems and len(fams) > 1:
         problems.append("src and dst: one is IPv4, the other IPv6")
+    if a.quic_cid:
+        from .explain import parse_cid
+        try:
+            parse_cid(a.quic_cid)
+        except ValueError as e:
+            problems.append(escape(str(e)))
     if problems:
         raise ConfigError(problems)
 
@@ -193,7 +201,7 @@ def cmd_explain(path: str, a) -> int:
     _check_flow(a)
     cfg = load_config(path)
     req = {"cmd": "explain", "proto": a.proto, "src": a.src, "sport": a.sport, "dst": a.dst,
-           "dport": a.dport}
+           "dport": a.dport, "quic_cid": a.quic_cid}
     try:
         reply = request(cfg.lb.control_socket, req)
         if not reply["ok"]:
@@ -207,14 +215,21 @@ def cmd_explain(path: str, a) -> int:
             admin = None
         try:
             r = explain_offline(cfg, admin_lookup(admin, cfg), a.proto, a.src, a.sport,
-                                a.dst, a.dport)
+                                a.dst, a.dport, a.quic_cid)
         except KeyError as e:
             print(f"xdplb: {str(e).strip(chr(39))}", file=sys.stderr)
             return 1
     line = (f"{a.proto} {a.src}:{a.sport} -> {a.dst}:{a.dport}: vip {r['vip']} backend "
             f"{r['backend']} (slot {r['slot']} of {r['ring_size']}, hash {r['hash']} over "
             f"{r['hash_fields']})")
-    if r.get("existing_flow_backend"):
+    q = r.get("quic")
+    if q and q["routed_by_cid"]:
+        line = (f"{a.proto} {a.src}:{a.sport} -> {a.dst}:{a.dport}: vip {r['vip']} backend "
+                f"{r['backend']} (QUIC connection ID {q['cid']}: config id {q['config_id']}, "
+                f"server_id {q['server_id']}; asked before the connection table)")
+    elif q:
+        line += f"; QUIC connection ID {q['cid']} not routed by it: {q['reason']}"
+    if r.get("existing_flow_backend") and not (q and q["routed_by_cid"]):
         line += f"; an existing flow entry sends it to {r['existing_flow_backend']}"
     print(line)
     if r.get("note"):

@@ -115,7 +115,7 @@ class ControlServer:
         if cmd == "explain":
             from .explain import explain_running
             return explain_running(self.d, req["proto"], req["src"], int(req["sport"]),
-                                   req["dst"], int(req["dport"]))
+                                   req["dst"], int(req["dport"]), req.get("quic_cid") or "")
         raise KeyError(f"unknown command {cmd!r}")
 
 
