@@ -17,6 +17,8 @@ summary.json carries, each with the raw numbers it is made of and its target:
                         (pktgen.json, case syn)
   tcp_syn_ratio         a SYN inserting a new flow / the floor, BPF_PROG_TEST_RUN (cost.json)
   tcp_hit_ratio         a TCP flow-table hit / the floor, BPF_PROG_TEST_RUN (cost.json)
+  quic_vs_udp_hit       cost of a QUIC short header routed by its connection ID / cost of
+                        a UDP flow-table hit, per round of the same run (cost.json)
 A figure whose input file is missing is null, with the file named.
 """
 
@@ -32,7 +34,8 @@ from .cost import machine_info
 TARGETS = {"forward_ratio_hit": (">=", 0.90), "iptables_ratio_1000": (">=", 5.0),
            "vip_scaling_10000": ("<=", 1.10), "maglev_max_mean_1000": ("<=", 1.01),
            "new_flow_mpps": (">=", 2.5), "tcp_syn_ratio": ("<=", 6.0),
-           "tcp_hit_ratio": ("<=", 2.0)}
+           "tcp_hit_ratio": ("<=", 2.0),
+           "quic_vs_udp_hit": ("<=", 1.10)}
 
 
 def _load(d: Path, name: str) -> Optional[dict]:
@@ -157,6 +160,14 @@ def build(d: Path) -> tuple:
                               verdicts=c.get("verdicts"))
         else:
             out[key] = _entry(key, None, missing=f"cost.json ({case})")
+    q = (co or {}).get("cases", {}).get("quic_short_cid", {})
+    if q.get("vs"):
+        out["quic_vs_udp_hit"] = _entry("quic_vs_udp_hit", q["vs"]["ratio"], quic_ns=q["ns"],
+                                        udp_hit_ns=co["cases"]["udp_hit"]["ns"],
+                                        path_ok=q["ok"])
+    else:
+        out["quic_vs_udp_hit"] = _entry("quic_vs_udp_hit", None,
+                                        missing="cost.json (quic_short_cid, udp_hit)")
     out["sources"] = {"pktgen": pk is not None, "iptables": sw is not None,
                       "vipscale": vc is not None,
                       "maglev": mg is not None, "cost": co is not None,
@@ -216,6 +227,10 @@ def markdown(s: dict, pk: Optional[dict], sw: Optional[dict]) -> str:
         lines.append(f"| {key} ({what} / floor, BPF_PROG_TEST_RUN) | {_fmt(f['value'])} | "
                      f"{f['target']} | {_fmt(f.get('ns'), '.0f')} vs "
                      f"{_fmt(f.get('floor_ns'), '.0f')} ns; rounds {f.get('ratio_all')} |")
+    f = s["quic_vs_udp_hit"]
+    lines.append(f"| quic_vs_udp_hit (QUIC short header routed by CID / UDP flow-table hit) | "
+                 f"{_fmt(f['value'], '.3f')} | {f['target']} | {_fmt(f.get('quic_ns'), '.1f')} "
+                 f"vs {_fmt(f.get('udp_hit_ns'), '.1f')} ns |")
     if pk:
         lines += ["", "Packet rates (`pktgen.json`): Mpps per core; the core runs the "
                   "generator, the data path and the sink; floor = MAC-swap XDP_TX on the "
@@ -279,7 +294,10 @@ def print_summary(s: dict, d: Path | str = "") -> None:
                        f"{_fmt(f.get('idle_vips_ratio'), '.3f')}; live frames "
                        f"{_fmt(f.get('live_frames_ratio_over_floor'), '.3f')}"),
             ("maglev_max_mean_1000", ".4f",
-             lambda f: f"max {f.get('max_slots')} / mean {f.get('mean_slots')} slots"))
+             lambda f: f"max {f.get('max_slots')} / mean {f.get('mean_slots')} slots"),
+            ("quic_vs_udp_hit", ".3f",
+             lambda f: f"{_fmt(f.get('quic_ns'), '.1f')} vs {_fmt(f.get('udp_hit_ns'), '.1f')} "
+                       f"ns per packet"))
     for key, spec, raw in rows:
         f = s[key]
         mark = {True: "ok", False: "MISSED", None: "n/a"}[f["meets_target"]]

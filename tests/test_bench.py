@@ -27,7 +27,8 @@ from bench.maglev import plain_maglev, quality, run_maglev  # noqa: E402
 from lb import layout  # noqa: E402
 from lb import native  # noqa: E402
 
-CASES = ("tcp_hit", "tcp_syn", "tcp_syn_limited", "udp_hit", "ipv6_hit", "gue_hit",
+CASES = ("tcp_hit", "tcp_syn", "tcp_syn_limited", "udp_hit", "quic_short_cid", "ipv6_hit",
+         "gue_hit",
          "icmp_error_v4", "icmp_error_v6", "echo_v4", "too_big_v4", "pass_v4", "pass_v6")
 ICMP_PATHS = {"icmp_error_v4": "icmp_forwarded", "icmp_error_v6": "icmp_forwarded",
               "echo_v4": "echo_answered", "too_big_v4": "too_big_answered"}
@@ -80,6 +81,10 @@ def test_every_run_took_the_named_path(cost, name):
         elif name == "tcp_syn_limited":  # one insert per second may pass the limit
             assert v["flow_miss"] == runs and v["flow_hit"] == 0
             assert runs - 16 * ROUNDS <= v["flow_insert_limited"] <= runs
+        elif name == "quic_short_cid":  # routed by its connection ID, table untouched
+            assert v["quic_routed_by_cid"] == runs and v["quic_fallback"] == 0
+            assert v["flow_hit"] == v["flow_miss"] == 0
+            assert c["vs"]["case"] == "udp_hit" and c["vs"]["ratio"] > 0
         elif name in ICMP_PATHS:
             assert v[ICMP_PATHS[name]] == runs
             assert v["flow_hit"] == (runs if name == "too_big_v4" else 0)
@@ -211,3 +216,13 @@ def test_vipscale_runner(tmp_path):
     assert all(len(p["ratio_all"]) == 2 for p in doc["pairs"])
     s = run_summary(str(tmp_path), quiet=True)
     assert s["vip_scaling_10000"]["value"] is None  # 200 VIPs is not the headline setup
+
+
+def test_summary_has_quic_vs_udp_hit(cost):
+    """make bench's summary reports quic_short_cid / udp_hit from cost.json."""
+    from bench.summary import run_summary
+    out, res = cost
+    s = run_summary(str(out), quiet=True)
+    q = s["quic_vs_udp_hit"]
+    assert q["value"] == res["cases"]["quic_short_cid"]["vs"]["ratio"] and q["path_ok"] is True
+    assert "quic_vs_udp_hit" in (out / "summary.md").read_text()
