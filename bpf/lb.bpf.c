@@ -33,15 +33,16 @@ int xdplb(struct xdp_md *ctx)
 		v = flow_ipv6(&c, end, g, &fk, &ei, &syn);
 	else
 		return verdict_pass(g);
-	if ((v == FLOW_KEY_READY || v == FLOW_ICMP) && for_another_host(ctx)) {
-		g->c[ST_OTHER_HOST_PASSED]++;
-		return verdict_pass(g);
-	}
+	/* (the MAC is checked only on the way to a VIP's handling: passes pay nothing) */
 	if (v != FLOW_KEY_READY) {
-		if (v == FLOW_ICMP)
-			return proto == bpf_htons(ETH_P_IP) ? lb_icmp4(ctx, g) : lb_icmp6(ctx, g);
-		return v;
+		if (v != FLOW_ICMP)
+			return v;
+		if (for_another_host(ctx))
+			return pass_other_host(g);
+		return proto == bpf_htons(ETH_P_IP) ? lb_icmp4(ctx, g) : lb_icmp6(ctx, g);
 	}
+	if (for_another_host(ctx))
+		return pass_other_host(g);
 	/* a QUIC connection ID names its backend whatever the 5-tuple: asked first */
 	if (fk.k.proto == IPPROTO_UDP) {
 		v = lb_quic(ctx, g, &fk.k, &ei, frame_len);

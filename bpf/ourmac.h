@@ -10,6 +10,7 @@
 #include <linux/if_ether.h>
 #include <bpf/bpf_helpers.h>
 #include "lb_maps.h"
+#include "verdict.h"
 
 /* Non-zero when the frame's destination is another host's unicast MAC. Asked only of
  * frames for a VIP address, so other traffic pays nothing. */
@@ -32,6 +33,12 @@ static __always_inline int for_another_host(struct xdp_md *ctx)
 		return 0;
 	return (a ^ *(const __u16 *)&dst[0]) | (b ^ *(const __u16 *)&dst[2]) |
 	       (c ^ *(const __u16 *)&dst[4]);
+}
+
+static __always_inline int pass_other_host(struct lb_global *g)
+{
+	g->c[ST_OTHER_HOST_PASSED]++;
+	return verdict_pass(g);
 }
 
 #endif
