@@ -36,6 +36,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import announcepolicy
 from .announcepolicy import ADMIN, HEALTH, Decision
+from .errors import XdplbError
 from .layout import IPAddress
 
 RTPROT_XDPLB = 252
@@ -72,6 +73,8 @@ def _add(addr: IPAddress, table: int) -> Optional[str]:
             return (f"table {table} already has a route for {addr} that is not xdplb's "
                     f"(protocol {RTPROT_XDPLB}): remove it")
         return f"cannot add the route for {addr} to table {table}: {e}"
+    except OSError as e:
+        return f"cannot add the route for {addr} to table {table}: {e.strerror or e}"
     return None
 
 
@@ -82,6 +85,8 @@ def _remove(addr: IPAddress, table: int) -> Optional[str]:
     except NetlinkError as e:
         if e.code not in (errno.ESRCH, errno.ENOENT):
             return f"cannot remove the route for {addr} from table {table}: {e}"
+    except OSError as e:
+        return f"cannot remove the route for {addr} from table {table}: {e.strerror or e}"
     return None
 
 
@@ -96,8 +101,13 @@ class RouteTable:
         return self._pool.submit(fn, *args).result(timeout=NETLINK_TIMEOUT_S)
 
     def owned(self) -> set[IPAddress]:
-        """Addresses with a route of ours (protocol RTPROT_XDPLB) in the table."""
-        return self._run(_owned, self.table)
+        """Addresses with a route of ours (protocol RTPROT_XDPLB) in the table;
+        XdplbError when the table cannot be read."""
+        try:
+            return self._run(_owned, self.table)
+        except (NetlinkError, OSError, TimeoutError) as e:
+            raise XdplbError(f"cannot read routing table {self.table} for [announce]: "
+                             f"{getattr(e, 'strerror', None) or e}") from None
 
     def add(self, addr: IPAddress) -> Optional[str]:
         """None when the route is in place (added, or already ours); else the problem."""
