@@ -210,6 +210,26 @@ def test_min_backends(env):
         d.wait("config_reloaded", after=n)
 
 
+def test_reload_cannot_change_the_table(env):
+    tmp, cfg, _ = env
+    d = current(env)
+    os.replace(_with_table(config(tmp, "next.toml"), TABLE + 1), cfg)
+    n = d.mark()
+    try:
+        d.proc.send_signal(signal.SIGHUP)
+        ev = d.wait(("config_reloaded", "config_rejected"), after=n)
+        assert ev["event"] == "config_rejected" and "restart" in ev["error"], ev
+        assert routes() == ANNOUNCED and routes(table=TABLE + 1) == []
+    finally:
+        os.replace(config(tmp, "next.toml"), cfg)
+
+
+def _with_table(path: str, table: int) -> str:
+    text = open(path).read().replace(f"table = {TABLE}\n", f"table = {table}\n")
+    open(path, "w").write(text)
+    return path
+
+
 def test_admin_withdraw_persists_across_restart_and_restore(env):
     tmp, cfg, _ = env
     d = current(env)

@@ -136,6 +136,21 @@ def test_stats_shape_and_counts(env):
     assert g["tx"] - before["global"]["tx"] >= 4 * 30
 
 
+def test_without_announce_nothing_is_announced(env):
+    """No [announce]: no "announced" in stats; `announce status` says so, withdraw and
+    restore refuse with one line (exit 1) and write nothing."""
+    tmp, cfg, d = env
+    assert all("announced" not in v for v in stats(cfg)["vips"])
+    r = cli("announce", "status", "--config", cfg)
+    assert r.returncode == 0 and "not configured" in r.stdout, r.stderr
+    for action in ("withdraw", "restore"):
+        r = cli("announce", action, "--config", cfg)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert "no [announce] in" in r.stderr
+    if os.path.exists(STATE):
+        assert "announce_withdrawn" not in open(STATE).read()
+
+
 def test_explain_agrees_with_datapath(env):
     tmp, cfg, d = env
     ports = list(range(41000, 41060))
