@@ -35,7 +35,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import announcepolicy
-from .announcepolicy import ADMIN, HEALTH, Decision
+from .announcepolicy import ADMIN, HEALTH, INTERFACE, Decision
 from .errors import XdplbError
 from .layout import IPAddress
 
@@ -158,11 +158,12 @@ class Announcer:
         return len(self.announced), removed
 
     # --- what the daemon asks ------------------------------------------------------
-    def decide(self, cfg, states, verdicted_of, withdrawn: bool
-               ) -> dict[IPAddress, Decision]:
+    def decide(self, cfg, states, verdicted_of, withdrawn: bool,
+               interface_missing: bool = False) -> dict[IPAddress, Decision]:
         facts = announcepolicy.vip_facts(cfg, states, verdicted_of)
         decisions = announcepolicy.decide(facts, cfg.announce.min_backends, self.announced,
-                                          withdrawn=withdrawn, stopping=self.stopping)
+                                          withdrawn=withdrawn, stopping=self.stopping,
+                                          interface_missing=interface_missing)
         names: dict[IPAddress, tuple[str, ...]] = {}
         for v in cfg.vips:
             names[v.address] = (*names.get(v.address, ()), v.name)
@@ -217,7 +218,9 @@ class Announcer:
                     continue
                 self.failing.pop(addr, None)
                 self.announced.add(addr)
-                reason = ADMIN if self.reasons.pop(addr, None) == ADMIN else HEALTH
+                # back because the operator or the interface let it, else health
+                before = self.reasons.pop(addr, None)
+                reason = before if before in (ADMIN, INTERFACE) else HEALTH
                 for name in self._names.get(addr, ()):
                     self.log.info("vip_announced", vip=name, address=str(addr),
                                   reason=reason)

@@ -7,6 +7,7 @@ several VIPs (ports, protocols) may share one: the address is announced while an
 VIPs is. State table of one address (first matching row wins):
 
   node stopping (SIGTERM)                       -> withdrawn, reason "shutdown"
+  the attached interface is gone (deleted)      -> withdrawn, reason "interface"
   node withdrawn (`xdplb announce withdraw`)    -> withdrawn, reason "admin"
   a VIP qualifies, every backend of every VIP
     at the address verdicted                    -> announced
@@ -29,7 +30,7 @@ from typing import Iterable, Mapping
 
 from .layout import IPAddress
 
-SHUTDOWN, ADMIN, HEALTH = "shutdown", "admin", "health"
+SHUTDOWN, INTERFACE, ADMIN, HEALTH = "shutdown", "interface", "admin", "health"
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ def vip_facts(cfg, states: Mapping[tuple[str, str], object],
 
 
 def decide(vips: Iterable[VipFacts], min_backends: int, announced: set,
-           withdrawn: bool = False, stopping: bool = False) -> dict[IPAddress, Decision]:
+           withdrawn: bool = False, stopping: bool = False,
+           interface_missing: bool = False) -> dict[IPAddress, Decision]:
     """Each VIP address's decision. announced: the addresses announced now."""
     by_addr: dict[IPAddress, list[VipFacts]] = {}
     for v in vips:
@@ -73,6 +75,8 @@ def decide(vips: Iterable[VipFacts], min_backends: int, announced: set,
         qualifying = [v for v in group if v.usable >= min_backends]
         if stopping:
             out[addr] = Decision(False, SHUTDOWN)
+        elif interface_missing:
+            out[addr] = Decision(False, INTERFACE)
         elif withdrawn:
             out[addr] = Decision(False, ADMIN)
         elif qualifying and (all(v.verdicted for v in group) or addr in announced):

@@ -63,6 +63,7 @@ class Daemon:
         self.attached: Optional[tuple[int, str]] = None
         self.applied: dict[tuple[str, str], str] = {}  # effective state the maps hold
         self.announcer: Optional[Announcer] = None
+        self.interface_missing = False  # nothing forwards: nothing is announced
 
     # --- start ---------------------------------------------------------------------
     def start(self) -> None:
@@ -148,7 +149,7 @@ class Daemon:
         ann = self.announcer
         if ann:  # withdrawals before the maps change, announcements after
             decisions = ann.decide(self.cfg, states, self._verdicted,
-                                   self.admin.announce_withdrawn)
+                                   self.admin.announce_withdrawn, self.interface_missing)
             ann.withdraw(decisions, self.applied, self.cfg)
             held_up = ann.up_view(self._up_of)
             if held_up:  # rings of VIPs just withdrawn keep their health view

@@ -84,8 +84,12 @@ class LinkFollower:
         for name in gone - self.missing:
             log.warning("interface_missing", interface=name,
                         action="forwarding stopped until an interface of that name is back")
+        newly = gone - self.missing
         self.missing |= gone
         if gone:
+            if newly and d.announcer:  # no forwarding here: no route attracting traffic
+                d.interface_missing = True
+                d.apply()
             return
         came_back, self.missing = self.missing, set()
         ingress = links[lb.interface]
@@ -103,6 +107,7 @@ class LinkFollower:
             mode = attach(ingress.index, ingress.name, d.dp.prog_fd, lb.xdp_mode, log)
             d.attached = (ingress.index, mode)
         d.ingress, d.egress, d.egress_cfg = ingress, egress, egress_cfg
+        d.interface_missing = False  # the apply below announces again
         cfg = d.cfg
         addrs = {b.address for v in cfg.vips for b in v.backends}
         resolved = await self.loop.run_in_executor(None, d.resolver.resolve, addrs,

@@ -395,3 +395,25 @@ def test_frames_for_another_host_are_passed_not_forwarded(env):
     finally:
         lb.set_link("lb0", mac=mac)
     d.wait_until(lambda: _pinned_if_mac() == mac, "the MAC back")
+
+
+def test_interface_gone_withdraws_until_it_is_back(env):
+    """Nothing forwards while the attached interface is gone: its routes go (reason
+    interface) and come back once it is re-created and the program attached again.
+    Last: lb0 is a new interface afterwards."""
+    d = current(env)
+    lb = netns.Netns(LAB.lb, create=False, owned=False)
+    mac = lb.mac("lb0")
+    n = d.mark()
+    lb.delete_link("lb0")
+    d.wait_until(lambda: routes() == [], "the withdrawal with lb0 gone")
+    assert {e["reason"] for e in d.events("vip_withdrawn", after=n)} == {"interface"}
+    assert announced(d) == {"web": False, "echo": False, "web6": False}
+    LAB.plug_lb0()
+    lb.set_link("lb0", mac=mac)  # the neighbours' caches stay right
+    d.wait("datapath_reattached", after=n)
+    d.wait_until(lambda: routes() == ANNOUNCED, "announced again", timeout=30)
+    # the last thing that held it back: the interface, or the health checks that failed
+    # meanwhile (no route to the backends without lb0)
+    back = {e["reason"] for e in d.events("vip_announced", after=n)}
+    assert back and back <= {"interface", "health"}, back

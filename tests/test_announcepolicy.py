@@ -17,9 +17,11 @@ def facts(name="web", addr=A, usable=3, verdicted=True):
     return VipFacts(name, addr, usable, verdicted)
 
 
-def test_stopping_and_admin_win_over_health():
-    assert decide([facts()], 1, {A}, withdrawn=True, stopping=True) == {
-        A: Decision(False, "shutdown")}
+def test_stopping_interface_and_admin_win_over_health():
+    assert decide([facts()], 1, {A}, withdrawn=True, stopping=True,
+                  interface_missing=True) == {A: Decision(False, "shutdown")}
+    assert decide([facts()], 1, {A}, withdrawn=True, interface_missing=True) == {
+        A: Decision(False, "interface")}
     assert decide([facts()], 1, {A}, withdrawn=True) == {A: Decision(False, "admin")}
 
 

@@ -444,8 +444,6 @@ def test_interface_deleted_and_recreated_gets_the_program_again(env):
     datapath_reattached, and VIP traffic works again (issue 12, finding 5). Last in this
     file: the lab's lb0 is a new interface afterwards."""
     tmp, cfg, d = env
-    from lb.lab.decap import attach_pass
-
     n = d.mark()
     subprocess.run(["ip", "-n", LAB.lb, "link", "del", "lb0"], check=True)
     d.wait("interface_missing", after=n, interface="lb0")
@@ -454,14 +452,7 @@ def test_interface_deleted_and_recreated_gets_the_program_again(env):
     assert not d.events(("nexthop_refresh_failed", "nexthop_unroutable"), after=n)
     for e in d.events("nexthop_unresolved", after=n):  # at most once per backend
         assert len(d.events("nexthop_unresolved", after=n, backend=e["backend"])) == 1
-    sw = netns.Netns(LAB.sw, create=False, owned=False)
-    lb = netns.Netns(LAB.lb, create=False, owned=False)
-    h = LAB.hosts()
-    netns.add_veth("lb0", LAB.lb, "sw-lb0", LAB.sw)
-    sw.set_link("sw-lb0", master="br0", up=True)
-    lb.add_address("lb0", f"{h['lb'].v4}/24")
-    lb.add_address("lb0", f"{h['lb'].v6}/64")
-    attach_pass(sw, "sw-lb0")
+    LAB.plug_lb0()
     d.wait("datapath_reattached", after=n, interface="lb0")
     deadline = time.monotonic() + 15
     while True:

@@ -84,6 +84,17 @@ class Lab:
             out[h.v4] = out[h.v6] = name
         return out
 
+    def plug_lb0(self, segment: str = "br0") -> None:
+        """The LB's interface lb0 on the client segment (up() makes it; tests that
+        delete it make it again with this)."""
+        sw, lb = lab_netns(self.sw), lab_netns(self.lb)
+        h = self.hosts()
+        netns.add_veth("lb0", lb, "sw-lb0", sw)
+        sw.set_link("sw-lb0", master=segment, up=True)
+        lb.add_address("lb0", f"{h['lb'].v4}/24")
+        lb.add_address("lb0", f"{h['lb'].v6}/64")
+        attach_pass(sw, "sw-lb0")
+
     def up(self) -> "Lab":
         self.down(quiet=True)
         sw = lab_netns(self.sw)
@@ -116,11 +127,7 @@ class Lab:
             client.add_route("default", via="10.200.0.254")
             client.add_route("default", via="fd00:200::254")
 
-        netns.add_veth("lb0", lb, "sw-lb0", sw)
-        sw.set_link("sw-lb0", master=seg_c, up=True)
-        lb.add_address("lb0", f"{h['lb'].v4}/24")
-        lb.add_address("lb0", f"{h['lb'].v6}/64")
-        attach_pass(sw, "sw-lb0")
+        self.plug_lb0(seg_c)
         if self.variant != "tx":
             netns.add_veth("lb1", lb, "sw-lb1", sw)
             sw.set_link("sw-lb1", master=seg_b, up=True)
