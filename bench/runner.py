@@ -33,7 +33,8 @@ SOURCE6 = ipaddress.ip_address("fd31::1")
 GUE_PORT = 6080
 
 LB_KEYS = ("rx", "tx", "redirect", "pass", "drop", "flow_hit", "flow_miss", "flow_moved",
-           "drop_no_backend", "drop_no_nexthop", "drop_too_big", "drop_adjust_fail")
+           "drop_no_backend", "drop_no_nexthop", "drop_too_big", "drop_adjust_fail",
+           "flow_cache_hit", "flow_evicted", "flow_insert_raced")
 
 
 @dataclass

@@ -275,4 +275,41 @@ __noinline int ft_store(__u32 bucket, __u32 own, const struct flow_key *fk,
 	return res;
 }
 
+/* A hit found its entry at slot `at` of its bucket, not in its own slot: swap the two
+ * (both taken, so readers retry rather than miss either), so the flow's next packets
+ * are found with one cache line read, unless the own slot's entry was used since the
+ * bucket's last write (it stays: two busy flows with one own slot would trade places on
+ * every packet; the found entry is then marked used where it is). Once per flow, on its
+ * first packet after an insert put it elsewhere. */
+__noinline int ft_promote(__u32 bucket, __u32 own, __u32 at)
+{
+	struct flow_bucket *b = ft_lookup_bucket(bucket);
+	struct flow_slot *o, *a, tmp;
+	__u32 so, sa;
+
+	if (!b)
+		return 0;
+	o = ft_slot(b, own);
+	a = ft_slot(b, at);
+	if (o == a)
+		return 0;
+	so = ft_seq(o);
+	sa = ft_seq(a);
+	if (!o->age || (so | sa) & 1 || !ft_lock(o, so)) {
+		if (a->age) /* it was used, wherever it stays */
+			a->age = 0;
+		return 0;
+	}
+	if (!ft_lock(a, sa)) {
+		ft_unlock(o, so);
+		return 0;
+	}
+	tmp = *o;
+	ft_put(o, &a->key, &a->val, 0);
+	ft_put(a, &tmp.key, &tmp.val, tmp.age);
+	ft_unlock(a, sa);
+	ft_unlock(o, so);
+	return 1;
+}
+
 #endif

@@ -188,9 +188,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 	} else if ((found = ft_find(bucket, fk, &fv)) >= 0) {
 		be = entry_backend(&fv);
 		if (be) {
-			s = ft_slot(b, found);
-			if (s->age)
-				s->age = 0;
+			ft_promote(bucket, own, found);
 			g->c[ST_FLOW_HIT]++;
 			return forward(ctx, g, cfg, be, fv.hash, ei, frame_len);
 		}

@@ -66,7 +66,7 @@ class LbSection:
     source_v6: Optional[ipaddress.IPv6Address] = None
     ring_size: int = 65537
     flow_table_size: int = 1000000
-    flow_insert_limit: int = 0
+    flow_insert_limit: int = 25000  # per CPU per second; README: why this value
     bpf_pin_path: str = "/sys/fs/bpf/xdplb"
     control_socket: str = "/run/xdplb/control.sock"
     state_file: str = "/var/lib/xdplb/state.json"

@@ -79,7 +79,7 @@ def test_defaults():
     lb = config.lb
     assert (lb.egress_interface, lb.xdp_mode, lb.encap, lb.gue_port) == (None, "auto", "ipip", 6080)
     assert (lb.source_v4, lb.source_v6, lb.metrics_listen, lb.metrics_address) == (None,) * 4
-    assert (lb.ring_size, lb.flow_table_size, lb.flow_insert_limit) == (65537, 1000000, 0)
+    assert (lb.ring_size, lb.flow_table_size, lb.flow_insert_limit) == (65537, 1000000, 25000)
     assert lb.bpf_pin_path == "/sys/fs/bpf/xdplb"
     assert lb.control_socket == "/run/xdplb/control.sock"
     assert lb.state_file == "/var/lib/xdplb/state.json"

@@ -449,3 +449,24 @@ def test_flows_served_from_the_cache_stay_young_in_the_table(one_cpu):
         assert e.dp.flow_backend(busy.key()) is not None
     finally:
         e.close()
+
+
+def test_full_bucket_evicts_its_least_recently_used_entry():
+    """A table of one bucket (8 slots): 8 flows fill it; after 7 of them are used again, a
+    9th flow takes the place of the one that was not, and the eviction is counted."""
+    e = LbEnv(Limits(max_vips=8, max_backends=16, max_nexthops=16, flow_table_size=8))
+    try:
+        s0 = spec([be("10.18.0.1"), be("10.18.0.2")])
+        e.apply([s0])
+        flows = rand_flows(9, s0, 21)
+        establish(e, s0, flows[:8])
+        assert e.flow_count() == 8
+        resend(e, flows[1:8])
+        before = e.snapshot()
+        assert send(e, flows[8])[0] == "tx"
+        assert_globals(e.delta(before).glob, {"rx": 1, "tx": 1, "flow_miss": 1,
+                                              "flow_evicted": 1})
+        assert e.dp.flow_backend(flows[0].key()) is None
+        assert all(e.dp.flow_backend(f.key()) is not None for f in flows[1:])
+    finally:
+        e.close()
