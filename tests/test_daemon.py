@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lb import flowtable, layout
+from lb.config import LbSection
 from lb.datapath import MAP_NAMES
 from lb.lab import namespaces, netns, topology
 from lb.lab.instance import Instance, RunFiles
@@ -357,7 +358,7 @@ def test_flow_insert_limit_reaches_the_datapath_on_sighup(env):
         with Map.from_pin(os.path.join(PIN, "config")) as m:
             return layout.LbConfig.unpack(m.lookup(ctypes.c_uint32(0))).flow_insert_limit
 
-    assert pinned_limit() == 0
+    assert pinned_limit() == LbSection.flow_insert_limit  # the default
     for limit in (125000, 0):
         text = open(_config(tmp, name="next.toml")).read().replace(
             "[lb]\n", f"[lb]\nflow_insert_limit = {limit}\n", 1)
