@@ -169,7 +169,9 @@ struct {
 } quic_cache SEC(".maps");
 
 /* The epoch of quic_cache entries: user space bumps it after each change of
- * quic_servers, so no CPU keeps serving an entry it cached before. Not pinned. */
+ * quic_servers, so no CPU keeps serving an entry it cached before. Pinned and adopted
+ * with quic_servers: a program a restarted daemon has not replaced yet (its data path
+ * kept on exit) sees the new daemon's bumps too. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);

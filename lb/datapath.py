@@ -25,7 +25,8 @@ from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, num_cpus
 from .pindir import PinDir
 
 MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", "flows",
-             "config", "tx_port", "stats", "vip_stats", "quic_servers", "quic_filter")
+             "config", "tx_port", "stats", "vip_stats", "quic_servers", "quic_filter",
+             "quic_epoch")
 
 GLOBAL_NAMES = {s.name.lower(): s for s in layout.Stat}
 

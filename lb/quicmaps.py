@@ -77,7 +77,7 @@ class QuicMaps:
     def __init__(self, dp):
         self.servers = dp.maps["quic_servers"]
         self.filter = dp.maps["quic_filter"]
-        self.epoch = dp.skel.map("quic_epoch")  # of the CPUs' caches (not pinned)
+        self.epoch = dp.maps["quic_epoch"]  # of the CPUs' caches
 
     def apply(self, items: list, write: Callable) -> None:
         """write(item) for each of `items`, each dropped from the list once written (what
