@@ -6,6 +6,7 @@ and tables are never touched. IPv4 and IPv6 VIPs."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -32,13 +33,13 @@ HEALTH = dict(daemonctl.FAST_HTTP_HEALTH, interval=0.25, timeout=0.2, fall=1)
 SPAWNED: list[Instance] = []
 
 
-def config(tmp, name="lb.toml", announce="", vip_extra="") -> str:
+def config(tmp, name="lb.toml", announce="", vip_extra="", delay=1.0) -> str:
     """web (tcp/80) and echo (udp/5353) on VIP4, web6 on VIP6, over the lab's three
-    backends, with [announce] (table 200, withdraw_delay 1 s unless `announce` says)."""
+    backends, with [announce] (table 200, withdraw_delay `delay`, more from `announce`)."""
     hosts = LAB.hosts()
     text = FILES.lb_table("lb0", ring_size=65537, flow_table_size=65536)
     text += "\n[health]\n" + "".join(f"{k} = {v}\n" for k, v in HEALTH.items())
-    text += f"\n[announce]\ntable = {TABLE}\nwithdraw_delay = 1.0\n{announce}"
+    text += f"\n[announce]\ntable = {TABLE}\nwithdraw_delay = {delay}\n{announce}"
     for vip, addr, port, proto, fam in (("web", topology.VIP4, 80, "tcp", 4),
                                         ("echo", topology.VIP4, 5353, "udp", 4),
                                         ("web6", topology.VIP6, 80, "tcp", 6)):
@@ -162,37 +163,57 @@ def test_announced_once_every_backend_is_checked(env):
 
 
 def test_all_backends_down_withdraws_after_holding_the_ring(env):
+    # a hold long enough that a slow poll of the routes still finds the old ring
+    with reloaded(env, delay=5.0) as d:
+        n = d.mark()
+        servers(False)
+        # the ring the VIP had when it was withdrawn stays until withdraw_delay has
+        # passed, so the withdrawal reaches the router before the ring changes
+        d.wait_until(lambda: routes() == [], "the withdrawal")
+        assert any(ring()), "the ring changed before the withdrawal had time to reach a router"
+
+        def emptied() -> bool:
+            # the ring is read before the routes: an empty one means the route was gone
+            done = not any(ring())
+            assert not done or routes() == [], "the ring changed while still announced"
+            return done
+        d.wait_until(emptied, "the ring emptied after the hold")
+        withdrawn = d.events("vip_withdrawn", after=n)
+        assert sorted(e["vip"] for e in withdrawn) == ["echo", "web", "web6"]
+        assert {e["reason"] for e in withdrawn} == {"health"}
+        assert announced(d) == {"web": False, "echo": False, "web6": False}
+        out = daemonctl.cli("announce", "status", "--config", env[1]).stdout
+        assert "withdrawn (health)" in out
+        n = d.mark()
+        servers(True)
+        wait_routes(d, ANNOUNCED, "announced again")
+        back = d.events("vip_announced", after=n)
+        assert sorted(e["vip"] for e in back) == ["echo", "web", "web6"]
+        assert {e["reason"] for e in back} == {"health"}
+        assert len(d.events("vip_withdrawn", after=n)) == 0
+
+
+@contextlib.contextmanager
+def reloaded(env, **changes):
+    """The running daemon reloaded (SIGHUP) into config(**changes), back afterwards."""
+    tmp, cfg, _ = env
     d = current(env)
-    n = d.mark()
-    servers(False)
-    # the ring the VIP had when it was withdrawn stays until withdraw_delay has passed,
-    # so the withdrawal reaches the router before the ring changes
-    d.wait_until(lambda: routes() == [], "the withdrawal")
-    assert any(ring()), "the ring changed before the withdrawal had time to reach a router"
-    d.wait_until(lambda: not any(ring()), "the ring emptied after the hold")
-    withdrawn = d.events("vip_withdrawn", after=n)
-    assert sorted(e["vip"] for e in withdrawn) == ["echo", "web", "web6"]
-    assert {e["reason"] for e in withdrawn} == {"health"}
-    assert announced(d) == {"web": False, "echo": False, "web6": False}
-    out = daemonctl.cli("announce", "status", "--config", env[1]).stdout
-    assert "withdrawn (health)" in out
-    n = d.mark()
-    servers(True)
-    wait_routes(d, ANNOUNCED, "announced again")
-    back = d.events("vip_announced", after=n)
-    assert sorted(e["vip"] for e in back) == ["echo", "web", "web6"]
-    assert {e["reason"] for e in back} == {"health"}
-    assert len(d.events("vip_withdrawn", after=n)) == 0
+
+    def reload(path: str) -> None:
+        os.replace(path, cfg)
+        n = d.mark()
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait("config_reloaded", after=n)
+    reload(config(tmp, "next.toml", **changes))
+    try:
+        yield d
+    finally:
+        reload(config(tmp, "next.toml"))
 
 
 def test_min_backends(env):
-    tmp, cfg, _ = env
-    d = current(env)
-    os.replace(config(tmp, "next.toml", announce="min_backends = 3\n"), cfg)
-    n = d.mark()
-    d.proc.send_signal(signal.SIGHUP)
-    d.wait("config_reloaded", after=n)
-    try:
+    with reloaded(env, announce="min_backends = 3\n") as d:
+        n = d.mark()
         assert routes() == ANNOUNCED
         LAB.stop_server(LAB.backends[0])
         d.wait_until(lambda: routes() == [], "withdrawn below min_backends")
@@ -203,11 +224,6 @@ def test_min_backends(env):
         assert {e["reason"] for e in d.events("vip_withdrawn", after=n)} == {"health"}
         LAB.start_server(LAB.backends[0])
         wait_routes(d, ANNOUNCED, "three backends again")
-    finally:
-        os.replace(config(tmp, "next.toml"), cfg)
-        n = d.mark()
-        d.proc.send_signal(signal.SIGHUP)
-        d.wait("config_reloaded", after=n)
 
 
 def test_reload_cannot_change_the_table(env):
