@@ -19,6 +19,21 @@ VERDICTS = (("rx", "rx_packets"), ("tx", "tx"), ("redirect", "redirect"), ("pass
             ("drop", "drop"))
 ICMP_ACTIONS = (("forwarded", "icmp_forwarded"), ("too_big_answered", "too_big_answered"),
                 ("too_big_limited", "too_big_limited"), ("echo_answered", "echo_answered"))
+# Single global counters: metric name, stats key, help text.
+COUNTERS = (
+    ("xdplb_flow_insert_limited", "flow_insert_limited",
+     "Packets of new flows forwarded without a connection-table entry "
+     "(over lb.flow_insert_limit)."),
+    ("xdplb_flow_evictions", "flow_evictions",
+     "Connection-table entries given up for new flows' (their bucket was full; the "
+     "least recently used went)."),
+    ("xdplb_flow_insert_raced", "flow_insert_raced",
+     "New flows forwarded but not remembered: another CPU was writing the same "
+     "connection-table bucket at that moment."),
+    ("xdplb_other_host_passed", "other_host_passed",
+     "Frames for a VIP addressed to another host's MAC (a flooding switch), passed "
+     "to the kernel, not forwarded."),
+)
 VIP_LABELS = ("vip", "address", "port", "protocol")
 BACKEND_LABELS = ("vip", "backend")
 
@@ -43,22 +58,8 @@ class StatsCollector:
                             ("moved", "flow_moved")):
             m.add_metric((result,), g.get(key, 0))
         yield m
-        yield CounterMetricFamily(
-            "xdplb_flow_insert_limited",
-            "Packets of new flows forwarded without a connection-table entry "
-            "(over lb.flow_insert_limit).", value=g.get("flow_insert_limited", 0))
-        yield CounterMetricFamily(
-            "xdplb_flow_evictions",
-            "Connection-table entries given up for new flows' (their bucket was full; the "
-            "least recently used went).", value=g.get("flow_evictions", 0))
-        yield CounterMetricFamily(
-            "xdplb_flow_insert_raced",
-            "New flows forwarded but not remembered: another CPU was writing the same "
-            "connection-table bucket at that moment.", value=g.get("flow_insert_raced", 0))
-        yield CounterMetricFamily(
-            "xdplb_other_host_passed",
-            "Frames for a VIP addressed to another host's MAC (a flooding switch), passed "
-            "to the kernel, not forwarded.", value=g.get("other_host_passed", 0))
+        for name, key, doc_text in COUNTERS:
+            yield CounterMetricFamily(name, doc_text, value=g.get(key, 0))
         m = CounterMetricFamily(
             "xdplb_quic", "QUIC short-header packets to QUIC VIPs: sent to the backend their "
             "connection ID names, or not routable by it and balanced as UDP flows.",
