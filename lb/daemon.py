@@ -127,8 +127,12 @@ class Daemon:
         return (v is not None and v.health.type == "none") or self.health.up(vip, backend)
 
     def _verdicted(self, vip: str, backend: str) -> bool:
+        """The pair's first verdict is in: it was checked and is not on its way up (a
+        backend with successes short of `rise` is up on the nodes that saw it longer;
+        announcing before it is up here would put their flows on a partial ring)."""
         verdict = self.health.verdict(vip, backend)
-        return verdict is not None and verdict.checks > 0
+        return verdict is not None and verdict.checks > 0 and (verdict.up or
+                                                                verdict.ok_run == 0)
 
     def _resolve(self, cfg: Config, nl: Optional[Netlink] = None,
                  settle: bool = False) -> Nexthops:
