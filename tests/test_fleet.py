@@ -92,6 +92,7 @@ def test_node_rejoin_breaks_no_connection(fleet):
     finally:
         held.stop()
     assert res["on_node"] > 0  # flows moved onto the node that came back
+    assert res["announced_partial"] == []  # only with a complete ring
     assert res["broken"] == []
     assert res["progressed"]
 
@@ -104,3 +105,17 @@ def test_graceful_withdraw_under_load_fails_nothing(fleet, held):
     assert res["broken"] == []
     assert res["progressed"]
     assert fleet.next_hops(VIP6) == fleet.node_addresses(fleet.nodes[:2], family=6)
+
+
+def test_node_cut_off_its_backends_withdraws_alone(fleet, held):
+    node = fleet.nodes[0]
+    marks = {n: d.mark() for n, d in fleet.instances.items()}
+    res = fleetscene.health_withdraw(fleet, held, node)
+    assert res["broken"] == []
+    assert res["progressed"]
+    withdrawn = fleet.instances[node].events("vip_withdrawn", after=marks[node])
+    assert {e["reason"] for e in withdrawn} == {"health"}
+    assert {e["vip"] for e in withdrawn} == {"web", "web6", "echo", "echo6", "long", "long6"}
+    for other in fleetscene.others(fleet, node):  # the others never withdrew
+        assert fleet.instances[other].events("vip_withdrawn", after=marks[other]) == []
+        assert fleetscene.announced(fleet.instances[other])

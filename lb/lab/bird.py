@@ -15,7 +15,8 @@ import subprocess
 import time
 from typing import Optional
 
-from .namespaces import NetnsError, spawn_in
+from .namespaces import NetnsError, ns_path, spawn_in
+from .topology import running
 
 NODE_CONF = "config/bird-node.conf"
 ROUTER_AS, NODE_AS = 65000, 65010
@@ -108,8 +109,7 @@ class Bird:
             with open(f"/proc/{pid}/comm") as f:
                 if f.read().strip() != "bird":
                     return None
-            if os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat(
-                    f"/run/netns/{self.ns}").st_ino:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat(ns_path(self.ns)).st_ino:
                 return None
         except (OSError, ValueError):
             return None
@@ -126,7 +126,7 @@ class Bird:
             if self.proc is not None:
                 if self.proc.poll() is not None:
                     break
-            elif not os.path.exists(f"/proc/{pid}"):
+            elif not running(pid):
                 break
             time.sleep(0.01)
         self.proc = None

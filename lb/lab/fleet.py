@@ -50,6 +50,7 @@ class FleetLab(Lab):
         self.router = f"{prefix}rt"
         self.nodes = tuple(f"{prefix}n{i}" for i in (1, 2, 3))
         self.instances: dict[str, Instance] = {}
+        self.birds: dict[str, Bird] = {}
 
     def hosts(self) -> dict[str, Host]:
         h = {"client": Host(self.client, f"{CLIENT4}.1", f"{CLIENT6}:1"),
@@ -67,6 +68,9 @@ class FleetLab(Lab):
     def up(self) -> "FleetLab":
         self.down(quiet=True)
         os.makedirs(self.piddir, exist_ok=True)
+        for node in self.nodes:  # events are read from the start of the log
+            if os.path.isfile(self.node_log(node)):
+                os.unlink(self.node_log(node))
         h = self.hosts()
         sw = lab_netns(self.sw)
         sw.add_bridge("br0")
@@ -130,7 +134,11 @@ class FleetLab(Lab):
         node.add_route("default", via=h["router"].v6)
 
     def bird(self, ns: str) -> Bird:
-        return Bird(ns, os.path.join(self.piddir, f"bird-{ns}"))
+        """The BIRD of namespace `ns` (the router or a node): one object per daemon, so
+        the process we started is the one we wait for."""
+        if ns not in self.birds:
+            self.birds[ns] = Bird(ns, os.path.join(self.piddir, f"bird-{ns}"))
+        return self.birds[ns]
 
     def start_bird(self, node: str) -> None:
         h, bird = self.hosts(), self.bird(node)
@@ -154,11 +162,14 @@ class FleetLab(Lab):
         """xdplb on `node` (a clean start: earlier pins and state removed)."""
         os.makedirs("/run/xdplb", exist_ok=True)
         self.files(node).clean()
-        d = Instance(node, self.node_config(node), os.path.join(self.piddir, f"{node}.log"))
+        d = Instance(node, self.node_config(node), self.node_log(node))
         self.instances[node] = d
         with open(self._pidfile(node), "w") as f:
             f.write(str(d.pid))
         return d
+
+    def node_log(self, node: str) -> str:
+        return os.path.join(self.piddir, f"{node}.log")
 
     def _pidfile(self, node: str) -> str:
         return os.path.join(self.piddir, f"{node}-xdplb.pid")
@@ -199,23 +210,16 @@ class FleetLab(Lab):
         self.start_bird(node)
         return self.start_node(node)
 
-    def set_vip_routes(self, node: str, announce: bool = True,
-                       vips: tuple[str, ...] = (VIP4, VIP6)) -> None:
-        """Add (or delete) the blackhole routes xdplb's [announce] keeps in table 200."""
-        with namespaces.ipr_in(node) as ipr:
-            for vip in vips:
-                ip = ipaddress.ip_address(vip)
-                kw = dict(dst=f"{ip}/{ip.max_prefixlen}", table=XDPLB_TABLE,
-                          proto=XDPLB_PROTO, type="blackhole",
-                          family=socket.AF_INET6 if ip.version == 6 else socket.AF_INET)
-                try:
-                    ipr.route("replace" if announce else "del", **kw)
-                except NetlinkError as e:
-                    if announce or e.code != 3:  # ESRCH: no such route
-                        raise
-
     def flush_vip_routes(self, node: str) -> None:
-        self.set_vip_routes(node, announce=False)
+        """Delete xdplb's routes (protocol 252) from the node's table 200, as a reboot
+        does."""
+        with namespaces.ipr_in(node) as ipr:
+            for fam in (socket.AF_INET, socket.AF_INET6):
+                for r in ipr.get_routes(family=fam, table=XDPLB_TABLE):
+                    if r["proto"] == XDPLB_PROTO:
+                        ipr.route("del", family=fam, table=XDPLB_TABLE, proto=XDPLB_PROTO,
+                                  type=r["type"], dst=r.get_attr("RTA_DST"),
+                                  dst_len=r["dst_len"])
 
     # --- the router's view --------------------------------------------------------------
     def next_hops(self, vip: str) -> set[str]:
@@ -264,8 +268,8 @@ class FleetLab(Lab):
         port = f"sw-{node.removeprefix(self.prefix)}"
         table = f"cut_{port.replace('-', '_')}"
         bes = ", ".join(f'"sw-{b.removeprefix(self.prefix)}"' for b in self.backends)
-        script = (f"table bridge {table} {{ chain fwd {{ type filter hook forward priority 0;"
-                  f' iifname "{port}" oifname {{ {bes} }} drop; }} }}\n' if cut else
+        script = (f"table bridge {table} {{ chain cut {{ type filter hook forward priority 0;"
+                  f' iifname "{port}" oifname {{ {bes} }} drop; }}; }}\n' if cut else
                   f"delete table bridge {table}\n")
         p = namespaces.spawn_in(self.sw, ["nft", "-f", "-"], stdin=-1, stderr=-1, text=True)
         _, err = p.communicate(script, timeout=10)

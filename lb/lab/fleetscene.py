@@ -20,10 +20,6 @@ from .topology import VIP4, VIP6
 WAIT = 30.0  # upper bound of every wait; never reached when well
 
 
-def all_active(d: Instance) -> bool:
-    return all(b["state"] == "active" for v in d.stats()["vips"] for b in v["backends"])
-
-
 def wait_hops(lab: FleetLab, nodes: Iterable[str], since: float) -> float:
     """Until the router's VIP routes (both families) go to exactly `nodes`: the seconds
     from `since` until the later of the two did."""
@@ -32,12 +28,35 @@ def wait_hops(lab: FleetLab, nodes: Iterable[str], since: float) -> float:
                for vip, fam in ((VIP4, 4), (VIP6, 6)))
 
 
-def ready(lab: FleetLab, node: str) -> None:
-    """Wait until the node's xdplb runs with every backend active, then announce."""
-    d = lab.instances[node]
-    d.wait_until(lambda: all_active(d), f"every backend active on {node}", WAIT,
-                 ignore=(NoInstance, OSError, KeyError), poll=0.05)
-    lab.set_vip_routes(node)
+def others(lab: FleetLab, node: str) -> list[str]:
+    """The nodes running, but `node`."""
+    return [n for n in lab.nodes if n != node and n in lab.instances]
+
+
+def announced(d: Instance) -> bool:
+    return all(v["announced"] for v in d.stats()["vips"])
+
+
+def ready(lab: FleetLab, node: str) -> list[str]:
+    """Wait until the node's xdplb has every backend active and announces every VIP,
+    watching it every 10 ms: the VIPs seen announced while a backend of theirs was not
+    yet active (flows the router moves to the node could then land on another backend)."""
+    d, partial = lab.instances[node], set()
+
+    def done() -> bool:
+        vips = d.stats()["vips"]
+        partial.update(v["name"] for v in vips if v["announced"] and
+                       any(b["state"] != "active" for b in v["backends"]))
+        return all(v["announced"] and all(b["state"] == "active" for b in v["backends"])
+                   for v in vips)
+    d.wait_until(done, f"{node} announcing", WAIT, ignore=(NoInstance, OSError, KeyError),
+                 poll=0.01)
+    return sorted(partial)
+
+
+def announce(lab: FleetLab, node: str, action: str) -> dict:
+    """`xdplb announce {withdraw,restore,status}` on the node's xdplb."""
+    return lab.instances[node].request({"cmd": "announce", "action": action})["result"]
 
 
 def start(lab: FleetLab) -> None:
@@ -56,8 +75,9 @@ def restore(lab: FleetLab) -> None:
         if node not in lab.instances:
             lab.reboot_node(node)
             ready(lab, node)
-        else:
-            lab.set_vip_routes(node)
+        elif announce(lab, node, "status")["withdrawn"]:
+            announce(lab, node, "restore")
+            ready(lab, node)
     wait_hops(lab, lab.nodes, time.monotonic())
 
 
@@ -83,7 +103,7 @@ def node_death(lab: FleetLab, held: Held, victim: str) -> dict:
     (both families), connections broken, connections it carried, new requests failed
     once the router had converged."""
     on_victim = sum(1 for n in lab.node_of(held.flows()) if n == victim)
-    alive = [n for n in lab.nodes if n != victim]
+    alive = others(lab, victim)
     t0 = lab.kill_node(victim)
     convergence = wait_hops(lab, alive, t0)
     progressed = held.wait_progress(t0 + convergence, WAIT)
@@ -102,8 +122,8 @@ def graceful_withdraw(lab: FleetLab, held: Held, node: str, settle: float = 1.0)
     load = Requests(lab.client, threads=2).start()
     time.sleep(0.5)
     t0 = time.monotonic()
-    lab.set_vip_routes(node, announce=False)
-    took = wait_hops(lab, [n for n in lab.nodes if n != node], t0)
+    announce(lab, node, "withdraw")
+    took = wait_hops(lab, others(lab, node), t0)
     time.sleep(settle)
     done = load.stop()
     progressed = held.wait_progress(time.monotonic(), WAIT)
@@ -112,17 +132,33 @@ def graceful_withdraw(lab: FleetLab, held: Held, node: str, settle: float = 1.0)
             "progressed": progressed}
 
 
+def health_withdraw(lab: FleetLab, held: Held, node: str) -> dict:
+    """Cut `node` off its backends in the switch (its health checks fail, and so does what
+    it forwards) until the router no longer uses it: the node withdraws by itself, the
+    others stay. Measures: seconds until the router dropped it, connections broken."""
+    t0 = time.monotonic()
+    lab.cut_backends(node)
+    try:
+        took = wait_hops(lab, others(lab, node), t0)
+        progressed = held.wait_progress(time.monotonic(), WAIT)
+    finally:
+        lab.cut_backends(node, cut=False)
+    return {"withdrawn_after_s": took, "broken": [c.error for c in held.failed()],
+            "progressed": progressed}
+
+
 def rejoin(lab: FleetLab, held: Held, node: str) -> dict:
     """Bring a killed node back as a rebooted machine. Measures: seconds from its start
     until the router used it again, connections broken, connections it now carries."""
     t0 = time.monotonic()
     lab.reboot_node(node)
-    ready(lab, node)
+    partial = ready(lab, node)
     took = wait_hops(lab, lab.nodes, t0)
     progressed = held.wait_progress(time.monotonic(), WAIT)
     on_node = sum(1 for n in lab.node_of(held.flows()) if n == node)
     return {"rejoin_s": took, "broken": [c.error for c in held.failed()],
-            "on_node": on_node, "progressed": progressed}
+            "on_node": on_node, "progressed": progressed,
+            "announced_partial": partial}
 
 
 def up() -> int:
