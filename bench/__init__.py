@@ -17,6 +17,9 @@ Commands (see ``python -m bench --help``):
              -> results/iptables.json, results/iptables.png
 * ``vipscale`` per-packet cost with 10,000 VIPs against 1 VIP, same flow count, measured
              like ``cost`` (bench/vipscale.py) -> results/vipscale.json
+* ``fleet``  three xdplb nodes behind a BIRD router (ECMP, BFD): connections broken by a
+             node's death, rejoin, graceful and health-driven withdraw, convergence time,
+             spread over nodes (bench/fleet.py) -> results/fleet.json, results/fleet.png
 * ``summary`` headline figures with their targets (bench/summary.py)
              -> results/summary.json, results/summary.md
 * ``all``    every benchmark above, then the summary.

@@ -1,5 +1,5 @@
-"""python -m bench {cost,maglev,reload,health,pktgen,iptables,summary,all} [options]: see
-bench/__init__.py."""
+"""python -m bench {cost,maglev,reload,health,pktgen,iptables,fleet,summary,all} [options]:
+see bench/__init__.py."""
 
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ def main(argv=None) -> int:
                               "over 1..10,000 services -> iptables.json, .png"))
     v = sub.add_parser("vipscale", help="per-packet cost at 10,000 VIPs vs 1 -> vipscale.json")
     v.add_argument("--vip-rounds", type=int, default=5)
+    f = sub.add_parser("fleet", help="3 nodes behind a BIRD router: node death, rejoin, "
+                       "withdraw -> fleet.json, .png")
+    f.add_argument("--fleet-rounds", type=int, default=3, help="node deaths (and rejoins)")
     sub.add_parser("summary", help="headline figures from the JSON files -> summary.json, "
                    "summary.md")
     a = sub.add_parser("all", help="every benchmark, then the summary")
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
     out = args.out_sub or args.out
 
     if os.geteuid() != 0 and args.cmd in ("cost", "health", "pktgen", "iptables", "vipscale",
-                                          "all"):
+                                          "fleet", "all"):
         print("bench: loads BPF programs: run as root", file=sys.stderr)
         return 2
 
@@ -168,6 +171,13 @@ def main(argv=None) -> int:
                   rounds=opt("sweep", "rounds"), duration=opt("sweep", "duration"),
                   endpoints=args.endpoints, variant=args.iptables,
                   scaling_rounds=args.scaling_rounds)
+    if runs("fleet"):
+        from .fleet import run_fleet
+
+        doc = run_fleet(out, rounds=getattr(args, "fleet_rounds", 3))
+        if not all(doc["meets_target"].values()):
+            print("bench: the fleet missed a target (see fleet.json)", file=sys.stderr)
+            rc = 1
     if runs("summary"):
         from .summary import run_summary
 

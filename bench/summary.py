@@ -19,6 +19,10 @@ summary.json carries, each with the raw numbers it is made of and its target:
   tcp_hit_ratio         a TCP flow-table hit / the floor, BPF_PROG_TEST_RUN (cost.json)
   quic_vs_udp_hit       cost of a QUIC short header routed by its connection ID / cost of
                         a UDP flow-table hit, per round of the same run (cost.json)
+  fleet_resets          connections broken and requests failed across a fleet node's
+                        death, rejoin, graceful and health-driven withdraw (fleet.json)
+  fleet_convergence_s   seconds until the router drops a dead node (BFD; fleet.json)
+  fleet_spread          new flows per fleet node, max / mean (fleet.json)
 A figure whose input file is missing is null, with the file named.
 """
 
@@ -35,7 +39,11 @@ TARGETS = {"forward_ratio_hit": (">=", 0.90), "iptables_ratio_1000": (">=", 5.0)
            "vip_scaling_10000": ("<=", 1.10), "maglev_max_mean_1000": ("<=", 1.01),
            "new_flow_mpps": (">=", 2.5), "tcp_syn_ratio": ("<=", 6.0),
            "tcp_hit_ratio": ("<=", 2.0),
-           "quic_vs_udp_hit": ("<=", 1.10)}
+           "quic_vs_udp_hit": ("<=", 1.10),
+           "fleet_resets": ("<=", 0), "fleet_convergence_s": ("<=", 0.5),
+           "fleet_spread": ("<=", 1.10)}
+FLEET_COUNTS = ("resets_on_node_death", "failed_new_after_convergence", "rejoin_resets",
+                "graceful_failed", "health_withdraw_resets")
 
 
 def _load(d: Path, name: str) -> Optional[dict]:
@@ -168,7 +176,21 @@ def build(d: Path) -> tuple:
     else:
         out["quic_vs_udp_hit"] = _entry("quic_vs_udp_hit", None,
                                         missing="cost.json (quic_short_cid, udp_hit)")
+    fl = _load(d, "fleet.json")
+    if fl:
+        out["fleet_resets"] = _entry("fleet_resets", sum(fl[k] for k in FLEET_COUNTS),
+                                     nodes=fl["nodes"], long_lived=fl["long_lived"],
+                                     **{k: fl[k] for k in FLEET_COUNTS})
+        out["fleet_convergence_s"] = _entry(
+            "fleet_convergence_s", fl["convergence_s"],
+            by_round=fl["detail"]["convergence_s_by_round"])
+        out["fleet_spread"] = _entry("fleet_spread", fl["spread_max_over_mean"],
+                                     flows_per_node=fl["detail"]["spread_flows_per_node"])
+    else:
+        for key in ("fleet_resets", "fleet_convergence_s", "fleet_spread"):
+            out[key] = _entry(key, None, missing="fleet.json")
     out["sources"] = {"pktgen": pk is not None, "iptables": sw is not None,
+                      "fleet": fl is not None,
                       "vipscale": vc is not None,
                       "maglev": mg is not None, "cost": co is not None,
                       "reload": rl is not None}
@@ -231,6 +253,17 @@ def markdown(s: dict, pk: Optional[dict], sw: Optional[dict]) -> str:
     lines.append(f"| quic_vs_udp_hit (QUIC short header routed by CID / UDP flow-table hit) | "
                  f"{_fmt(f['value'], '.3f')} | {f['target']} | {_fmt(f.get('quic_ns'), '.1f')} "
                  f"vs {_fmt(f.get('udp_hit_ns'), '.1f')} ns |")
+    f = s["fleet_resets"]
+    lines.append(f"| fleet_resets (3 nodes behind ECMP: node death, rejoin, withdraws) | "
+                 f"{_fmt(f['value'], 'd')} | {f['target']} | "
+                 + ", ".join(f"{k} {f.get(k)}" for k in FLEET_COUNTS) + " |")
+    f = s["fleet_convergence_s"]
+    lines.append(f"| fleet_convergence_s (a dead node dropped by the router, BFD) | "
+                 f"{_fmt(f['value'], '.3f')} | {f['target']} | by round "
+                 f"{f.get('by_round')} |")
+    f = s["fleet_spread"]
+    lines.append(f"| fleet_spread (new flows per node, max / mean) | {_fmt(f['value'], '.3f')}"
+                 f" | {f['target']} | {f.get('flows_per_node')} |")
     if pk:
         lines += ["", "Packet rates (`pktgen.json`): Mpps per core; the core runs the "
                   "generator, the data path and the sink; floor = MAC-swap XDP_TX on the "
@@ -297,7 +330,11 @@ def print_summary(s: dict, d: Path | str = "") -> None:
              lambda f: f"max {f.get('max_slots')} / mean {f.get('mean_slots')} slots"),
             ("quic_vs_udp_hit", ".3f",
              lambda f: f"{_fmt(f.get('quic_ns'), '.1f')} vs {_fmt(f.get('udp_hit_ns'), '.1f')} "
-                       f"ns per packet"))
+                       f"ns per packet"),
+            ("fleet_resets", "d",
+             lambda f: ", ".join(f"{k} {f.get(k)}" for k in FLEET_COUNTS)),
+            ("fleet_convergence_s", ".3f", lambda f: f"by round {f.get('by_round')}"),
+            ("fleet_spread", ".3f", lambda f: f"flows per node {f.get('flows_per_node')}"))
     for key, spec, raw in rows:
         f = s[key]
         mark = {True: "ok", False: "MISSED", None: "n/a"}[f["meets_target"]]

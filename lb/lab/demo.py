@@ -9,7 +9,10 @@ import sys
 import time
 
 from ..control import NoInstance
+from . import fleetscene
 from . import topology as lab
+from .fleet import FleetLab
+from .fleetload import Held
 from .instance import Instance, InstanceError, RunFiles
 
 CONFIG = "config/lab.toml"
@@ -105,8 +108,47 @@ def main() -> int:
         if daemon is not None:
             daemon.stop()
         demo_lab.down(quiet=False)
+    bad += fleet_scene()
     print(f"\ndemo {'passed' if bad == 0 else 'FAILED'}: {bad} unexpected failures")
     return 0 if bad == 0 else 1
+
+
+def fleet_scene() -> int:
+    """Three xdplb nodes behind a BIRD router: a node dies under long-lived connections,
+    another is withdrawn under load. Returns the count of unexpected failures."""
+    print("\n--- fleet: 3 xdplb nodes behind a BIRD router (eBGP + BFD, ECMP) ---")
+    fleet, bad = FleetLab(), 0
+    try:
+        fleetscene.start(fleet)
+        hops = sorted(fleet.next_hops(lab.VIP4))
+        print(f"router: {lab.VIP4} learned over BGP via {', '.join(hops)}")
+        per_node, failed = fleetscene.spread(fleet, 300)
+        bad += failed
+        print(f"300 new flows -> {per_node}, {failed} failed")
+        held = Held(fleet.client, 60).start()
+        try:
+            victim = fleet.nodes[0]
+            print(f"\n$ kill {victim} as a machine dies (link down, BIRD and xdplb "
+                  "SIGKILLed), 60 long-lived connections running")
+            res = fleetscene.node_death(fleet, held, victim)
+            broken = len(res["broken"]) + (not res["progressed"])
+            bad += broken + res["failed_new_after_convergence"]
+            print(f"router dropped {victim} after {res['convergence_s']:.2f}s; "
+                  f"{res['on_victim']} connections went through it; connections reset: "
+                  f"{broken}; 100 new requests after: {res['failed_new_after_convergence']} "
+                  "failed")
+            node = fleet.nodes[1]
+            print(f"\n$ xdplb announce withdraw (on {node}), requests running")
+            res = fleetscene.graceful_withdraw(fleet, held, node, settle=0.5)
+            bad += len(res["failed"]) + len(res["broken"])
+            print(f"router dropped {node} after {res['withdrawn_after_s']:.2f}s; "
+                  f"{res['requests']} requests: {len(res['failed'])} failed; connections "
+                  f"reset: {len(res['broken'])}")
+        finally:
+            held.stop()
+    finally:
+        fleet.down()
+    return bad
 
 
 if __name__ == "__main__":
