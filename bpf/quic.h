@@ -65,7 +65,7 @@ static __always_inline __u32 quic_cache_index(const union quic_key_words *kw)
 static __always_inline const struct quic_server *quic_server_of(const struct flow_key *fk,
 								__u32 sid_len, __u32 sid)
 {
-	__u32 zero = 0, slot, *epoch = bpf_map_lookup_elem(&quic_epoch, &zero);
+	__u32 zero = 0, slot, ep, *epoch = bpf_map_lookup_elem(&quic_epoch, &zero);
 	const __u64 *dst = (const __u64 *)fk->dst;
 	struct quic_cache_slot *cs;
 	struct quic_server *qs;
@@ -84,8 +84,11 @@ static __always_inline const struct quic_server *quic_server_of(const struct flo
 	cs = bpf_map_lookup_elem(&quic_cache, &slot);
 	if (!cs || !epoch)
 		return NULL;
+	/* once, before quic_servers: read after the map, a bump between the two would
+	 * cache an old entry under the new epoch */
+	ep = *(volatile __u32 *)epoch;
 	cw = (__u64 *)&cs->key;
-	if (cs->epoch == *epoch && !((cw[0] ^ kw.w[0]) | (cw[1] ^ kw.w[1]) | (cw[2] ^ kw.w[2])))
+	if (cs->epoch == ep && !((cw[0] ^ kw.w[0]) | (cw[1] ^ kw.w[1]) | (cw[2] ^ kw.w[2])))
 		return &cs->val;
 	qs = bpf_map_lookup_elem(&quic_servers, &kw.k);
 	if (qs) {
@@ -93,7 +96,7 @@ static __always_inline const struct quic_server *quic_server_of(const struct flo
 		cw[1] = kw.w[1];
 		cw[2] = kw.w[2];
 		cs->val = *qs;
-		cs->epoch = *epoch;
+		cs->epoch = ep;
 	}
 	return qs;
 }
