@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 from lb.lab import namespaces, topology
+from lb.lab.fleetload import read_line
 
 if TYPE_CHECKING:
     from e2e_setup import E2ELab
@@ -208,8 +209,8 @@ class LongConns:
         s.connect((VIP6 if family == 6 else VIP4, topology.ECHO_PORT))
         s.sendall(b"hello\n")
         c = Conn(family, sport, s, "")
-        name, _, rest = self._line(c).partition(b" ")
-        assert rest == b"hello\n", rest
+        name, _, rest = read_line(c).partition(b" ")
+        assert rest == b"hello", rest
         c.backend = name.decode()
         c.oks.append(time.monotonic())
         self.conns.append(c)
@@ -233,16 +234,6 @@ class LongConns:
                     mine.append(c)
         return self
 
-    @staticmethod
-    def _line(c: Conn) -> bytes:
-        while b"\n" not in c.buf:
-            chunk = c.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed by the peer")
-            c.buf += chunk
-        line, _, c.buf = c.buf.partition(b"\n")
-        return line + b"\n"
-
     def _run(self) -> None:
         try:
             seq = itertools.count()
@@ -254,7 +245,7 @@ class LongConns:
                     msg = f"{next(seq)}\n".encode()
                     try:
                         c.sock.sendall(msg)
-                        line = self._line(c)
+                        line = read_line(c) + b"\n"
                         if line != c.backend.encode() + b" " + msg:
                             raise OSError(f"echo {line!r} on a connection to {c.backend}")
                         c.oks.append(time.monotonic())

@@ -24,6 +24,18 @@ def _vip(fam: int) -> str:
     return VIP6 if fam == socket.AF_INET6 else VIP4
 
 
+def read_line(c) -> bytes:
+    """The next line (without its newline) on connection c (its .sock, and .buf holding
+    what was read past the last line)."""
+    while b"\n" not in c.buf:
+        chunk = c.sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed by the peer")
+        c.buf += chunk
+    line, _, c.buf = c.buf.partition(b"\n")
+    return line
+
+
 @dataclass
 class Conn:
     family: int
@@ -60,12 +72,7 @@ class Held:
     def _echo(self, c: Conn, msg: bytes) -> str:
         """Send a line, read its echo: the backend's name."""
         c.sock.sendall(msg + b"\n")
-        while b"\n" not in c.buf:
-            chunk = c.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed by the peer")
-            c.buf += chunk
-        line, _, c.buf = c.buf.partition(b"\n")
+        line = read_line(c)
         name, _, rest = line.partition(b" ")
         if rest != msg:
             raise OSError(f"echo {line[:80]!r} for {msg!r}")
