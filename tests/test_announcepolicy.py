@@ -8,6 +8,8 @@ from lb import policy
 from lb.announcepolicy import Decision, VipFacts, decide, vip_facts
 from lb.config import parse_config
 
+import configtext
+
 A = ipaddress.ip_address("192.0.2.10")
 B = ipaddress.ip_address("2001:db8::10")
 UP = Decision(True, "")
@@ -48,30 +50,10 @@ def test_an_address_is_announced_while_any_of_its_vips_qualifies():
         A: Decision(False, "health"), B: UP}
 
 
-CONFIG = """
-[lb]
-interface = "eth0"
-[[vip]]
-name = "web"
-address = "192.0.2.10"
-port = 80
-all_down = "spread"
-[[vip.backend]]
-address = "10.1.0.11"
-[[vip.backend]]
-address = "10.1.0.12"
-weight = 0
-[[vip.backend]]
-address = "10.1.0.13"
-[[vip]]
-name = "open"
-address = "192.0.2.11"
-port = 80
-[vip.health]
-type = "none"
-[[vip.backend]]
-address = "10.1.0.11"
-"""
+CONFIG = configtext.lb() + configtext.vip(
+    "web", "192.0.2.10", all_down="spread",
+    backends=["10.1.0.11", configtext.backend("10.1.0.12", weight=0), "10.1.0.13"]
+) + configtext.vip("open", "192.0.2.11", health={"type": "none"})
 
 
 def test_facts_count_backends_taking_new_flows():

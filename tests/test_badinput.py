@@ -20,17 +20,9 @@ from lb.config import check, load_config, parse_config
 from lb.errors import ConfigError
 
 from test_cli import cfg, one_line, run  # noqa: F401 - cfg is a fixture
-from test_config import MINIMAL
+from configtext import MINIMAL, vip
 
-TWO_VIPS = MINIMAL + """
-[[vip]]
-name = "api"
-address = "192.0.2.11"
-port = 443
-
-[[vip.backend]]
-address = "10.1.0.12"
-"""
+TWO_VIPS = MINIMAL + vip("api", "192.0.2.11", 443, backends=["10.1.0.12"])
 
 
 # --- finding 9: a file rewritten in place ------------------------------------------------

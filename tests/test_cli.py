@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from test_config import MINIMAL  # one VIP, one backend
+from configtext import MINIMAL  # one VIP, one backend
 
 
 def config_text(iface: str, tmp) -> str:

@@ -14,22 +14,13 @@ from lb.config import (Backend, Config, HealthSection, LbSection, Vip, check, lo
                        parse_config)
 from lb.errors import ConfigError
 
+import configtext
+from configtext import MINIMAL
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "lb.toml"
 CORPUS = sorted((Path(__file__).parent / "configs").glob("*.toml"))
 
-MINIMAL = """
-[lb]
-interface = "eth0"
-
-[[vip]]
-name = "web"
-address = "192.0.2.10"
-port = 80
-
-[[vip.backend]]
-address = "10.1.0.11"
-"""
 
 
 def problems_of(text: str) -> list[str]:
@@ -131,14 +122,14 @@ def test_ipv6_and_mixed_families_are_fine():
 
 
 def test_ring_size_limit_is_per_largest_vip():
-    small = MINIMAL.replace("[lb]", "[lb]\nring_size = RING").replace('"web"', '"small"')
-    big = MINIMAL.split("[[vip]]")[1].replace('"web"', '"big"').replace("port = 80", "port = 81")
-    big = "[[vip]]" + big + "".join(f'\n[[vip.backend]]\naddress = "10.1.0.{i}"\n'
-                                    for i in range(100, 110))  # 11 backends: a prime > 1100
-    assert problems_of(small.replace("RING", "1009") + big) == [
+    def small(ring: int) -> str:
+        return configtext.lb(ring_size=ring) + configtext.vip("small", "192.0.2.10")
+    big = configtext.vip("big", "192.0.2.10", 81, backends=[
+        "10.1.0.11", *(f"10.1.0.{i}" for i in range(100, 110))])  # 11: a prime > 1100
+    assert problems_of(small(1009) + big) == [
         'lb.ring_size: 1009 is too small for vip "big" with 11 backends (needs a prime > 1100, '
         'e.g. 1103)']
-    assert parse_config(small.replace("RING", "1103") + big).lb.ring_size == 1103
+    assert parse_config(small(1103) + big).lb.ring_size == 1103
 
 
 # --- the corpus of broken files -----------------------------------------------------------

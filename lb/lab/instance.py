@@ -46,6 +46,13 @@ def remove_pins(pin_dir: str) -> None:
     os.rmdir(pin_dir)
 
 
+def toml_value(value: Union[str, int, float, bool]) -> str:
+    """A plain value as TOML (strings are written as they are, unescaped)."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 @dataclass(frozen=True)
 class RunFiles:
     """Where one instance keeps its pinned maps, control socket and state file, named by
@@ -68,10 +75,7 @@ class RunFiles:
     def lb_table(self, interface: str, **settings: Union[str, int, float, bool]) -> str:
         """The config's [lb] table for these files with a JSON log, plus `settings`."""
         lines = ["[lb]", f'interface = "{interface}"']
-        for key, value in settings.items():
-            text = (f'"{value}"' if isinstance(value, str) else
-                    str(value).lower() if isinstance(value, bool) else str(value))
-            lines.append(f"{key} = {text}")
+        lines += [f"{key} = {toml_value(value)}" for key, value in settings.items()]
         lines += [f'bpf_pin_path = "{self.pin}"', f'control_socket = "{self.sock}"',
                   f'state_file = "{self.state}"', 'log_format = "json"']
         return "\n".join(lines) + "\n"
