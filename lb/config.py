@@ -67,6 +67,7 @@ class LbSection:
     ring_size: int = 65537
     flow_table_size: int = 1000000
     flow_insert_limit: int = 25000  # per CPU per second; README: why this value
+    too_big_per_sec: int = 1000     # ICMP too-big answers per CPU per second; 0: none
     bpf_pin_path: str = "/sys/fs/bpf/xdplb"
     control_socket: str = "/run/xdplb/control.sock"
     state_file: str = "/var/lib/xdplb/state.json"
@@ -227,6 +228,7 @@ def _parse_lb(t: Table) -> LbSection:
         ring_size=t.prime("ring_size", d.ring_size, RING_SIZE_MIN, RING_SIZE_MAX),
         flow_table_size=t.integer("flow_table_size", d.flow_table_size, 1, U32_MAX),
         flow_insert_limit=t.integer("flow_insert_limit", d.flow_insert_limit, 0, U32_MAX),
+        too_big_per_sec=t.integer("too_big_per_sec", d.too_big_per_sec, 0, U32_MAX),
         bpf_pin_path=_bpf_pin_path(t, d.bpf_pin_path),
         control_socket=t.socket_path("control_socket", d.control_socket),
         state_file=t.path("state_file", d.state_file),

@@ -28,4 +28,4 @@ def egress_config(cfg, eg: Interface, ingress: Interface) -> EgressConfig:
         tx_mode=TX_REDIRECT if redirect else TX_XDP_TX, tx_port=eg.index if redirect else None,
         source_v4=src4, source_v6=src6, gue_port=cfg.lb.gue_port, mtu=eg.mtu,
         flow_insert_limit=cfg.lb.flow_insert_limit, answer_ping=cfg.lb.answer_ping,
-        if_mac=ingress.mac)
+        too_big_per_sec=cfg.lb.too_big_per_sec, if_mac=ingress.mac)

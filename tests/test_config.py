@@ -71,6 +71,7 @@ def test_defaults():
     assert (lb.egress_interface, lb.xdp_mode, lb.encap, lb.gue_port) == (None, "auto", "ipip", 6080)
     assert (lb.source_v4, lb.source_v6, lb.metrics_listen, lb.metrics_address) == (None,) * 4
     assert (lb.ring_size, lb.flow_table_size, lb.flow_insert_limit) == (65537, 1000000, 25000)
+    assert lb.too_big_per_sec == 1000
     assert lb.bpf_pin_path == "/sys/fs/bpf/xdplb"
     assert lb.control_socket == "/run/xdplb/control.sock"
     assert lb.state_file == "/var/lib/xdplb/state.json"
@@ -86,6 +87,18 @@ def test_defaults():
                                                  "active"),)),)
     assert config.vips[0].ident == (ipaddress.ip_address("192.0.2.10"), 80, 6)
     assert config.source is None and config.backend_count == 1
+
+
+def test_too_big_per_sec():
+    """lb.too_big_per_sec: ICMP too-big answers per second per CPU, 0 (none) .. u32."""
+    def text(value) -> str:
+        return configtext.lb(too_big_per_sec=value) + configtext.vip("web", "192.0.2.10")
+    for value in (0, 50, 4294967295):
+        assert parse_config(text(value)).lb.too_big_per_sec == value
+    for value, problem in ((-1, "-1 out of range 0..4294967295"),
+                           (4294967296, "4294967296 out of range 0..4294967295"),
+                           (1.5, "expected an integer, got float")):
+        assert problems_of(text(value)) == [f"lb.too_big_per_sec: {problem}"]
 
 
 def test_dataclasses_are_frozen():

@@ -348,20 +348,23 @@ def test_burst_of_sighups_ends_on_the_last_file(env):
     restore_config(tmp, cfg, d)
 
 
-def test_flow_insert_limit_reaches_the_datapath_on_sighup(env):
-    """lb.flow_insert_limit is applied by SIGHUP (the per-CPU limit lives in `config`)."""
+@pytest.mark.parametrize("key, limits", [("flow_insert_limit", (125000, 0)),
+                                         ("too_big_per_sec", (0, 7, 1000))])
+def test_per_cpu_limit_reaches_the_datapath_on_sighup(env, key, limits):
+    """lb.flow_insert_limit and lb.too_big_per_sec are in the data path from the start
+    and applied by SIGHUP (the per-CPU limits live in `config`)."""
     import ctypes
 
     tmp, cfg, d = env
 
     def pinned_limit() -> int:
         with Map.from_pin(os.path.join(PIN, "config")) as m:
-            return layout.LbConfig.unpack(m.lookup(ctypes.c_uint32(0))).flow_insert_limit
+            return getattr(layout.LbConfig.unpack(m.lookup(ctypes.c_uint32(0))), key)
 
-    assert pinned_limit() == LbSection.flow_insert_limit  # the default
-    for limit in (125000, 0):
+    assert pinned_limit() == getattr(LbSection, key)  # the default
+    for limit in limits:
         text = open(_config(tmp, name="next.toml")).read().replace(
-            "[lb]\n", f"[lb]\nflow_insert_limit = {limit}\n", 1)
+            "[lb]\n", f"[lb]\n{key} = {limit}\n", 1)
         (tmp / "next.toml").write_text(text)
         os.replace(tmp / "next.toml", cfg)
         n = d.mark()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -27,11 +27,17 @@ from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6NDOp
 from scapy.layers.l2 import Ether
 
 from lb import layout
+from lb.config import parse_config
+from lb.egress import egress_config
+from lb.nexthop import Interface
 from lb.specs import VipSpec
 from lb.stats import global_section
 
-from packets import (A, CLIENT_MAC, TCP_P, UDP_P, Flow, LbEnv, assert_globals, be, check_encap,
-                     frame, ones_sum, parse_input, pkt, prefilter_collider, pseudo_header)
+from packets import (A, CLIENT_MAC, LB_MAC, MTU, SOURCE_V4, SOURCE_V6, TCP_P, UDP_P, Flow,
+                     LbEnv, assert_globals, be, check_encap, frame, ones_sum, parse_input, pkt,
+                     prefilter_collider, pseudo_header)
+
+import configtext
 
 RING = 1009
 GUE = dict(encap=layout.ENCAP_GUE, gue_port=6635)
@@ -393,25 +399,49 @@ def test_too_big_not_answered(env, case):
     env.configure()
 
 
-def test_too_big_answers_rate_limited_per_cpu(env):
-    """Within one window, too_big_per_sec answers; the rest are dropped and counted."""
-    env.configure(too_big_per_sec=3)
+TOO_BIG_V4 = sized("tcp", C4, V4, 1481)
+
+
+def too_big_burst(env, n: int, **egress) -> tuple[list[str], dict]:
+    """n packets too big to forward, in a fresh window, with `egress` configured: their
+    verdicts and the global counters' deltas."""
+    env.configure(**egress)
     env.flush_flows()
     set_rate_window(env, 0)
-    data = sized("tcp", C4, V4, 1481)
     before = env.snapshot()
-    verdicts = [env.run(data).verdict for _ in range(5)]
-    d = env.delta(before)
+    verdicts = [env.run(TOO_BIG_V4).verdict for _ in range(n)]
+    return verdicts, env.delta(before).glob
+
+
+def test_too_big_answers_rate_limited_per_cpu(env):
+    """Within one window, too_big_per_sec answers; the rest are dropped and counted."""
+    verdicts, glob = too_big_burst(env, 5, too_big_per_sec=3)
+    data = TOO_BIG_V4
     assert verdicts == ["tx"] * 3 + ["drop"] * 2
-    assert_globals(d.glob, {"rx": 5, "tx": 3, "too_big_answered": 3, "drop": 2,
-                            "drop_too_big": 2, "too_big_limited": 2, "flow_miss": 1,
-                            "flow_hit": 4})
+    assert_globals(glob, {"rx": 5, "tx": 3, "too_big_answered": 3, "drop": 2,
+                          "drop_too_big": 2, "too_big_limited": 2, "flow_miss": 1,
+                          "flow_hit": 4})
     # a full window: none; a window that ended long ago: answered again
     env.configure()
     set_rate_window(env, 1000, time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE))
     assert env.run(data).verdict == "drop"
     set_rate_window(env, 1000)  # a window that started at 0: long over
     assert env.run(data).verdict == "tx"
+
+
+@pytest.mark.parametrize("limit", [2, 0])
+def test_too_big_per_sec_from_the_config_file(env, limit):
+    """lb.too_big_per_sec budgets the answers: the file's value, through the egress
+    settings the daemon derives from it (lb/egress.py); 0 answers none."""
+    iface = Interface("eth0", 1, LB_MAC, MTU, (SOURCE_V4,), (SOURCE_V6,))
+    cfg = parse_config(configtext.lb(too_big_per_sec=limit) + configtext.vip("web", V4))
+    verdicts, glob = too_big_burst(env, 3, **asdict(egress_config(cfg, iface, iface)))
+    env.configure()
+    assert verdicts == ["tx"] * limit + ["drop"] * (3 - limit)
+    answered = {"tx": limit, "too_big_answered": limit} if limit else {}
+    assert_globals(glob, {"rx": 3, **answered, "drop": 3 - limit,
+                          "drop_too_big": 3 - limit, "too_big_limited": 3 - limit,
+                          "flow_miss": 1, "flow_hit": 2})
 
 
 # --------------------------------------------------------------------------- echo
