@@ -131,6 +131,8 @@ class Announcer:
         self.announced: set[IPAddress] = set()       # our routes in place
         self.reasons: dict[IPAddress, str] = {}      # why a withdrawn address is
         self.failing: dict[IPAddress, str] = {}      # route problems logged, retried
+        self.lost: set[IPAddress] = set()  # announced, route taken by someone else's
+        self._check_error: Optional[str] = None  # restore_routes could not read the table
         self.names: dict[IPAddress, tuple[str, ...]] = {}  # VIPs by address, last apply
         self._names: dict[IPAddress, tuple[str, ...]] = {}  # ... and in this one
         self.holds: dict[str, tuple[float, dict[str, bool]]] = {}  # VIP -> (until, up)
@@ -182,9 +184,14 @@ class Announcer:
                     self.holds.pop(name, None)  # back: the rings follow health again
             else:
                 self.reasons[addr] = d.reason
+                self.lost.discard(addr)
         gone = {a for a in self.announced if a not in decisions}
         for addr in gone:
             self.reasons[addr] = CONFIG
+        self.lost &= set(decisions)
+        # a route no longer wanted is not retried (a removal that failed still is)
+        self.failing = {a: p for a, p in self.failing.items() if a in self.announced or
+                        (a in decisions and decisions[a].announce)}
         for addr in sorted({a for a in self.announced if a in gone or
                             not decisions[a].announce}, key=str):
             problem = self.routes.remove(addr)
@@ -218,6 +225,10 @@ class Announcer:
                     continue
                 self.failing.pop(addr, None)
                 self.announced.add(addr)
+                if addr in self.lost:  # restore_routes logged no vip_withdrawn for it
+                    self.lost.discard(addr)
+                    self._restored(addr)
+                    continue
                 # back because the operator or the interface let it, else health
                 before = self.reasons.pop(addr, None)
                 reason = before if before in (ADMIN, INTERFACE) else HEALTH
@@ -225,6 +236,37 @@ class Announcer:
                     self.log.info("vip_announced", vip=name, address=str(addr),
                                   reason=reason)
         self.names = self._names
+
+    def restore_routes(self) -> None:
+        """Put back the routes of announced addresses that someone else removed (`ip
+        route del`, another daemon replacing them): without its route the node attracts
+        no traffic for that address while everything here says announced. One that a
+        route of another protocol now blocks is no longer announced (announce_failed,
+        retried with the other failures) until it can be added again."""
+        if not self.announced or self.stopping:
+            return
+        try:
+            present = self.routes.owned()
+        except XdplbError as e:
+            if self._check_error != str(e):
+                self.log.warning("announce_check_failed", error=str(e))
+            self._check_error = str(e)
+            return
+        if self._check_error is not None:
+            self.log.info("announce_check_recovered")
+            self._check_error = None
+        for addr in sorted(self.announced - present, key=str):
+            problem = self.routes.add(addr)
+            if problem:
+                self.announced.discard(addr)
+                self.lost.add(addr)
+                self._failed(addr, problem)
+            else:
+                self._restored(addr)
+
+    def _restored(self, addr: IPAddress) -> None:
+        self.log.warning("announce_route_restored", address=str(addr),
+                         vips=list(self._names.get(addr, ())))
 
     def _failed(self, addr: IPAddress, problem: str) -> None:
         if self.failing.get(addr) != problem:

@@ -340,11 +340,14 @@ class Daemon:
                 pass
 
     async def _refresh_loop(self) -> None:
-        """Follow next-hop changes within NEXTHOP_REFRESH_S; retry unresolved ones fast."""
+        """Follow next-hop changes within NEXTHOP_REFRESH_S; retry unresolved ones fast.
+        With [announce], put back routes of ours someone removed, and retry failed ones."""
         while True:
             await asyncio.sleep(NEXTHOP_RETRY_S if self.nexthops.unresolved()
                                 else NEXTHOP_REFRESH_S)
             try:
+                if self.announcer:  # our routes, if someone else removed them
+                    self.announcer.restore_routes()
                 cfg = self.cfg
                 resolved = await asyncio.get_running_loop().run_in_executor(
                     None, self._resolve, cfg)

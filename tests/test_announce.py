@@ -19,6 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from bench import frames
 from lb.announce import RTPROT_XDPLB
+from lb.daemon import NEXTHOP_REFRESH_S
 from lb.lab import netns, topology
 from lb.lab.instance import Instance, RunFiles
 from lb.metrics import render
@@ -371,6 +372,64 @@ def test_first_verdicts_gate_the_announcement(env):
     assert seen_partial
     assert routes() == ANNOUNCED
     d.stop()
+
+
+def replace_route(dst: str, proto: int) -> None:
+    """`ip route replace` in our table: the route for dst becomes one of `proto`."""
+    with netns.Netns(LAB.lb, create=False, owned=False).ipr() as ipr:
+        ipr.route("replace", dst=dst, table=TABLE, proto=proto, type="blackhole",
+                  family=socket.AF_INET6 if ":" in dst else socket.AF_INET)
+
+
+def passes() -> None:
+    """Long enough for the daemon's periodic pass (lb/daemon.py NEXTHOP_REFRESH_S) to
+    run twice more."""
+    time.sleep(2 * NEXTHOP_REFRESH_S + 0.5)
+
+
+def test_a_route_removed_by_someone_else_is_put_back(env):
+    """`ip route del` of one of our routes (an operator, another daemon): the periodic
+    pass adds it again and logs it once; the VIPs were announced all along."""
+    d = current(env)
+    n = d.mark()
+    del_routes(f"{topology.VIP4}/32", proto=RTPROT_XDPLB)
+    wait_routes(d, ANNOUNCED, "the route put back")
+    passes()                                    # later passes find it in place
+    restored = d.events("announce_route_restored", after=n)
+    assert [(e["address"], sorted(e["vips"])) for e in restored] == [
+        (topology.VIP4, ["echo", "web"])]
+    assert d.events(("vip_announced", "vip_withdrawn", "announce_failed"), after=n) == []
+    assert routes() == ANNOUNCED
+    assert announced(d) == {"web": True, "echo": True, "web6": True}
+
+
+def test_a_route_replaced_by_another_protocol_is_not_announced_until_it_goes(env):
+    """`ip route replace` turns our route into another protocol's: the address is no
+    longer announced (the other route is never touched), announce_failed once; once
+    the other route goes, ours is back, announce_route_restored once."""
+    d = current(env)
+    vip6 = f"{topology.VIP6}/128"
+    n = d.mark()
+    replace_route(vip6, proto=4)
+    try:
+        failed = d.wait("announce_failed", after=n)
+        assert failed["address"] == topology.VIP6 and "not xdplb's" in failed["error"]
+        d.wait_until(lambda: announced(d)["web6"] is False, "web6 not announced")
+        status = daemonctl.cli("announce", "status", "--config", env[1]).stdout
+        assert "withdrawn (table 200 already has a route" in status
+        passes()                                # retried: the same problem, not logged
+        assert len(d.events("announce_failed", after=n)) == 1
+        assert routes(proto=4) == [vip6] and routes() == [f"{topology.VIP4}/32"]
+        assert d.events("announce_route_restored", after=n) == []
+    finally:
+        del_routes(vip6)
+    wait_routes(d, ANNOUNCED, "announced again once the other route went")
+    passes()
+    restored = d.events("announce_route_restored", after=n)
+    assert [(e["address"], e["vips"]) for e in restored] == [(topology.VIP6, ["web6"])]
+    assert len(d.events("announce_failed", after=n)) == 1
+    assert d.events(("vip_announced", "vip_withdrawn"), after=n) == []
+    assert announced(d) == {"web": True, "echo": True, "web6": True}
 
 
 def _pinned_if_mac() -> bytes:
