@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     an = sub.add_parser("announce", help="node-level maintenance of the VIP announcements")
     an.add_argument("action", choices=["status", "withdraw", "restore"])
     an.add_argument("--config", dest="sub_config")
+    an.add_argument("--wait", action="store_true",
+                    help="withdraw: return once no route is left and the last withdrawal "
+                         "is withdraw_delay old (the routers have moved the traffic)")
     dr = sub.add_parser("doctor", help="check this node for known XDP traps")
     dr.add_argument("--config", dest="sub_config")
     lab = sub.add_parser("lab", help="demo topology of network namespaces")
@@ -146,10 +149,14 @@ def cmd_backend(path: str, action: str, vip: str, backend: str) -> int:
     return 0
 
 
-def cmd_announce(path: str, action: str) -> int:
+def cmd_announce(path: str, action: str, wait: bool = False) -> int:
     from .control import request
 
-    reply = request(_control_socket(path), {"cmd": "announce", "action": action})
+    if wait and action != "withdraw":
+        raise ConfigError([f"--wait goes with withdraw, not {action} "
+                           f"(xdplb announce withdraw --wait)"])
+    sock = _control_socket(path)
+    reply = request(sock, {"cmd": "announce", "action": action})
     if not reply["ok"]:
         print(f"xdplb: {escape(reply['error'])}", file=sys.stderr)
         return reply.get("code", 1)
@@ -159,12 +166,47 @@ def cmd_announce(path: str, action: str) -> int:
         return 0
     node = "withdrawn (xdplb announce restore to announce again)" if r["withdrawn"] else \
         "active"
+    settling = (f"; last withdrawal settles in {r['settles_in']:.1f} s (withdraw_delay "
+                f"{r['withdraw_delay']:g} s)" if r["settles_in"] > 0 else "")
     print(f"announce: {node}; routes in table {r['table']}" +
-          (f"; rings held: {', '.join(r['held'])}" if r["held"] else ""))
+          (f"; rings held: {', '.join(r['held'])}" if r["held"] else "") + settling)
     for v in r["vips"]:
         state = "announced" if v["announced"] else f"withdrawn ({v['reason']})"
         print(f"{escape(v['name']):<16} {v['address']:<40} {escape(state)}")
-    return 0
+    return _wait_withdrawn(sock, r) if wait else 0
+
+
+def _wait_withdrawn(sock: str, r: dict) -> int:
+    """`announce withdraw --wait`: until no route of ours is left and the last withdrawal
+    is withdraw_delay old, saying once what it waits for. 1 when the node is announced
+    again meanwhile (`announce restore`): it was not drained."""
+    from .control import request
+
+    said = ""
+    while True:
+        if not r["withdrawn"]:
+            print("xdplb: the node was announced again (xdplb announce restore) while "
+                  "waiting: not drained", file=sys.stderr)
+            return 1
+        left = sorted({v["address"] for v in r["vips"] if v["announced"]})
+        delay, settles_in = r["withdraw_delay"], r["settles_in"]
+        if left:
+            kind, pause = "routes", 0.5
+            what = (f"waiting for the routes of {', '.join(left)} to go (they could not "
+                    f"be removed: see announce_failed in the log)")
+        elif settles_in > 0:
+            kind, pause = "delay", min(settles_in, 0.5)  # a restore is seen quickly
+            what = (f"waiting {settles_in:.1f} s for the last withdrawal to reach the "
+                    f"routers (withdraw_delay {delay:g} s)")
+        else:
+            print(f"drained: the last withdrawal is {delay:g} s old (withdraw_delay); the "
+                  f"routers have had the time to move the traffic away")
+            return 0
+        if kind != said:
+            print(what, flush=True)
+            said = kind
+        time.sleep(pause)
+        r = request(sock, {"cmd": "announce", "action": "status"})["result"]
 
 
 def _check_flow(a) -> None:
@@ -271,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "doctor":
             return cmd_doctor(path)
         if args.cmd == "announce":
-            return cmd_announce(path, args.action)
+            return cmd_announce(path, args.action, args.wait)
         if args.cmd == "lab":
             return cmd_lab(args.action, args.variant)
     except ConfigError as e:

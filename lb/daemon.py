@@ -13,6 +13,7 @@ tells systemd; `announce.Announcer` keeps the VIP routes of [announce]."""
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import time
 from typing import Optional
@@ -212,8 +213,13 @@ class Daemon:
         ann = self.announcer
         if ann is None:
             return {"configured": False, "vips": []}
+        delay = self.cfg.announce.withdraw_delay
+        # until the last withdrawal has had withdraw_delay to reach the routers (0: it
+        # has, or nothing was withdrawn); rounded up, so 0 is never early
+        settles_in = math.ceil(ann.delay_left(delay) * 1e3) / 1e3
         return {"configured": True, "table": self.cfg.announce.table,
                 "withdrawn": self.admin.announce_withdrawn, "held": ann.held(),
+                "withdraw_delay": delay, "settles_in": settles_in,
                 "vips": [{"name": v.name, "address": str(v.address),
                           "announced": ann.is_announced(v.address),
                           "reason": ann.reason(v.address)} for v in self.cfg.vips]}

@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -430,6 +432,57 @@ def test_a_route_replaced_by_another_protocol_is_not_announced_until_it_goes(env
     assert len(d.events("announce_failed", after=n)) == 1
     assert d.events(("vip_announced", "vip_withdrawn"), after=n) == []
     assert announced(d) == {"web": True, "echo": True, "web6": True}
+
+
+def test_withdraw_wait_returns_when_the_withdrawal_is_withdraw_delay_old(env):
+    """`announce withdraw --wait` says what it waits for and returns once the routers
+    have had withdraw_delay; then the daemon has nothing left to wait for either."""
+    tmp, cfg, _ = env
+    d = current(env)
+    try:
+        r = daemonctl.cli("announce", "withdraw", "--wait", "--config", cfg)
+        assert r.returncode == 0, r.stderr
+        assert "withdrawn (xdplb announce restore" in r.stdout
+        waits = [line for line in r.stdout.splitlines() if line.startswith("waiting")]
+        assert len(waits) == 1 and "(withdraw_delay 1 s)" in waits[0], r.stdout
+        assert "the routers have had the time" in r.stdout.splitlines()[-1]
+        assert routes() == []
+        status = d.request({"cmd": "announce", "action": "status"})["result"]
+        assert status["withdrawn"] and status["settles_in"] == 0
+        assert status["withdraw_delay"] == 1.0
+        # already withdrawn long enough: nothing to wait for
+        r = daemonctl.cli("announce", "withdraw", "--wait", "--config", cfg)
+        assert r.returncode == 0 and "waiting" not in r.stdout, r.stdout
+    finally:
+        r = daemonctl.cli("announce", "restore", "--config", cfg)
+        assert r.returncode == 0, r.stderr
+    wait_routes(d, ANNOUNCED, "restored")
+
+
+def test_withdraw_wait_fails_when_restored_meanwhile(env):
+    tmp, cfg, _ = env
+    with reloaded(env, delay=30.0) as d:
+        waiter = subprocess.Popen([sys.executable, "-m", "lb.cli", "announce", "withdraw",
+                                   "--wait", "--config", cfg], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            while not (line := waiter.stdout.readline()).startswith("waiting"):
+                assert line, waiter.stderr.read()
+            assert "(withdraw_delay 30 s)" in line
+            r = daemonctl.cli("announce", "restore", "--config", cfg)
+            assert r.returncode == 0, r.stderr
+            assert waiter.wait(10) == 1
+            assert "announced again" in waiter.stderr.read()
+        finally:
+            waiter.kill()
+            waiter.wait()
+        wait_routes(d, ANNOUNCED, "restored")
+
+
+def test_wait_goes_with_withdraw_only(env):
+    r = daemonctl.cli("announce", "status", "--wait", "--config", env[1])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "--wait goes with withdraw" in r.stderr
 
 
 def _pinned_if_mac() -> bytes:
