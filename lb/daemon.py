@@ -16,7 +16,7 @@ import asyncio
 import math
 import signal
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from . import policy, preflight, sdnotify
 from .adminstate import AdminStates, admin_lookup, find_pair
@@ -26,14 +26,14 @@ from .config import Config, load_config
 from .control import ControlServer
 from .datapath import Datapath, EgressConfig, Limits
 from .egress import egress_config
-from .errors import ConfigError, XdplbError
+from .errors import BpfError, ConfigError, XdplbError
 from .healthstate import HealthBook
 from .linkfollow import LinkFollower
 from .metrics import MetricsServer
 from .native import xdp_detach
 from .instancelock import InstanceLocks
 from .nexthop import Interface, Netlink, Nexthops, Resolver
-from .programmer import Programmer
+from .programmer import Checkpoint, Programmer
 from .stats import BackendView, stats_snapshot
 
 NEXTHOP_REFRESH_S = 2.0
@@ -42,6 +42,17 @@ NEXTHOP_RETRY_S = 0.2
 FIXED = ("interface", "egress_interface", "xdp_mode", "bpf_pin_path", "flow_table_size",
          "max_vips", "max_backends", "control_socket")
 RESTART = ("metrics_listen", "log_format")  # a reload accepts them, a restart applies them
+
+
+class _Running(NamedTuple):
+    """What a reload replaces, kept until it is done (for a rollback)."""
+
+    cfg: Config
+    admin: AdminStates
+    egress: Optional[EgressConfig]
+    nexthops: Nexthops
+    maps: Checkpoint
+    health: tuple
 
 
 class Daemon:
@@ -65,6 +76,7 @@ class Daemon:
         self.applied: dict[tuple[str, str], str] = {}  # effective state the maps hold
         self.announcer: Optional[Announcer] = None
         self.interface_missing = False  # nothing forwards: nothing is announced
+        self.maps_stale = False  # a rejected reload's rollback did not get through
 
     # --- start ---------------------------------------------------------------------
     def start(self) -> None:
@@ -161,6 +173,7 @@ class Daemon:
                 specs, states = policy.vip_specs(self.cfg, self._admin_of, held_up,
                                                  self.nexthops.key_of)
         rep = self.programmer.apply(specs, self.nexthops.macs, egress=self.egress_cfg)
+        self.maps_stale = False
         self.applied = {k: e.state for k, e in states.items()}
         if ann:
             ann.announce(decisions)
@@ -256,17 +269,19 @@ class Daemon:
         # from here to the apply nothing awaits: no health flush, admin change or
         # next-hop refresh runs in between
         before = {k: e.state for k, e in self._desired().states.items()}
-        old, old_egress, old_admin = self.cfg, self.egress_cfg, self.admin
+        old = _Running(self.cfg, self.admin, self.egress_cfg, self.nexthops,
+                       self.programmer.checkpoint(), self.health.checkpoint())
         self.admin, self.cfg = admin, new
         try:
             self.egress_cfg = egress_config(new, self.egress, self.ingress)
             self.health.configure(new.vips)
             rep = self.apply(resolved)
         except Exception as e:  # whatever failed, the old config stays in force
-            self.admin, self.cfg, self.egress_cfg = old_admin, old, old_egress
-            self.log.error("config_rejected", error=str(e) or type(e).__name__)
+            self._roll_back(old, e)
             return
-        later = [f"lb.{k}" for k in RESTART if getattr(new.lb, k) != getattr(old.lb, k)]
+        finally:
+            self.programmer.release(old.maps)
+        later = [f"lb.{k}" for k in RESTART if getattr(new.lb, k) != getattr(old.cfg.lb, k)]
         self.log.info("config_reloaded", vips_added=rep.vips_added,
                       vips_removed=rep.vips_removed, vips_changed=rep.vips_changed,
                       backends_added=rep.backends_added, backends_removed=rep.backends_removed,
@@ -278,6 +293,28 @@ class Daemon:
             if k in before and to != before[k]:
                 self.log.info("backend_state_changed", vip=k[0], backend=k[1],
                               **{"from": before[k], "to": to}, reason="config reload")
+
+    def _roll_back(self, old: "_Running", cause: Exception) -> None:
+        """A reload failed partway: the old config, admin states, egress settings, next
+        hops and health targets again, and the maps, rings and routes of the old config
+        (what the failed apply wrote is rewritten, what it added cleared)."""
+        self.admin, self.cfg, self.egress_cfg = old.admin, old.cfg, old.egress
+        error = str(cause).replace("\n", "; ") or type(cause).__name__
+        if isinstance(cause, BpfError):  # the kernel refused a map update
+            error += ": free memory, or raise the map sizes in [lb] (a restart), and reload"
+        elif not isinstance(cause, XdplbError):
+            error = f"{type(cause).__name__}: {error} (a bug in xdplb: please report it)"
+        try:
+            self.health.restore(old.health)
+            self.programmer.rollback(old.maps)
+            self.apply(old.nexthops)
+        except Exception as e:  # the refresh loop applies the old config again
+            self.maps_stale = True
+            self.log.error("config_rejected", error=error)
+            self.log.error("rollback_failed", error=str(e) or type(e).__name__,
+                           action="retried within 2 s; the old config stays in force")
+            return
+        self.log.error("config_rejected", error=error)
 
     # --- run -----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -360,8 +397,8 @@ class Daemon:
                 # a reload meanwhile brought its own next hops: these may lack backends
                 if self.cfg is cfg and resolved != self.nexthops:
                     self.apply(resolved)
-                elif self.announcer and self.announcer.failing:  # try the routes again
-                    self.apply()
+                elif self.maps_stale or (self.announcer and self.announcer.failing):
+                    self.apply()  # a rollback that failed, or routes: try again
             except Exception as e:  # keep forwarding whatever happens here
                 self.log.warning("nexthop_refresh_failed", error=str(e))
 

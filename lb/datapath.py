@@ -376,14 +376,29 @@ class Datapath:
     def backend_counters(self, bid: int) -> tuple[int, int]:
         return self._counters("backend", bid)
 
-    def retire_backend_counters(self, bid: int, vip_id: int) -> None:
+    def retire_backend_counters(self, bid: int, vip_id: int) -> list[tuple[int, int]]:
         """Move backend `bid`'s counts into its VIP's own counter (the removed backends'
-        block), so the VIP's total does not drop when the backend leaves it."""
-        bp, bb = self._counters("backend", bid)
+        block), so the VIP's total does not drop when the backend leaves it. Returns the
+        counts moved, per CPU."""
+        view, offsets = self._counter_offsets("backend", bid)
+        moved = [_COUNTERS.unpack_from(view, off) for off in offsets]
+        self._add_removed(vip_id, sum(p for p, _ in moved), sum(b for _, b in moved))
+        self.reset_counters("backend", bid)
+        return moved
+
+    def unretire_backend_counters(self, bid: int, vip_id: int,
+                                  moved: list[tuple[int, int]]) -> None:
+        """Undo retire_backend_counters (a rejected reload puts the backend back)."""
+        self._add_removed(vip_id, -sum(p for p, _ in moved), -sum(b for _, b in moved))
+        view, offsets = self._counter_offsets("backend", bid)
+        for off, (mp, mb) in zip(offsets, moved):
+            p, b = _COUNTERS.unpack_from(view, off)
+            _COUNTERS.pack_into(view, off, p + mp, b + mb)
+
+    def _add_removed(self, vip_id: int, packets: int, nbytes: int) -> None:
         view, offsets = self._counter_offsets("vip", vip_id)
         p, b = _COUNTERS.unpack_from(view, offsets[-1])
-        _COUNTERS.pack_into(view, offsets[-1], p + bp, b + bb)
-        self.reset_counters("backend", bid)
+        _COUNTERS.pack_into(view, offsets[-1], p + packets, b + nbytes)
 
     def reset_counters(self, kind: str, idx: int) -> None:
         """kind: "vip" or "backend" (whose counters sit beside its entries)."""

@@ -11,7 +11,7 @@ admin state hides the health (a maint backend going down changes no state)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Optional
 
 from . import policy
@@ -156,6 +156,22 @@ class HealthBook:
             del self.verdicts[key]
         self.probes = probes
         self.scheduler.configure(intervals)
+
+    def checkpoint(self) -> tuple:
+        """What configure() changes: verdicts, probes and their intervals (restore())."""
+        intervals = dict(self.scheduler.intervals) if self.scheduler else None
+        return ({k: replace(v) for k, v in self.verdicts.items()},
+                {p: list(pairs) for p, pairs in self.probes.items()}, intervals)
+
+    def restore(self, saved: tuple) -> None:
+        """Back to a checkpoint() taken with no result recorded since (a rejected reload
+        runs without awaiting): the same verdicts, probes and intervals; a probe the
+        reload had dropped starts again within its jitter."""
+        verdicts, probes, intervals = saved
+        self.verdicts = {k: replace(v) for k, v in verdicts.items()}
+        self.probes = {p: list(pairs) for p, pairs in probes.items()}
+        if self.scheduler is not None and intervals is not None:
+            self.scheduler.configure(intervals)
 
     # --- results -----------------------------------------------------------------------
     def _on_probe(self, p: Probe, r: ProbeResult) -> None:

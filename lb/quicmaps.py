@@ -9,10 +9,12 @@ spec wants there.
 from __future__ import annotations
 
 import ctypes
+import errno
 import socket
 from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
 from . import layout
+from .errors import BpfError, XdplbError
 from .flowhash import FLOW_HASH_SEED, PREFILTER_MULT
 from .layout import IPAddress
 
@@ -95,9 +97,17 @@ class QuicMaps:
             self.epoch.update(ctypes.c_uint32(0), ctypes.c_uint32((now + 1) & 0xFFFFFFFF))
 
     def set_server(self, r: QuicRoute, t: QuicTarget) -> None:
-        self.servers.update(server_key(r), layout.QuicServer(backend_id=t.backend_id,
-                                                             vip_id=t.vip_id,
-                                                             cid_len=t.cid_len))
+        try:
+            self.servers.update(server_key(r), layout.QuicServer(
+                backend_id=t.backend_id, vip_id=t.vip_id, cid_len=t.cid_len))
+        except BpfError as e:
+            if e.errno != errno.E2BIG:
+                raise
+            # new server IDs go in before the old ones leave (no packet finds neither)
+            raise XdplbError(
+                f"quic_servers is full ({self.servers.max_entries} entries, lb.max_backends)"
+                f" while old and new server IDs are held side by side: raise "
+                f"lb.max_backends, or change fewer server IDs at once") from None
 
     def delete_server(self, r: QuicRoute) -> None:
         self.servers.delete(server_key(r))

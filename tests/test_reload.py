@@ -31,8 +31,24 @@ class Log:
 
 
 class BrokenProgrammer:
+    """Its first apply fails; the rollback's (the old config again) succeeds."""
+
+    def __init__(self):
+        self.failed = False
+
     def apply(self, *a, **kw):
-        raise RuntimeError("out of backend ids: raise the limit")
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("out of backend ids: raise the limit")
+
+    def checkpoint(self):
+        return None
+
+    def release(self, cp):
+        pass
+
+    def rollback(self, cp):
+        pass
 
 
 def test_reload_that_raises_keeps_the_old_config(tmp_path, monkeypatch):

@@ -1,0 +1,178 @@
+"""A reload that fails partway through its map writes is rolled back: the maps, rings,
+health targets and stats after it are those before it, and one `config_rejected` line
+names the cause.
+
+The daemon runs in this process on a real data path (loaded, not attached): real maps,
+real health scheduler (no check is due during the test: nothing is sent). Two failures:
+the kernel refusing a write (quic_servers full while a QUIC VIP's old and new server IDs
+are held side by side, which no config check sees), and one of our own writing steps
+raising once the rest of the plan (rings, VIP entries and addresses, QUIC deletes,
+demotions, backend removals with their counters moved) has landed."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+
+import pytest
+
+from lb import daemon, native
+from lb.config import load_config
+from lb.datapath import MAP_NAMES, Datapath, EgressConfig, Limits
+from lb.nexthop import Nexthops
+from lb.planwriter import PlanWriter
+from lb.programmer import Programmer
+
+from packets import pkt
+from test_reload import Log
+
+QUIC = 7  # backends of the QUIC VIP
+
+
+def config(state_file, sids=range(1, QUIC + 1), *, new: bool = False) -> str:
+    """max_backends 13 leaves ids for the old pairs (11) and the one the new file adds,
+    while both side by side; quic_servers has 13 entries."""
+    web = (('"127.0.1.11"', 3, "active"), ('"127.0.1.12"', 1, "maint")) if new else \
+        tuple((f'"127.0.1.{i}"', 1, "active") for i in (11, 12, 13))
+    text = f"""
+[lb]
+interface = "lo"
+state_file = "{state_file}"
+ring_size = 1009
+max_vips = 8
+max_backends = 13
+flow_table_size = 256
+flow_insert_limit = {2000 if new else 1000}
+
+[health]
+type = "tcp"
+port = 1
+interval = {1800.0 if new else 3600.0}
+
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+[vip.health]
+type = "none"
+""" + "".join(f"[[vip.backend]]\naddress = {a}\nweight = {w}\nstate = \"{s}\"\n"
+              for a, w, s in web)
+    second = ("fresh", "192.0.2.12", 8080, "tcp", "") if new else \
+        ("gone", "192.0.2.11", 5353, "udp", '[vip.health]\ntype = "none"\n')
+    text += (f'[[vip]]\nname = "{second[0]}"\naddress = "{second[1]}"\nport = {second[2]}\n'
+             f'protocol = "{second[3]}"\n{second[4]}[[vip.backend]]\naddress = "127.0.1.41"\n')
+    text += '[[vip]]\nname = "h3"\naddress = "192.0.2.10"\nport = 443\nprotocol = "udp"\n' \
+            'quic = true\n'
+    for i, sid in zip(range(31, 31 + QUIC), sids):
+        text += f'[[vip.backend]]\naddress = "127.0.1.{i}"\nserver_id = {sid}\n'
+    return text
+
+
+def resolved(cfg) -> Nexthops:
+    """Every backend its own next hop; the MACs of a reloaded file differ."""
+    salt = cfg.lb.flow_insert_limit // 1000
+    addrs = {str(b.address) for v in cfg.vips for b in v.backends}
+    return Nexthops(macs={a: bytes([2, salt, 0, 0, 0, int(a.split(".")[-1])]) for a in addrs},
+                    keys={a: a for a in addrs})
+
+
+def maps(dp: Datapath) -> dict:
+    """Every map's contents; rings by what they hold (a rewritten ring is a new inner
+    map). The QUIC epoch is left out: any change of quic_servers bumps it."""
+    out = {name: dict(dp.maps[name].items()) for name in MAP_NAMES
+           if name not in ("rings", "quic_epoch")}
+    out["rings"] = {slot: list(dp.read_ring(slot))
+                    for slot in range(1, dp.maps["rings"].max_entries)
+                    if dp.read_ring(slot) is not None}
+    return out
+
+
+def health(d: daemon.Daemon) -> tuple:
+    return ({k: (v.rise, v.fall, v.up) for k, v in d.health.verdicts.items()},
+            {p: sorted(pairs) for p, pairs in d.health.probes.items()},
+            dict(d.health.scheduler.intervals))
+
+
+def send(dp: Datapath, n: int) -> None:
+    """Traffic to every VIP, so backends and VIPs have counts (and flows) to keep."""
+    for i in range(n):
+        for dst, port, proto in (("192.0.2.10", 80, "tcp"), ("192.0.2.11", 5353, "udp"),
+                                 ("192.0.2.10", 443, "udp")):
+            native.test_run(dp.prog_fd, pkt(proto, "198.51.100.7", dst, 40000 + i, port))
+
+
+def fail_releases(monkeypatch) -> str:
+    """Our last writing step (releasing a removed VIP) raises, after everything else."""
+    def broken(self, cur):
+        raise RuntimeError("releasing a VIP failed (injected)")
+    monkeypatch.setattr(PlanWriter, "_release_vip", broken)
+    return "releasing a VIP failed (injected)"
+
+
+CASES = {
+    # the kernel refuses: E2BIG once 13 entries are in (7 old server IDs, 6 new)
+    "quic_servers_full": (range(11, 11 + QUIC), lambda monkeypatch: "quic_servers is full"),
+    # two server IDs change (9 entries at most); the failure is ours, at the very end
+    "last_step_fails": ((1, 2, 3, 4, 5, 11, 12), fail_releases),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reload_failing_partway_leaves_everything_as_it_was(tmp_path, monkeypatch, case):
+    sids, arm = CASES[case]
+    path = tmp_path / "lb.toml"
+    path.write_text(config(tmp_path / "state.json"))
+    cfg = load_config(str(path))
+    log = Log()
+    d = daemon.Daemon(str(path), cfg, log)
+    d.dp = Datapath(Limits(max_vips=cfg.lb.max_vips, max_backends=cfg.lb.max_backends,
+                           flow_table_size=cfg.lb.flow_table_size))
+    d.programmer = Programmer(d.dp, keep_rings=False)
+    monkeypatch.setattr(d, "_resolve", lambda cfg, nl=None, settle=False: resolved(cfg))
+    monkeypatch.setattr(daemon, "egress_config", lambda cfg, eg, ingress: EgressConfig(
+        source_v4=ipaddress.ip_address("10.0.0.2"), flow_insert_limit=cfg.lb.flow_insert_limit))
+    monkeypatch.setattr(random, "random", lambda: 1.0)  # first checks 360 s away
+    d.egress_cfg = daemon.egress_config(cfg, None, None)
+
+    async def run():
+        d._reload_lock = asyncio.Lock()
+        d.health.start(cfg.vips)
+        try:
+            d.apply(d._resolve(cfg))
+            send(d.dp, 20)
+            before = (maps(d.dp), d.stats(), health(d), dict(d.applied))
+            assert before[1]["vips"][1]["packets"] and before[1]["vips"][0]["backends"][2][
+                "packets"], "no counts to keep"
+            cause = arm(monkeypatch)
+            path.write_text(config(tmp_path / "state.json", sids, new=True))
+            await d.reload_async()
+            return before, (maps(d.dp), d.stats(), health(d), dict(d.applied)), cause
+        finally:
+            d.health.stop()
+
+    try:
+        before, after, cause = asyncio.run(run())
+        assert [(lvl, ev) for lvl, ev, _ in log.lines] == [("error", "config_rejected")]
+        assert cause in log.lines[0][2]["error"]
+        assert d.cfg is cfg
+        for name in before[0]:
+            assert after[0][name] == before[0][name], f"map {name} differs after the reload"
+        for name, b, a in zip(("stats", "health targets", "states"), before[1:], after[1:]):
+            assert a == b, f"{name} differ after the rejected reload: {_diff(b, a)}"
+        # the records agree with the maps: the old config again changes nothing
+        specs, _ = d._desired()
+        rep = d.programmer.apply(specs, d.nexthops.macs, egress=d.egress_cfg)
+        assert (rep.rings_swapped, rep.backends_added, rep.vips_added) == (0, 0, 0)
+        assert maps(d.dp) == after[0]
+    finally:
+        d.dp.close()
+
+
+def _diff(b, a, at="") -> list:
+    if isinstance(b, dict) and isinstance(a, dict):
+        return [d for k in set(a) | set(b) for d in _diff(b.get(k), a.get(k), f"{at}.{k}")]
+    if isinstance(b, list) and isinstance(a, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(b, a)) for d in _diff(x, y, f"{at}[{i}]")]
+    return [] if a == b else [(at, b, a)]
