@@ -229,9 +229,10 @@ class Announcer:
                     self.lost.discard(addr)
                     self._restored(addr)
                     continue
-                # back because the operator or the interface let it, else health
+                # back because the operator, the interface or a config (a reload, or
+                # a rejected one rolled back) let it, else health
                 before = self.reasons.pop(addr, None)
-                reason = before if before in (ADMIN, INTERFACE) else HEALTH
+                reason = before if before in (ADMIN, INTERFACE, CONFIG) else HEALTH
                 for name in self._names.get(addr, ()):
                     self.log.info("vip_announced", vip=name, address=str(addr),
                                   reason=reason)

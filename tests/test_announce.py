@@ -25,6 +25,7 @@ from lb.daemon import NEXTHOP_REFRESH_S
 from lb.lab import netns, topology
 from lb.lab.instance import Instance, RunFiles
 from lb.metrics import render
+from lb.native import Map
 
 import daemonctl
 
@@ -545,3 +546,75 @@ def test_interface_gone_withdraws_until_it_is_back(env):
     # meanwhile (no route to the backends without lb0)
     back = {e["reason"] for e in d.events("vip_announced", after=n)}
     assert back and back <= {"interface", "health"}, back
+
+
+QUIC_PHANTOMS = 11  # a QUIC VIP's backends (health none: nothing answers there)
+
+
+def _rollback_config(tmp, sids, with_web6: bool) -> str:
+    """config() with max_backends 21 (room for its 20 pairs) and a QUIC VIP whose 11
+    server IDs, changed all at once, need 22 quic_servers entries side by side."""
+    text = open(config(tmp, "rollback-base.toml")).read()
+    text = text.replace("[lb]\n", "[lb]\nmax_backends = 21\n", 1)
+    if not with_web6:
+        text = text[:text.index('\n[[vip]]\nname = "web6"')] + "\n"
+    text += (f'\n[[vip]]\nname = "h3"\naddress = "{topology.VIP4}"\nport = 443\n'
+             'protocol = "udp"\nquic = true\n[vip.health]\ntype = "none"\n')
+    for i, sid in zip(range(QUIC_PHANTOMS), sids):
+        text += f'[[vip.backend]]\naddress = "10.200.0.{201 + i}"\nserver_id = {sid}\n'
+    path = tmp / "rollback-next.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def _pinned_maps() -> dict:
+    """The pinned maps a reload writes (rings by contents; counters, flows and the QUIC
+    epoch left out: health checks' answers pass the program meanwhile)."""
+    out = {}
+    for name in ("vips", "vip_addrs", "prefilter", "backends", "nexthops", "config",
+                 "quic_servers", "quic_filter"):
+        with Map.from_pin(os.path.join(FILES.pin, name)) as m:
+            out[name] = dict(m.items())
+    for vip, port, proto in ((topology.VIP4, 80, socket.IPPROTO_TCP),
+                             (topology.VIP4, 5353, socket.IPPROTO_UDP),
+                             (topology.VIP6, 80, socket.IPPROTO_TCP),
+                             (topology.VIP4, 443, socket.IPPROTO_UDP)):
+        out[(vip, port)] = daemonctl.pinned_ring(FILES.pin, vip, port, proto)
+    return out
+
+
+def test_reload_failing_in_the_kernel_puts_routes_and_maps_back(env):
+    """The new file drops web6 (VIP6's route is withdrawn before the maps change) and
+    changes every server ID of a QUIC VIP: quic_servers fills up partway (E2BIG). The
+    route comes back, the maps hold what they held, one config_rejected says why."""
+    tmp, cfg, _ = env
+    d = current(env)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(10) == 0
+    path = _rollback_config(tmp, range(1, 1 + QUIC_PHANTOMS), with_web6=True)
+    d = start(path, str(tmp / "rollback.log"))
+    try:
+        wait_routes(d, ANNOUNCED, "first announcement")
+        d.wait_until(lambda: all(b["state"] == "active" for v in d.stats()["vips"]
+                                 if v["name"] != "h3" for b in v["backends"]),
+                     "every lab backend active")
+        before = _pinned_maps()
+        os.replace(_rollback_config(tmp, range(101, 101 + QUIC_PHANTOMS), with_web6=False),
+                   path)
+        n = d.mark()
+        d.proc.send_signal(signal.SIGHUP)
+        ev = d.wait(("config_reloaded", "config_rejected"), after=n)
+        assert ev["event"] == "config_rejected" and "quic_servers is full" in ev["error"], ev
+        assert routes() == ANNOUNCED
+        after = _pinned_maps()
+        for name in before:
+            assert after[name] == before[name], f"{name} differs after the rejected reload"
+        moves = [(e["event"], e["vip"], e["reason"])
+                 for e in d.events(("vip_withdrawn", "vip_announced"), after=n)]
+        assert moves == [("vip_withdrawn", "web6", "config"),
+                         ("vip_announced", "web6", "config")]
+        assert len(d.events("config_rejected", after=n)) == 1
+        assert {v["name"] for v in d.stats()["vips"]} == {"web", "echo", "web6", "h3"}
+    finally:
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(10)
