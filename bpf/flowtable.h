@@ -73,6 +73,16 @@ static __always_inline struct flow_slot *ft_slot(struct flow_bucket *b, __u32 i)
 	return &b->slot[i & FT_MASK];
 }
 
+/* A new flow's first step: a store to its own slot's line, which no reader looks at.
+ * The table is far bigger than the caches, so that line is nearly always in memory; a
+ * load of it would stall this packet for the whole fetch, while a store is queued and
+ * the fetch overlaps the VIP lookup, the ring and the encapsulation that come before
+ * ft_store. */
+static __always_inline void ft_touch(struct flow_slot *s)
+{
+	*(volatile __u8 *)&s->touch = 0;
+}
+
 /* Slot s read consistently: 1 if it holds fk (its entry in *out), 0 if it holds another
  * flow or none (an empty slot's zero key matches no packet's), -1 if a CPU wrote it
  * meanwhile. */
@@ -196,6 +206,27 @@ static __always_inline int ft_scan(struct flow_bucket *b, __u32 own,
 	return -1;
 }
 
+/* Another slot holding the flow of the own slot `own` (an older copy the fast path of
+ * ft_store left), else FT_NONE. Read without checking seqs: the caller writes the slot
+ * only by compare-and-swap against the seq its own scan saw, so a slot that changed
+ * meanwhile is never written. A function of its own: inlined, its result would multiply
+ * the states the verifier walks through ft_store. */
+__noinline int ft_owndup(__u32 bucket, __u32 own)
+{
+	struct flow_bucket *b = ft_lookup_bucket(bucket);
+	const struct flow_slot *o;
+	__u32 i;
+
+	if (!b)
+		return FT_NONE;
+	o = ft_slot(b, own);
+	for (i = 0; i < FT_WAYS; i++)
+		if (i != (own & FT_MASK) && ft_used(&b->slot[i]) &&
+		    flow_key_eq(&b->slot[i].key, &o->key))
+			return i;
+	return FT_NONE;
+}
+
 /* Take slot s if its seq is still `seq` (nobody wrote it since it was read). The locked
  * compare-and-swap also orders the writes that follow after it. */
 static __always_inline int ft_lock(struct flow_slot *s, __u32 seq)
@@ -218,25 +249,42 @@ static __always_inline void ft_put(struct flow_slot *s, const struct flow_key *f
 }
 
 /* Remember fk -> nv (see the top of this file for where it goes); an enum ft_result. A
- * function of its own, as ft_find. */
+ * function of its own, as ft_find.
+ *
+ * First, reading one line only: a free own slot, or one holding fk already, is written
+ * at once. The bucket is not read, so an older entry of fk may stay in another slot
+ * (a connection that reuses a remembered 5-tuple); lookups read the own slot first, so
+ * the new entry wins, and whoever later moves the own slot's entry out (below) moves it
+ * onto that older copy, so it can never resurface. Otherwise the whole bucket is read. */
 __noinline int ft_store(__u32 bucket, __u32 own, const struct flow_key *fk,
 			const struct flow_val *nv)
 {
 	struct flow_bucket *b = ft_lookup_bucket(bucket);
 	struct flow_slot *s, *to;
 	struct ft_scan sc;
-	__u32 i, t = own & FT_MASK, move = FT_NONE;
+	__u32 i, t = own & FT_MASK, move = FT_NONE, seq, older;
 	int res = FT_STORED;
 
-	if (!b || !fk || !nv || ft_scan(b, t, fk, &sc))
+	if (!b || !fk || !nv)
+		return FT_RACED;
+	s = ft_slot(b, t);
+	seq = ft_seq(s);
+	barrier();
+	if (!(seq & 1) && (!ft_used(s) || flow_key_eq(&s->key, fk)) && ft_lock(s, seq)) {
+		ft_put(s, fk, nv, 0);
+		ft_unlock(s, seq);
+		return FT_STORED;
+	}
+	if (ft_scan(b, t, fk, &sc))
 		return FT_RACED;
 	if (sc.match != FT_NONE) {
 		t = sc.match;
 	} else if (sc.empty != t) {
-		/* the own slot holds another flow: the bucket's free slot, else its LRU
-		 * entry (maybe the own one), gives way */
-		move = sc.empty != FT_NONE ? sc.empty : sc.oldest;
-		if (sc.empty == FT_NONE)
+		/* the own slot holds another flow: the older copy of that flow, else the
+		 * bucket's free slot, else its LRU entry (maybe the own one), gives way */
+		older = ft_owndup(bucket, t);
+		move = older < FT_WAYS ? older : sc.empty != FT_NONE ? sc.empty : sc.oldest;
+		if (older >= FT_WAYS && sc.empty == FT_NONE)
 			res = FT_EVICTED;
 		if (!ft_slot(b, t)->age) { /* used since the bucket's last write: it stays */
 			t = move;

@@ -105,7 +105,9 @@ struct flow_slot {
 	struct flow_val val;
 	__u32 seq;
 	__u8 age;
-	__u8 pad[3];
+	__u8 touch; /* always 0: a new flow stores it early, so its slot's line is on its
+		     * way while the VIP and ring are read (flowtable.h ft_touch) */
+	__u8 pad[2];
 };
 
 /* One element of `flows`: a bucket, LB_FLOW_WAYS slots on consecutive cache lines (one

@@ -118,7 +118,7 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 	struct flow_val nv = {};
 	struct backend *be;
 	__u32 id, hash;
-	int res;
+	int res, act;
 
 	if (!vm)
 		return verdict_pass(g);
@@ -131,6 +131,8 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 	nv.vip_id = vm->vip_id;
 	nv.hash = hash;
 	nv.gen = be->gen;
+	/* the packet first, the entry after: the entry's line (ft_touch) arrives meanwhile */
+	act = forward(ctx, g, cfg, be, hash, ei, frame_len);
 	if (flow_insert_allowed(cfg)) {
 		res = ft_store(bucket, own, fk, &nv);
 		if (res == FT_EVICTED)
@@ -141,7 +143,7 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 		/* packets forwarded without an entry: every packet of such a flow counts */
 		g->c[ST_FLOW_INSERT_LIMITED]++;
 	}
-	return forward(ctx, g, cfg, be, hash, ei, frame_len);
+	return act;
 }
 
 /* A TCP/UDP packet whose destination passed the prefilter. The connection table comes
@@ -175,6 +177,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 	 * one, after a ring change, is split between the ring's backend (its SYN) and the
 	 * old entry's (the rest). */
 	if (syn) {
+		ft_touch(s);
 	} else if (ft_read(s, fk, &fv) > 0) {
 		be = entry_backend(&fv);
 		if (be) {

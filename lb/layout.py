@@ -100,7 +100,8 @@ class FlowVal(_S):
 
 
 class FlowSlot(_S):
-    _fields_ = [("key", FlowKey), ("val", FlowVal), ("seq", u32), ("age", u8), ("pad", u8 * 3)]
+    _fields_ = [("key", FlowKey), ("val", FlowVal), ("seq", u32), ("age", u8),
+                ("touch", u8), ("pad", u8 * 2)]
 
 
 class FlowBucket(_S):

@@ -470,3 +470,46 @@ def test_full_bucket_evicts_its_least_recently_used_entry():
         assert all(e.dp.flow_backend(f.key()) is not None for f in flows[1:])
     finally:
         e.close()
+
+
+def test_reused_5tuple_outside_its_own_slot_never_resurfaces(one_cpu):
+    """A new connection reusing the 5-tuple of a remembered one whose entry sits outside
+    its own slot: the SYN takes its free own slot at once (ft_store reads no other slot),
+    the rest of the connection follows it, and when another flow later needs that own
+    slot, the newer entry replaces the older copy, so the old connection's backend never
+    comes back. Not an eviction: both copies were one flow's."""
+    e = LbEnv(Limits(max_vips=8, max_backends=16, max_nexthops=16, flow_table_size=8))
+    try:
+        old = [be("10.19.0.1"), be("10.19.0.2")]
+        s0 = spec(old)
+        e.apply([s0])
+        by_own: dict = {}
+        for f in rand_flows(400, s0, 23):
+            by_own.setdefault(e.dp.flows.probe(f.key())[0], []).append(f)
+        g, f, h = next(v for v in by_own.values() if len(v) >= 3)[:3]
+        own = e.dp.flows.probe(f.key())[0]
+
+        def slots_of(flow):
+            want = bytes(flow.key())
+            return [i for i in range(8) if bytes(e.dp.flows.slot(i).key) == want]
+
+        establish(e, s0, [g])
+        placed = establish(e, s0, [f])[f]
+        assert slots_of(g) == [own] and slots_of(f) != [own]  # g was used: it stayed
+        e.dp.flows.delete(g.key())
+        e.apply([spec([b if b.address != placed else be(str(placed), state="drain")
+                       for b in old])])
+        other = next(b.address for b in old if b.address != placed)
+        r = e.run(syn(f))
+        assert (r.verdict, outer_dst(r.data)) == ("tx", other)
+        assert own in slots_of(f) and len(slots_of(f)) == 2  # the older copy is left
+        assert send(e, f) == ("tx", other)
+
+        before = e.snapshot()
+        assert send(e, h)[0] == "tx"
+        assert_globals(e.delta(before).glob, {"rx": 1, "tx": 1, "flow_miss": 1})
+        assert len(slots_of(f)) == 1, "the older copy of f is still in the table"
+        assert send(e, f) == ("tx", other)
+        assert e.flow_count() == 2
+    finally:
+        e.close()
