@@ -8,9 +8,10 @@ line each, naming the key and the VIP/backend, e.g.
     vip "web" backend 10.1.0.300: address: "10.1.0.300" is not an IP address
     unknown key lb.interfac (did you mean "interface"?)
 
-This module is the schema, with [health] in lb/healthconfig.py and a VIP's QUIC keys in
-lb/quicconfig.py; reading a typed table and collecting its problems is lb/tomltable.py,
-checks of single values (addresses, names, HOST:PORT, primes) lb/valuecheck.py.
+This module is the schema, with a [[vip]] and its backends in lb/vipconfig.py, [health] in
+lb/healthconfig.py and a VIP's QUIC keys in lb/quicconfig.py; reading a typed table and
+collecting its problems is lb/tomltable.py, checks of single values (addresses, names,
+HOST:PORT, primes) lb/valuecheck.py.
 
 Only what the file alone proves wrong is an error. Whatever depends on the machine (does the
 interface exist, which outer source address a backend family gets when `source_v4`/`source_v6`
@@ -21,31 +22,25 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from .errors import ConfigError
-from .healthconfig import HealthSection, parse_health_defaults, resolve_health
-from .quicconfig import check_server_ids, read_quic
-from .tomltable import Table, bare, kind_of, parse_toml, read_text
-from .valuecheck import U32_MAX, IPAddress, fmt, next_prime, split_host_port
+from .healthconfig import HealthSection, parse_health_defaults
+from .tomltable import Table, parse_toml, read_text
+from .valuecheck import U32_MAX, fmt, next_prime, split_host_port
+from .vipconfig import WEIGHT_MAX, Vip, parse_vips
 
 PathLike = Union[str, os.PathLike]
 
 XDP_MODES = ("auto", "native", "generic")
 ENCAPS = ("ipip", "gue")
 LOG_FORMATS = ("console", "json")
-PROTOCOLS = ("tcp", "udp")
-PROTO_NUMBERS = {"tcp": 6, "udp": 17}
-HASHES = ("5tuple", "src_ip")
-ALL_DOWN = ("drop", "spread")
-BACKEND_STATES = ("active", "drain", "maint")
 
 RING_SLOTS_PER_BACKEND = 100  # ring_size must be a prime > 100 x backends of any VIP
 RING_SIZE_MIN = 101
 RING_SIZE_MAX = 1 << 24       # 64 MiB of ring per VIP; Maglev build time grows with it
-WEIGHT_MAX = 65535
 # kernel routing tables that are the system's: unspec, compat, default, main, local
 RESERVED_TABLES = (0, 252, 253, 254, 255)
 WITHDRAW_DELAY_MAX = 600.0
@@ -96,51 +91,6 @@ class AnnounceSection:
     table: int = 200
     min_backends: int = 1
     withdraw_delay: float = 5.0
-
-
-@dataclass(frozen=True)
-class Backend:
-    address: IPAddress
-    weight: int = 1
-    state: str = "active"
-    server_id: Optional[int] = None  # QUIC VIPs: the server ID in its connection IDs
-
-
-@dataclass(frozen=True)
-class Vip:
-    name: str
-    address: IPAddress
-    port: int                      # 0 = any port
-    protocol: str = "tcp"
-    hash: str = "5tuple"
-    all_down: str = "drop"
-    health: HealthSection = field(default_factory=HealthSection)
-    backends: tuple[Backend, ...] = ()
-    quic: bool = False             # UDP: QUIC short headers routed by connection ID
-    quic_server_id_len: int = 2    # bytes of server ID after a CID's first octet
-    quic_cid_len: int = 8          # length of the CIDs the VIP's servers issue
-
-    @property
-    def proto(self) -> int:
-        """IP protocol number (6 or 17)."""
-        return PROTO_NUMBERS[self.protocol]
-
-    @property
-    def ident(self) -> tuple[IPAddress, int, int]:
-        """(address, port, IP protocol number): the data path's key for this VIP."""
-        return (self.address, self.port, self.proto)
-
-    @property
-    def hash_src_only(self) -> bool:
-        return self.hash == "src_ip"
-
-    def backend(self, address: Union[str, IPAddress]) -> Optional[Backend]:
-        """The backend with this address (any spelling), or None."""
-        try:
-            wanted = ipaddress.ip_address(address)
-        except ValueError:
-            return None
-        return next((b for b in self.backends if b.address == wanted), None)
 
 
 @dataclass(frozen=True)
@@ -202,7 +152,7 @@ def _build_config(data: dict, source: Optional[Path], problems: list[str]
     bad_lb_keys = {p.split(":", 1)[0] for p in problems}
     health = parse_health_defaults(Table(top.table("health") or {}, problems,
                                            prefix="health."))
-    vips = _parse_vips(top.tables("vip", "vip") or [], health, problems)
+    vips = parse_vips(top.tables("vip", "vip") or [], health, problems)
     announce_table = top.table("announce")
     announce = (_parse_announce(Table(announce_table, problems, prefix="announce."), vips)
                 if announce_table is not None else None)
@@ -271,96 +221,6 @@ def _parse_announce(t: Table, vips: Sequence[Vip]) -> AnnounceSection:
             break
     return AnnounceSection(table=table, min_backends=min_backends,
                            withdraw_delay=withdraw_delay)
-
-
-# --- VIPs and backends -------------------------------------------------------------------
-
-def _vip_label(data: Any, index: int) -> str:
-    name = data.get("name") if isinstance(data, dict) else None
-    return f"vip {fmt(name)}" if isinstance(name, str) and name else f"vip #{index}"
-
-
-def _parse_vips(items: list, health: HealthSection, problems: list[str]) -> list[Vip]:
-    vips: list[Vip] = []
-    for index, item in enumerate(items, 1):
-        label = _vip_label(item, index)
-        if not isinstance(item, dict):
-            problems.append(f"{label}: expected a table ([[vip]]), got {kind_of(item)}")
-            continue
-        vip = _parse_vip(Table(item, problems, where=label), health)
-        if vip is not None:
-            vips.append(vip)
-    return vips
-
-
-def _parse_vip(t: Table, base_health: HealthSection) -> Optional[Vip]:
-    name = t.string("name", required=True)
-    if name is not None and (not name.strip() or any(ord(c) < 32 for c in name)):
-        t.report("name", "must be non-empty text without control characters")
-        name = None
-    address = t.address("address", required=True)
-    port = t.integer("port", None, 0, 65535, required=True)
-    protocol = t.choice("protocol", "tcp", PROTOCOLS)
-    hash_ = t.choice("hash", "5tuple", HASHES)
-    all_down = t.choice("all_down", "drop", ALL_DOWN)
-    quic = read_quic(t, protocol, port)
-    health_table = Table(t.table("health") or {}, t.problems, where=t.where, prefix="health.")
-    health = resolve_health(health_table, base_health, port)
-    backends = _parse_backends(t)
-    t.finish()
-    if name is None or address is None or port is None or backends is None:
-        return None
-    check_server_ids(t, quic, backends)
-    return Vip(name=name, address=address, port=port, protocol=protocol, hash=hash_,
-               all_down=all_down, health=health, backends=tuple(backends), **quic)
-
-
-def _parse_backends(t: Table) -> Optional[list[Backend]]:
-    """The VIP's backends, or None when any of them is invalid."""
-    items = t.tables("backend", "vip.backend")
-    if items is None and "backend" in t.data:
-        return None
-    if not items:
-        t.note("no backends (add at least one [[vip.backend]] with an address)")
-        return None
-    backends: list[Optional[Backend]] = []
-    for index, item in enumerate(items, 1):
-        label = _backend_label(t.where, item, index)
-        if not isinstance(item, dict):
-            t.problems.append(f"{label}: expected a table ([[vip.backend]]), got "
-                              f"{kind_of(item)}")
-            backends.append(None)
-            continue
-        backends.append(_parse_backend(Table(item, t.problems, where=label)))
-    _check_duplicate_backends(t, backends)
-    return None if None in backends else backends  # type: ignore[return-value]
-
-
-def _backend_label(vip_label: str, data: Any, index: int) -> str:
-    address = data.get("address") if isinstance(data, dict) else None
-    return (f"{vip_label} backend {bare(address)}" if isinstance(address, str) and address
-            else f"{vip_label} backend #{index}")
-
-
-def _parse_backend(t: Table) -> Optional[Backend]:
-    address = t.address("address", required=True)
-    weight = t.integer("weight", 1, 0, WEIGHT_MAX)
-    state = t.choice("state", "active", BACKEND_STATES)
-    server_id = t.integer("server_id", None, 1, U32_MAX)
-    t.finish()
-    if address is None or (server_id is None and "server_id" in t.data):
-        return None
-    return Backend(address=address, weight=weight, state=state, server_id=server_id)
-
-
-def _check_duplicate_backends(t: Table, backends: Sequence[Optional[Backend]]) -> None:
-    seen: dict[IPAddress, int] = {}
-    for index, backend in enumerate(backends, 1):
-        if backend is None:
-            continue
-        first = seen.setdefault(backend.address, index)
-        if first != index:
-            t.note(f"backend {backend.address}: listed twice (backends #{first} and #{index})")
 
 
 def _check_vips_against_lb(vips: Sequence[Vip], lb: LbSection, bad_lb_keys: set[str],

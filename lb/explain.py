@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 
 from . import policy
-from .config import PROTO_NUMBERS
+from .vipconfig import PROTO_NUMBERS
 from .flowhash import flow_hash
 from .layout import flow_key
 from .specs import ring_for

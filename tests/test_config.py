@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lb.config import (Backend, Config, HealthSection, LbSection, Vip, check, load_config,
-                       parse_config)
+from lb.config import Config, HealthSection, LbSection, check, load_config, parse_config
 from lb.errors import ConfigError
+from lb.vipconfig import Backend, Vip
 
 import configtext
 from configtext import MINIMAL
