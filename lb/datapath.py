@@ -2,7 +2,8 @@
 
 This module knows map names, key encodings and flag bits (lb/layout.py); its methods take
 plain values and decide nothing. What goes in the maps (ids, rings, states) is decided by
-lb/programmer.py.
+lb/programmer.py. The rings map's inner maps are lb/rings.py, the counters
+lb/counterviews.py.
 """
 
 from __future__ import annotations
@@ -11,25 +12,22 @@ import array
 import ctypes
 import ipaddress
 import mmap
-import os
-import struct
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 from . import layout
 from .adopt import misfit
+from .counterviews import CounterViews, global_counters
 from .flowhash import prefilter_index
 from .flowtable import FlowTable, buckets_for
 from .layout import BackendEntry, IPAddress, VipEntry
-from .native import BPF_MAP_TYPE_ARRAY, Map, Skeleton, create_map, lib, num_cpus
+from .native import Map, Skeleton, num_cpus
 from .pindir import PinDir
+from .rings import install_rings, read_ring
 
 MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", "flows",
              "config", "tx_port", "stats", "vip_stats", "quic_servers", "quic_filter",
              "quic_epoch")
-
-GLOBAL_NAMES = {s.name.lower(): s for s in layout.Stat}
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -61,9 +59,6 @@ class EgressConfig:
     def __post_init__(self):
         if (self.tx_port is None) != (self.tx_mode == layout.TX_XDP_TX):
             raise ValueError("egress: tx_port is the XDP_REDIRECT target, and only that")
-
-
-_COUNTERS = struct.Struct("=QQ")  # struct lb_counters
 
 
 def _u32(v: int) -> ctypes.c_uint32:
@@ -111,13 +106,6 @@ class Datapath:
             raise
         self.maps: dict[str, Map] = {n: self.skel.map(n) for n in MAP_NAMES}
         self.prog_fd = self.skel.prog_fd("xdplb")
-        # kind -> (map, stride, blocks, element size, offset of the counters in an
-        # element); vip_stats has one block per CPU and one for removed backends' counts
-        self._counter_maps = {
-            "vip": ("vip_stats", limits.max_vips, self.ncpus + 1,
-                    ctypes.sizeof(layout.Counters), 0),
-            "backend": ("backends", limits.max_backends, self.ncpus,
-                        ctypes.sizeof(layout.BackendSlot), layout.BackendSlot.c.offset)}
         self._views: dict[str, mmap.mmap] = {}
         self.flows: Optional[FlowTable] = None
         try:
@@ -127,6 +115,7 @@ class Datapath:
                 self._views[name] = mmap.mmap(m.fd, size, mmap.MAP_SHARED,
                                               mmap.PROT_READ | mmap.PROT_WRITE)
             self.flows = FlowTable(self.maps["flows"])
+            self.counters = CounterViews(self._views, limits, self.ncpus)
         except BaseException:
             self.close()
             raise
@@ -268,32 +257,8 @@ class Datapath:
 
     # --- rings ---------------------------------------------------------------------
     def install_rings(self, rings: list[tuple[int, array.array]], chunk: int = 256) -> None:
-        """Fill a new inner map per ring completely (one memcpy into its mmap), then swap
-        them into their rings[ring_id] slots: packets see a VIP's whole old ring or its
-        whole new one, never a mix. The swaps go in batches, since the kernel waits for
-        an RCU grace period after each map-in-map update call (~14 ms here)."""
-        for start in range(0, len(rings), chunk):
-            part = rings[start:start + chunk]
-            inners: list[Map] = []
-            try:
-                for ring_id, ids in part:
-                    m = len(ids)
-                    inner = create_map(BPF_MAP_TYPE_ARRAY, f"ring_{ring_id}", 4, 4, m,
-                                       map_flags=lib.BPF_F_INNER_MAP | lib.BPF_F_MMAPABLE)
-                    inners.append(inner)
-                    # array elements are 8-byte aligned: a u32 ring is a stride-8 image
-                    image = array.array("I", bytes(8 * m))
-                    image[0::2] = ids
-                    size = -(-8 * m // mmap.PAGESIZE) * mmap.PAGESIZE
-                    with mmap.mmap(inner.fd, size, mmap.MAP_SHARED,
-                                   mmap.PROT_READ | mmap.PROT_WRITE) as mm:
-                        mm[: 8 * m] = image.tobytes()
-                keys = array.array("I", [v for v, _ in part])
-                fds = array.array("I", [i.fd for i in inners])
-                self.maps["rings"].update_batch(keys.tobytes(), fds.tobytes(), len(part))
-            finally:
-                for inner in inners:
-                    inner.close()
+        """Swap each (ring_id, backend ids) in whole (see rings.install_rings)."""
+        install_rings(self.maps["rings"], rings, chunk)
 
     def remove_ring(self, ring_id: int) -> None:
         self.maps["rings"].delete(_u32(ring_id))
@@ -336,106 +301,27 @@ class Datapath:
         for a in before - now:
             self.maps["vip_addrs"].delete(layout.addr_key(a))
 
-    # --- counters ------------------------------------------------------------------
+    # --- counters (lb/counterviews.py) ----------------------------------------------
     def global_counters(self) -> dict[str, int]:
-        per_cpu = self.maps["stats"].lookup_percpu(_u32(0))
-        sums = [0] * layout.GLOBAL_SLOTS
-        for raw in per_cpu:
-            g = layout.Global.unpack(raw)
-            for i in range(layout.GLOBAL_SLOTS):
-                sums[i] += g.c[i]
-        return {name: sums[int(s)] for name, s in GLOBAL_NAMES.items()}
-
-    def _counter_offsets(self, kind: str, idx: int) -> tuple[mmap.mmap, list[int]]:
-        """The view and the offsets of counter `idx` in every block."""
-        m, stride, blocks, size, at = self._counter_maps[kind]
-        if not 0 <= idx < stride:
-            raise ValueError(f"{kind} counter {idx} out of range 0..{stride - 1}")
-        return self._views[m], [(blk * stride + idx) * size + at for blk in range(blocks)]
-
-    def _counters(self, kind: str, idx: int) -> tuple[int, int]:
-        """(packets, bytes) of counter `idx`, summed over blocks (read through the mmap)."""
-        view, offsets = self._counter_offsets(kind, idx)
-        p = b = 0
-        for off in offsets:
-            cp, cb = _COUNTERS.unpack_from(view, off)
-            p += cp
-            b += cb
-        return p, b
+        return global_counters(self.maps["stats"])
 
     def vip_counters(self, vip_id: int, bids: Iterable[int]
                      ) -> tuple[tuple[int, int], dict[int, tuple[int, int]]]:
-        """A VIP's (packets, bytes) and its backends' (each read once): a sent packet is
-        counted for its backend only, so the VIP's total is its own counter (packets for
-        it not sent, and the counts of backends removed from it) plus its current
-        backends `bids`."""
-        per = {bid: self._counters("backend", bid) for bid in bids}
-        p, b = self._counters("vip", vip_id)
-        return (p + sum(x[0] for x in per.values()), b + sum(x[1] for x in per.values())), per
+        return self.counters.vip(vip_id, bids)
 
     def backend_counters(self, bid: int) -> tuple[int, int]:
-        return self._counters("backend", bid)
+        return self.counters.read("backend", bid)
 
     def retire_backend_counters(self, bid: int, vip_id: int) -> list[tuple[int, int]]:
-        """Move backend `bid`'s counts into its VIP's own counter (the removed backends'
-        block), so the VIP's total does not drop when the backend leaves it. Returns the
-        counts moved, per CPU."""
-        view, offsets = self._counter_offsets("backend", bid)
-        moved = [_COUNTERS.unpack_from(view, off) for off in offsets]
-        self._add_removed(vip_id, sum(p for p, _ in moved), sum(b for _, b in moved))
-        self.reset_counters("backend", bid)
-        return moved
+        return self.counters.retire(bid, vip_id)
 
     def unretire_backend_counters(self, bid: int, vip_id: int,
                                   moved: list[tuple[int, int]]) -> None:
-        """Undo retire_backend_counters (a rejected reload puts the backend back)."""
-        self._add_removed(vip_id, -sum(p for p, _ in moved), -sum(b for _, b in moved))
-        view, offsets = self._counter_offsets("backend", bid)
-        for off, (mp, mb) in zip(offsets, moved):
-            p, b = _COUNTERS.unpack_from(view, off)
-            _COUNTERS.pack_into(view, off, p + mp, b + mb)
-
-    def _add_removed(self, vip_id: int, packets: int, nbytes: int) -> None:
-        view, offsets = self._counter_offsets("vip", vip_id)
-        p, b = _COUNTERS.unpack_from(view, offsets[-1])
-        _COUNTERS.pack_into(view, offsets[-1], p + packets, b + nbytes)
+        self.counters.unretire(bid, vip_id, moved)
 
     def reset_counters(self, kind: str, idx: int) -> None:
-        """kind: "vip" or "backend" (whose counters sit beside its entries)."""
-        view, offsets = self._counter_offsets(kind, idx)
-        for off in offsets:
-            _COUNTERS.pack_into(view, off, 0, 0)
+        self.counters.reset(kind, idx)
 
     def flow_backend(self, fk: layout.FlowKey) -> Optional[int]:
         val = self.flows.lookup(fk)
         return None if val is None else val.backend_id
-
-
-def read_ring(rings: Map, ring_id: int) -> Optional[array.array]:
-    """The ring in rings[ring_id] as backend ids (None: no ring there, or it was swapped
-    out while being read). The one ring reader: Datapath.read_ring, pinned_ring."""
-    raw = rings.lookup(_u32(ring_id))
-    if raw is None:
-        return None
-    fd = lib.bpf_map_get_fd_by_id(ctypes.c_uint32.from_buffer_copy(raw).value)
-    if fd < 0:
-        return None
-    with Map.from_fd(fd) as inner:
-        m = inner.max_entries
-        size = -(-8 * m // mmap.PAGESIZE) * mmap.PAGESIZE
-        with mmap.mmap(inner.fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
-            return array.array("I", mm[: 8 * m])[0::2]  # stride 8: see install_rings
-
-
-def pinned_ring(pin_dir: str, addr: IPAddress, port: int, proto: int
-                ) -> Optional[array.array]:
-    """The ring a running instance uses for a VIP, read from the maps pinned in `pin_dir`
-    (None: the VIP has no ring, or it is being swapped: read again). KeyError: no VIP."""
-    with Map.from_pin(os.path.join(pin_dir, "vips")) as vips:
-        raw = vips.lookup(layout.vip_key(addr, port, proto))
-    if raw is None:
-        raise KeyError(f"{addr}:{port}/{proto} is not in {pin_dir}/vips")
-    entry = layout.vip_entry(raw)
-    with Map.from_pin(os.path.join(pin_dir, "rings")) as rings:
-        ring = read_ring(rings, entry.ring_id)
-    return ring if ring is None or len(ring) == entry.ring_size else None

@@ -10,12 +10,14 @@ import subprocess
 import sys
 from typing import Optional
 
-from lb import datapath, layout, maglev
+from lb import layout, maglev, rings
 from lb.native import Map
 from lb.specs import backend_key
 
+import configtext
 
-FAST_HTTP_HEALTH = {"type": '"http"', "path": '"/healthz"', "interval": 0.5, "timeout": 0.4,
+
+FAST_HTTP_HEALTH = {"type": "http", "path": "/healthz", "interval": 0.5, "timeout": 0.4,
                     "rise": 1, "fall": 2}
 
 
@@ -25,11 +27,8 @@ def lab_config(files, backends=("10.200.0.11", "10.200.0.12", "10.200.0.13"),
     settings, [health] (default FAST_HTTP_HEALTH: up after one check) and the VIP web
     (tcp/80) over `backends`."""
     health = FAST_HTTP_HEALTH if health is None else health
-    text = files.lb_table(interface, **lb) + "\n[health]\n"
-    text += "".join(f"{k} = {v}\n" for k, v in health.items())
-    text += ('\n[[vip]]\nname = "web"\naddress = "10.200.1.10"\nport = 80\n'
-             'protocol = "tcp"\n')
-    return text + "".join(f'[[vip.backend]]\naddress = "{a}"\n' for a in backends)
+    return (files.lb_table(interface, **lb) + configtext.section("health", **health)
+            + configtext.vip("web", "10.200.1.10", 80, backends, protocol="tcp"))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -47,7 +46,7 @@ def pinned_ring(pin: str, vip_addr: str, port: int, proto: int) -> list:
     """The ring the data path uses now for a VIP, as backend addresses (None: empty
     slot; [] when the VIP has no ring or it is being swapped), read from the maps pinned
     under `pin` (KeyError: no such VIP)."""
-    ids = datapath.pinned_ring(pin, ipaddress.ip_address(vip_addr), port, proto)
+    ids = rings.pinned_ring(pin, ipaddress.ip_address(vip_addr), port, proto)
     if ids is None:
         return []
     names: dict[int, Optional[str]] = {}
