@@ -2,9 +2,9 @@
 
 Start: preflight, load the data path (adopting pinned maps of an earlier instance), attach
 or atomically replace the program, fill the maps, start health checks and the control
-socket. SIGHUP reloads the config (a broken one is rejected, the old one stays);
-SIGTERM/SIGINT detach and unpin, unless keep_datapath_on_exit. A killed daemon leaves the
-program attached and forwarding. The daemon wires the parts and serialises what changes
+socket. SIGHUP reloads the config (lb/reload.py: a broken one is rejected, the old one
+stays); SIGTERM/SIGINT detach and unpin, unless keep_datapath_on_exit. A killed daemon
+leaves the program attached and forwarding. The daemon wires the parts and serialises what changes
 the maps: next hops from `nexthop.Resolver`, health from `healthstate.HealthBook`, the
 maps' contents from `policy.vip_specs`, written by `Programmer.apply`; interfaces
 re-created or changed are followed by `linkfollow.LinkFollower`; `sdnotify.Notifier`
@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import signal
-import time
-from typing import NamedTuple, Optional
+from typing import Optional
 
 from . import policy, preflight, sdnotify
 from .adminstate import AdminStates, admin_lookup, find_pair
@@ -26,33 +25,19 @@ from .config import Config, load_config
 from .control import ControlServer
 from .datapath import Datapath, EgressConfig, Limits
 from .egress import egress_config
-from .errors import BpfError, ConfigError, XdplbError
+from .errors import XdplbError
 from .healthstate import HealthBook
 from .linkfollow import LinkFollower
 from .metrics import MetricsServer
 from .native import xdp_detach
 from .instancelock import InstanceLocks
 from .nexthop import Interface, Netlink, Nexthops, Resolver
-from .programmer import Checkpoint, Programmer
+from .programmer import Programmer
+from .reload import reload
 from .stats import BackendView, stats_snapshot
 
 NEXTHOP_REFRESH_S = 2.0
 NEXTHOP_RETRY_S = 0.2
-# lb settings a reload cannot change
-FIXED = ("interface", "egress_interface", "xdp_mode", "bpf_pin_path", "flow_table_size",
-         "max_vips", "max_backends", "control_socket")
-RESTART = ("metrics_listen", "log_format")  # a reload accepts them, a restart applies them
-
-
-class _Running(NamedTuple):
-    """What a reload replaces, kept until it is done (for a rollback)."""
-
-    cfg: Config
-    admin: AdminStates
-    egress: Optional[EgressConfig]
-    nexthops: Nexthops
-    maps: Checkpoint
-    health: tuple
 
 
 class Daemon:
@@ -109,7 +94,7 @@ class Daemon:
             kept, removed = self.announcer.adopt(cfg)
             self.log.info("routes_adopted", table=cfg.announce.table, kept=kept,
                           removed=removed)
-        self.apply(self._resolve(cfg, self.nl, settle=True))
+        self.apply(self.resolve(cfg, self.nl, settle=True))
         mode = attach(self.ingress.index, self.ingress.name, self.dp.prog_fd,
                       cfg.lb.xdp_mode, self.log)
         self.attached = (self.ingress.index, mode)
@@ -147,14 +132,14 @@ class Daemon:
         return verdict is not None and verdict.checks > 0 and (verdict.up or
                                                                 verdict.ok_run == 0)
 
-    def _resolve(self, cfg: Config, nl: Optional[Netlink] = None,
+    def resolve(self, cfg: Config, nl: Optional[Netlink] = None,
                  settle: bool = False) -> Nexthops:
         """Next hops of cfg's backends (blocking: see Resolver.resolve)."""
         addrs = {b.address for v in cfg.vips for b in v.backends}
         return (self.resolver.settled if settle else self.resolver.resolve)(
             addrs, self.egress.index, nl)
 
-    def _desired(self) -> policy.Desired:
+    def desired(self) -> policy.Desired:
         return policy.vip_specs(self.cfg, self._admin_of, self._up_of, self.nexthops.key_of)
 
     def apply(self, resolved: Optional[Nexthops] = None):
@@ -162,7 +147,7 @@ class Daemon:
         last ones (health and admin changes do not move next hops)."""
         if resolved is not None:
             self.nexthops = resolved
-        specs, states = self._desired()
+        specs, states = self.desired()
         ann = self.announcer
         if ann:  # withdrawals before the maps change, announcements after
             decisions = ann.decide(self.cfg, states, self._verdicted,
@@ -243,78 +228,7 @@ class Daemon:
         so two quick SIGHUPs can never apply an older file after a newer one."""
         async with self._reload_lock:
             with self.notify.reloading():
-                await self._reload()
-
-    async def _reload(self) -> None:
-        t0, loop = time.perf_counter(), asyncio.get_running_loop()
-        try:  # in a thread: reading waits until the file holds still (configread)
-            new = await loop.run_in_executor(None, load_config, self.path)
-            for k in FIXED:
-                if getattr(new.lb, k) != getattr(self.cfg.lb, k):
-                    raise ConfigError([f"lb.{k} changed: restart xdplb to apply it"])
-            if (getattr(new.announce, "table", None) !=
-                    getattr(self.cfg.announce, "table", None)):
-                raise ConfigError(["[announce] added, removed or its table changed: "
-                                   "restart xdplb to apply it"])
-            # the state file is read anew (it may have been edited, or moved)
-            admin = await loop.run_in_executor(None, AdminStates, new.lb.state_file)
-        except ConfigError as e:
-            self.log.error("config_rejected", error=str(e).replace("\n", "; "))
-            return
-        try:  # for the new config, before it runs: nothing may apply a half-switched state
-            resolved = await loop.run_in_executor(None, self._resolve, new)
-        except XdplbError as e:
-            self.log.error("config_rejected", error=str(e))
-            return
-        # from here to the apply nothing awaits: no health flush, admin change or
-        # next-hop refresh runs in between
-        before = {k: e.state for k, e in self._desired().states.items()}
-        old = _Running(self.cfg, self.admin, self.egress_cfg, self.nexthops,
-                       self.programmer.checkpoint(), self.health.checkpoint())
-        self.admin, self.cfg = admin, new
-        try:
-            self.egress_cfg = egress_config(new, self.egress, self.ingress)
-            self.health.configure(new.vips)
-            rep = self.apply(resolved)
-        except Exception as e:  # whatever failed, the old config stays in force
-            self._roll_back(old, e)
-            return
-        finally:
-            self.programmer.release(old.maps)
-        later = [f"lb.{k}" for k in RESTART if getattr(new.lb, k) != getattr(old.cfg.lb, k)]
-        self.log.info("config_reloaded", vips_added=rep.vips_added,
-                      vips_removed=rep.vips_removed, vips_changed=rep.vips_changed,
-                      backends_added=rep.backends_added, backends_removed=rep.backends_removed,
-                      rings_swapped=rep.rings_swapped, restart_needed=later,
-                      duration_ms=round((time.perf_counter() - t0) * 1e3, 2))
-        if later:  # the rest of the file applies
-            self.log.warning("config_needs_restart", keys=later, action="restart xdplb")
-        for k, to in self.applied.items():  # admin states or health types the config changed
-            if k in before and to != before[k]:
-                self.log.info("backend_state_changed", vip=k[0], backend=k[1],
-                              **{"from": before[k], "to": to}, reason="config reload")
-
-    def _roll_back(self, old: "_Running", cause: Exception) -> None:
-        """A reload failed partway: the old config, admin states, egress settings, next
-        hops and health targets again, and the maps, rings and routes of the old config
-        (what the failed apply wrote is rewritten, what it added cleared)."""
-        self.admin, self.cfg, self.egress_cfg = old.admin, old.cfg, old.egress
-        error = str(cause).replace("\n", "; ") or type(cause).__name__
-        if isinstance(cause, BpfError):  # the kernel refused a map update
-            error += ": free memory, or raise the map sizes in [lb] (a restart), and reload"
-        elif not isinstance(cause, XdplbError):
-            error = f"{type(cause).__name__}: {error} (a bug in xdplb: please report it)"
-        try:
-            self.health.restore(old.health)
-            self.programmer.rollback(old.maps)
-            self.apply(old.nexthops)
-        except Exception as e:  # the refresh loop applies the old config again
-            self.maps_stale = True
-            self.log.error("config_rejected", error=error)
-            self.log.error("rollback_failed", error=str(e) or type(e).__name__,
-                           action="retried within 2 s; the old config stays in force")
-            return
-        self.log.error("config_rejected", error=error)
+                await reload(self)
 
     # --- run -----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -393,7 +307,7 @@ class Daemon:
                     self.announcer.restore_routes()
                 cfg = self.cfg
                 resolved = await asyncio.get_running_loop().run_in_executor(
-                    None, self._resolve, cfg)
+                    None, self.resolve, cfg)
                 # a reload meanwhile brought its own next hops: these may lack backends
                 if self.cfg is cfg and resolved != self.nexthops:
                     self.apply(resolved)

@@ -18,7 +18,7 @@ An apply that raises leaves the records ahead of the maps: it forgets what it be
 written (the next apply rewrites every entry; map writes are idempotent) and keeps the
 releases it did not get to for the next apply, so no id is lost.
 
-A reload is all-or-nothing (lb/daemon.py): `checkpoint()` before it, and when it fails,
+A reload is all-or-nothing (lb/reload.py): `checkpoint()` before it, and when it fails,
 `rollback()` returns the records (ids, generations, counters moved) to the checkpoint and
 marks every entry for rewriting, so the next apply, of the old state, puts back what the
 failed one changed and clears what it added.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import pathlib
 
+import lb.reload
 from lb import daemon
 from lb.config import load_config
 from lb.nexthop import Nexthops
@@ -61,8 +62,8 @@ def test_reload_that_raises_keeps_the_old_config(tmp_path, monkeypatch):
     old = d.cfg
     d.egress_cfg = old_egress = object()
     d.programmer = BrokenProgrammer()
-    monkeypatch.setattr(d, "_resolve", lambda cfg, nl=None: Nexthops())
-    monkeypatch.setattr(daemon, "egress_config", lambda cfg, eg, ingress: object())
+    monkeypatch.setattr(d, "resolve", lambda cfg, nl=None: Nexthops())
+    monkeypatch.setattr(lb.reload, "egress_config", lambda cfg, eg, ingress: object())
     monkeypatch.setattr(d.health, "configure", lambda vips: None)
     d.egress = None
     # the new file renames a VIP: its pairs are in the new cfg, not in `applied`

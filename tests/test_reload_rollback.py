@@ -17,6 +17,7 @@ import random
 
 import pytest
 
+import lb.reload
 from lb import daemon, native
 from lb.config import load_config
 from lb.datapath import MAP_NAMES, Datapath, EgressConfig, Limits
@@ -130,17 +131,17 @@ def test_reload_failing_partway_leaves_everything_as_it_was(tmp_path, monkeypatc
     d.dp = Datapath(Limits(max_vips=cfg.lb.max_vips, max_backends=cfg.lb.max_backends,
                            flow_table_size=cfg.lb.flow_table_size))
     d.programmer = Programmer(d.dp, keep_rings=False)
-    monkeypatch.setattr(d, "_resolve", lambda cfg, nl=None, settle=False: resolved(cfg))
-    monkeypatch.setattr(daemon, "egress_config", lambda cfg, eg, ingress: EgressConfig(
+    monkeypatch.setattr(d, "resolve", lambda cfg, nl=None, settle=False: resolved(cfg))
+    monkeypatch.setattr(lb.reload, "egress_config", lambda cfg, eg, ingress: EgressConfig(
         source_v4=ipaddress.ip_address("10.0.0.2"), flow_insert_limit=cfg.lb.flow_insert_limit))
     monkeypatch.setattr(random, "random", lambda: 1.0)  # first checks 360 s away
-    d.egress_cfg = daemon.egress_config(cfg, None, None)
+    d.egress_cfg = lb.reload.egress_config(cfg, None, None)
 
     async def run():
         d._reload_lock = asyncio.Lock()
         d.health.start(cfg.vips)
         try:
-            d.apply(d._resolve(cfg))
+            d.apply(d.resolve(cfg))
             send(d.dp, 20)
             before = (maps(d.dp), d.stats(), health(d), dict(d.applied))
             assert before[1]["vips"][1]["packets"] and before[1]["vips"][0]["backends"][2][
@@ -162,7 +163,7 @@ def test_reload_failing_partway_leaves_everything_as_it_was(tmp_path, monkeypatc
         for name, b, a in zip(("stats", "health targets", "states"), before[1:], after[1:]):
             assert a == b, f"{name} differ after the rejected reload: {_diff(b, a)}"
         # the records agree with the maps: the old config again changes nothing
-        specs, _ = d._desired()
+        specs, _ = d.desired()
         rep = d.programmer.apply(specs, d.nexthops.macs, egress=d.egress_cfg)
         assert (rep.rings_swapped, rep.backends_added, rep.vips_added) == (0, 0, 0)
         assert maps(d.dp) == after[0]
