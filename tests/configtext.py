@@ -1,6 +1,6 @@
-"""Config file text for the tests that parse one: an [lb] table, [[vip]] tables with
-their [vip.health] and [[vip.backend]] tables. Values are written with the lab's
-toml_value (strings unescaped)."""
+"""Config file text for the tests that parse one: an [lb] table, other top-level tables
+([health], [announce]), [[vip]] tables with their [vip.health] and [[vip.backend]]
+tables. Values are written with the lab's toml_value (strings unescaped)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ def keys(**values) -> str:
 
 def lb(interface: str = "eth0", **values) -> str:
     return f'\n[lb]\ninterface = "{interface}"\n' + keys(**values)
+
+
+def section(name: str, **values) -> str:
+    """A top-level table such as [health] or [announce]."""
+    return f"\n[{name}]\n" + keys(**values)
 
 
 def backend(address: str, **values) -> str:

@@ -23,6 +23,7 @@ from lb.lab import namespaces, netns, topology
 from lb.lab.instance import Instance, RunFiles
 from lb.specs import backend_key
 
+import configtext
 import daemonctl
 from traffic import DYN_LO, KINDS, PORT_HI, VIP4, VIP6, WAIT
 
@@ -91,22 +92,19 @@ def render(setup: "Setup", conf: dict) -> str:
     lab = setup.lab
     lb = load_config(topology.CONFIGS[lab.variant]).lb
     egress = {"egress_interface": lb.egress_interface} if lb.egress_interface else {}
-    out = [setup.files.lb_table(lb.interface, **egress, encap=conf["encap"],
+    text = setup.files.lb_table(lb.interface, **egress, encap=conf["encap"],
                                 gue_port=topology.GUE_PORT, ring_size=RING,
-                                flow_table_size=65536),
-           "[health]", 'type = "http"', 'path = "/healthz"',
-            f"interval = {conf['interval']}", f"timeout = {TIMEOUT}", f"rise = {RISE}",
-            f"fall = {FALL}"]
+                                flow_table_size=65536)
+    text += configtext.section("health", type="http", path="/healthz",
+                               interval=conf["interval"], timeout=TIMEOUT, rise=RISE, fall=FALL)
     for name, v in conf["vips"].items():
-        out += ["", "[[vip]]", f'name = "{name}"',
-                f'address = "{VIP6 if v["family"] == 6 else VIP4}"', f"port = {v['port']}",
-                f'protocol = "{v["protocol"]}"']
-        if v["port"] != topology.HTTP_PORT:
-            out += ["[vip.health]", f"port = {topology.HTTP_PORT}"]
-        for i, (w, state) in sorted(v["backends"].items()):
-            out += ["[[vip.backend]]", f'address = "{lab.addr(i, v["family"])}"',
-                    f"weight = {w}", f'state = "{state}"']
-    return "\n".join(out) + "\n" + conf["extra"]
+        backends = [configtext.backend(str(lab.addr(i, v["family"])), weight=w, state=state)
+                    for i, (w, state) in sorted(v["backends"].items())]
+        text += configtext.vip(name, VIP6 if v["family"] == 6 else VIP4, v["port"], backends,
+                               protocol=v["protocol"],
+                               health=({"port": topology.HTTP_PORT}
+                                       if v["port"] != topology.HTTP_PORT else None))
+    return text + conf["extra"]
 
 
 # --- the daemon --------------------------------------------------------------------------

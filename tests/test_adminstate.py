@@ -12,6 +12,8 @@ import pytest
 from lb.adminstate import AdminStates
 from lb.errors import ConfigError, XdplbError
 
+import configtext
+
 GOOD = '{"backends": [{"vip": "web", "backend": "10.0.0.1", "state": "drain"}]}'
 
 # name: how to make the broken state file at `path`
@@ -54,11 +56,10 @@ def test_corrupt_state_file_stops_the_daemon_with_one_line(tmp_path):
     state = tmp_path / "state.json"
     state.write_text("[1, 2")
     cfg = tmp_path / "lb.toml"
-    cfg.write_text(f'[lb]\ninterface = "lo"\nstate_file = "{state}"\n'
-                   f'control_socket = "{tmp_path}/c.sock"\n'
-                   f'bpf_pin_path = "/sys/fs/bpf/xdplb-adminstate-test"\n'
-                   '[[vip]]\nname = "web"\naddress = "192.0.2.1"\nport = 80\n'
-                   '[[vip.backend]]\naddress = "10.0.0.1"\n')
+    cfg.write_text(configtext.lb("lo", state_file=str(state),
+                                 control_socket=f"{tmp_path}/c.sock",
+                                 bpf_pin_path="/sys/fs/bpf/xdplb-adminstate-test")
+                   + configtext.vip("web", "192.0.2.1", 80, ["10.0.0.1"]))
     r = subprocess.run([sys.executable, "-m", "lb.cli", "--config", str(cfg)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stderr

@@ -27,6 +27,7 @@ from lb.lab.instance import Instance, RunFiles
 from lb.metrics import render
 from lb.native import Map
 
+import configtext
 import daemonctl
 
 LAB = topology.Lab(prefix="xa-")
@@ -42,19 +43,17 @@ def config(tmp, name="lb.toml", announce="", vip_extra="", delay=1.0) -> str:
     backends, with [announce] (table 200, withdraw_delay `delay`, more from `announce`)."""
     hosts = LAB.hosts()
     text = FILES.lb_table("lb0", ring_size=65537, flow_table_size=65536)
-    text += "\n[health]\n" + "".join(f"{k} = {v}\n" for k, v in HEALTH.items())
-    text += f"\n[announce]\ntable = {TABLE}\nwithdraw_delay = {delay}\n{announce}"
+    text += configtext.section("health", **HEALTH)
+    text += configtext.section("announce", table=TABLE, withdraw_delay=delay) + announce
     for vip, addr, port, proto, fam in (("web", topology.VIP4, 80, "tcp", 4),
                                         ("echo", topology.VIP4, 5353, "udp", 4),
                                         ("web6", topology.VIP6, 80, "tcp", 6)):
-        text += (f'\n[[vip]]\nname = "{vip}"\naddress = "{addr}"\nport = {port}\n'
-                 f'protocol = "{proto}"\n')
-        if port != 80:
-            text += "[vip.health]\nport = 80\n"
+        text += configtext.vip(vip, addr, port, (), health={"port": 80} if port != 80 else None,
+                               protocol=proto)
         if vip == "web":
             text += vip_extra
-        for be in LAB.backends:
-            text += f'[[vip.backend]]\naddress = "{getattr(hosts[be], f"v{fam}")}"\n'
+        text += "".join(configtext.backend(str(getattr(hosts[be], f"v{fam}")))
+                        for be in LAB.backends)
     path = tmp / name
     path.write_text(text)
     return str(path)
@@ -356,8 +355,8 @@ def test_first_verdicts_gate_the_announcement(env):
     d = current(env)
     d.stop()
     assert routes() == []
-    slow = ('[vip.health]\ninterval = 2.0\ntimeout = 1.5\n'
-            '[[vip.backend]]\naddress = "10.200.0.99"\n')
+    slow = "[vip.health]\n" + configtext.keys(interval=2.0, timeout=1.5) + configtext.backend(
+        "10.200.0.99")
     gated = config(tmp, "gated.toml", vip_extra=slow)
     d = start(gated, str(tmp / "gated.log"))
     seen_partial = False
@@ -558,10 +557,10 @@ def _rollback_config(tmp, sids, with_web6: bool) -> str:
     text = text.replace("[lb]\n", "[lb]\nmax_backends = 21\n", 1)
     if not with_web6:
         text = text[:text.index('\n[[vip]]\nname = "web6"')] + "\n"
-    text += (f'\n[[vip]]\nname = "h3"\naddress = "{topology.VIP4}"\nport = 443\n'
-             'protocol = "udp"\nquic = true\n[vip.health]\ntype = "none"\n')
-    for i, sid in zip(range(QUIC_PHANTOMS), sids):
-        text += f'[[vip.backend]]\naddress = "10.200.0.{201 + i}"\nserver_id = {sid}\n'
+    text += configtext.vip("h3", topology.VIP4, 443,
+                           [configtext.backend(f"10.200.0.{201 + i}", server_id=sid)
+                            for i, sid in zip(range(QUIC_PHANTOMS), sids)],
+                           health={"type": "none"}, protocol="udp", quic=True)
     path = tmp / "rollback-next.toml"
     path.write_text(text)
     return str(path)

@@ -27,6 +27,7 @@ import pytest
 from lb.config import load_config
 from lb.lab import netns, topology
 
+import configtext
 from e2e_setup import BASE_VIPS, FALL, INTERVAL, RISE, SETUPS, E2ELab, Setup, base_conf
 from traffic import (DIST_BLOCK, DIST_N, KINDS, PORT_LO, WAIT, Capture, Load, LongConns,
                      burst, by_backend, failures)
@@ -275,9 +276,8 @@ def _reload_steps(s: Setup):
     def add(c, i, vips=tuple(BASE_VIPS)):
         for n in vips:
             V(c, n)[i] = [1, "active"]
-    extra = ('\n[[vip]]\nname = "extra"\naddress = "10.200.1.10"\nport = 8080\n'
-             'protocol = "tcp"\n[vip.health]\nport = 80\n' +
-             "".join(f'[[vip.backend]]\naddress = "{s.lab.addr(i, 4)}"\n' for i in (1, 2)))
+    extra = configtext.vip("extra", "10.200.1.10", 8080, [str(s.lab.addr(i, 4)) for i in (1, 2)],
+                           protocol="tcp", health={"port": 80})
 
     step("web weights 2/2/3", lambda c: V(c, "web")[1].__setitem__(0, 2))
     step("web6 weights 1/1/1", lambda c: [V(c, "web6")[i].__setitem__(0, 1) for i in (1, 2, 3)])

@@ -23,6 +23,7 @@ from lb.lab import topology
 from lb.lab.instance import Instance, RunFiles
 from lb.native import Map
 
+import configtext
 import daemonctl
 import traffic
 from healthserver import HealthServer
@@ -43,75 +44,26 @@ def config_text(web_states: dict[str, str] | None = None) -> str:
     web_states = web_states or {}
 
     def backends(addrs, states=None):
-        out = ""
-        for a in addrs:
-            out += f'[[vip.backend]]\naddress = "{a}"\n'
-            if states and a in states:
-                out += f'state = "{states[a]}"\n'
-        return out
+        return [configtext.backend(a, **({"state": states[a]} if states and a in states
+                                         else {})) for a in addrs]
     v4 = list(B.values())
-    return "\n" + FILES.lb_table("lb0", encap="ipip", ring_size=RING,
-                                  flow_table_size=65536) + f"""
-[health]
-type = "http"
-port = {HPORT}
-path = "/healthz"
-interval = 0.2
-timeout = 0.15
-rise = {RISE}
-fall = {FALL}
-
-[[vip]]
-name = "web"
-address = "{topology.VIP4}"
-port = 80
-protocol = "tcp"
-{backends(v4, web_states)}
-[[vip]]
-name = "echo"
-address = "{topology.VIP4}"
-port = {topology.UDP_PORT}
-protocol = "udp"
-{backends(v4)}
-[[vip]]
-name = "slow"
-address = "{topology.VIP4}"
-port = 8443
-protocol = "tcp"
-[vip.health]
-port = {SLOW_PORT}
-interval = 60.0
-timeout = 50.0
-{backends(v4[2:])}
-[[vip]]
-name = "open"
-address = "{topology.VIP4}"
-port = 9000
-protocol = "udp"
-[vip.health]
-type = "none"
-{backends(v4)}
-[[vip]]
-name = "spread"
-address = "{topology.VIP6}"
-port = {topology.UDP_PORT}
-protocol = "udp"
-all_down = "spread"
-[vip.health]
-type = "tcp"
-port = 9
-{backends(V6)}
-[[vip]]
-name = "dropper"
-address = "{topology.VIP6}"
-port = 80
-protocol = "tcp"
-all_down = "drop"
-[vip.health]
-type = "tcp"
-port = 9
-{backends(V6)}
-"""
+    health = dict(type="http", port=HPORT, path="/healthz", interval=0.2, timeout=0.15,
+                  rise=RISE, fall=FALL)
+    return ("\n" + FILES.lb_table("lb0", encap="ipip", ring_size=RING, flow_table_size=65536)
+            + configtext.section("health", **health)
+            + configtext.vip("web", topology.VIP4, 80, backends(v4, web_states),
+                             protocol="tcp")
+            + configtext.vip("echo", topology.VIP4, topology.UDP_PORT, backends(v4),
+                             protocol="udp")
+            + configtext.vip("slow", topology.VIP4, 8443, backends(v4[2:]), protocol="tcp",
+                             health={"port": SLOW_PORT, "interval": 60.0, "timeout": 50.0})
+            + configtext.vip("open", topology.VIP4, 9000, backends(v4), protocol="udp",
+                             health={"type": "none"})
+            + configtext.vip("spread", topology.VIP6, topology.UDP_PORT, backends(V6),
+                             protocol="udp", all_down="spread",
+                             health={"type": "tcp", "port": 9})
+            + configtext.vip("dropper", topology.VIP6, 80, backends(V6), protocol="tcp",
+                             all_down="drop", health={"type": "tcp", "port": 9}))
 
 
 def Daemon(config: str, log: str) -> Instance:

@@ -6,31 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+import configtext
 from test_cli import config_text, one_line, run
 
-QUIC_VIP = """
-[[vip]]
-name = "h3"
-address = "192.0.2.20"
-port = 443
-protocol = "udp"
-quic = true
-quic_server_id_len = 2
-quic_cid_len = 8
-
-[[vip.backend]]
-address = "10.1.0.21"
-server_id = 258
-
-[[vip.backend]]
-address = "10.1.0.22"
-server_id = 7
-
-[[vip.backend]]
-address = "10.1.0.23"
-server_id = 9
-state = "maint"
-"""
+QUIC_VIP = configtext.vip(
+    "h3", "192.0.2.20", 443,
+    [configtext.backend("10.1.0.21", server_id=258), configtext.backend("10.1.0.22", server_id=7),
+     configtext.backend("10.1.0.23", server_id=9, state="maint")],
+    protocol="udp", quic=True, quic_server_id_len=2, quic_cid_len=8)
 FLOW = ("udp", "198.51.100.7", "40000", "192.0.2.20", "443")
 
 
