@@ -81,11 +81,20 @@ static __always_inline __u16 gue_udp_csum(__u64 outer_addr_sum, struct udphdr u,
 	return c ? c : 0xffff;
 }
 
+/* In 16- and 32-bit words: a 6-byte memcpy into the packet (alignment unknown) is twelve
+ * byte loads and stores. Loads keep their alignment (dmac starts an 8-byte map value,
+ * smac a 2-byte aligned field); the packet takes any. */
 static __always_inline void write_eth(struct ethhdr *eth, const struct lb_config *cfg,
 				      const struct nexthop *nh, __u16 proto)
 {
-	__builtin_memcpy(eth->h_dest, nh->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, cfg->smac, ETH_ALEN);
+	const __u16 *sm = (const __u16 *)cfg->smac;
+	void *p = eth;
+
+	*(__u32 *)p = *(const __u32 *)nh->dmac;
+	*(__u16 *)(p + 4) = *(const __u16 *)&nh->dmac[4];
+	*(__u16 *)(p + 6) = sm[0];
+	*(__u16 *)(p + 8) = sm[1];
+	*(__u16 *)(p + 10) = sm[2];
 	eth->h_proto = bpf_htons(proto);
 }
 

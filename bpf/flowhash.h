@@ -97,6 +97,13 @@ static __always_inline __u32 flow_slot_hash(const struct flow_key *k)
 	return mm3_final(h, sizeof(*k));
 }
 
+/* flow_slot_hash of a key given as the XOR of its five 64-bit words: the XOR of the ten
+ * 32-bit words is that value's two halves XORed (in either byte order). Half the loads. */
+static __always_inline __u32 flow_slot_hash_x64(__u64 x)
+{
+	return mm3_final((__u32)x ^ (__u32)(x >> 32), sizeof(struct flow_key));
+}
+
 /* Index into the 65536-bit VIP address prefilter. */
 static __always_inline __u32 prefilter_index(__u32 folded_addr)
 {

@@ -13,26 +13,22 @@
 #include "verdict.h"
 
 /* Non-zero when the frame's destination is another host's unicast MAC. Asked only of
- * frames for a VIP address, so other traffic pays nothing. */
-static __always_inline int for_another_host(struct xdp_md *ctx)
+ * frames for a VIP address, so other traffic pays nothing. eth: the frame's Ethernet
+ * header, already bounds-checked by parse_eth. */
+static __always_inline int for_another_host(const struct ethhdr *eth,
+					    const struct lb_config *cfg)
 {
-	const __u8 *dst = (const __u8 *)(long)ctx->data;
-	__u32 zero = 0;
-	struct lb_config *cfg;
+	const __u16 *dst = (const __u16 *)eth->h_dest, *mac = (const __u16 *)cfg->if_mac;
 	__u16 a, b, c;
 
-	if ((void *)(dst + ETH_HLEN) > (void *)(long)ctx->data_end || (dst[0] & 1))
-		return 0; /* (too short was passed before; group bit: broadcast, multicast) */
-	cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!cfg)
-		return 0;
-	a = *(const __u16 *)&cfg->if_mac[0];
-	b = *(const __u16 *)&cfg->if_mac[2];
-	c = *(const __u16 *)&cfg->if_mac[4];
+	if (eth->h_dest[0] & 1)
+		return 0; /* group bit: broadcast, multicast */
+	a = mac[0];
+	b = mac[1];
+	c = mac[2];
 	if (!(a | b | c)) /* not configured */
 		return 0;
-	return (a ^ *(const __u16 *)&dst[0]) | (b ^ *(const __u16 *)&dst[2]) |
-	       (c ^ *(const __u16 *)&dst[4]);
+	return (a ^ dst[0]) | (b ^ dst[1]) | (c ^ dst[2]);
 }
 
 static __always_inline int pass_other_host(struct lb_global *g)

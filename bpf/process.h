@@ -53,8 +53,8 @@ static __always_inline int forward(struct xdp_md *ctx, struct lb_global *g,
 	int err, act = XDP_TX;
 
 	nh = bpf_map_lookup_elem(&nexthops, &be->nexthop_id);
-	if (!nh || !be->nexthop_id || !(nh->dmac[0] | nh->dmac[1] | nh->dmac[2] | nh->dmac[3] |
-					  nh->dmac[4] | nh->dmac[5]))
+	if (!nh || !be->nexthop_id ||
+	    !(*(const __u32 *)&nh->dmac[0] | *(const __u16 *)&nh->dmac[4]))
 		return vip_drop(g, be->vip_id, frame_len, ST_DROP_NO_NEXTHOP);
 
 	if (be->family == LB_AF_INET6)
@@ -154,18 +154,19 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
  * the entry is (re)written (lb_new_flow). A hit marks its entry used (age 0) only when it
  * was not, so a busy flow does not dirty its line on every packet. */
 static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
-				   const struct flow_key *fk, const struct encap_info *ei,
-				   __u32 frame_len, int syn)
+				   const struct lb_config *cfg, const struct flow_key *fk,
+				   const struct encap_info *ei, __u32 frame_len, int syn)
 {
-	__u32 zero = 0, h = flow_slot_hash(fk), bucket = ft_bucket(h), own = ft_own(h);
+	const __u64 *w = (const void *)fk; /* written as five 64-bit words (flowkey.h) */
+	__u32 h = flow_slot_hash_x64(w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4]);
+	__u32 bucket = ft_bucket(h), own = ft_own(h);
 	struct flow_bucket *b = ft_lookup_bucket(bucket);
-	struct lb_config *cfg = bpf_map_lookup_elem(&config, &zero);
 	struct flow_slot *s;
-	struct flow_val fv;
+	struct flow_val fv, hv; /* hv: the own slot's entry, kept out of memory */
 	struct backend *be;
 	int found = -1;
 
-	if (!cfg || !b) /* cannot happen (in range, one entry); the verifier wants the check */
+	if (!b) /* cannot happen (in range); the verifier wants the check */
 		return verdict_pass(g);
 	s = ft_slot(b, own);
 	/* A SYN opens a connection: it goes where the ring says now, so it skips the lookup
@@ -178,14 +179,14 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 	 * old entry's (the rest). */
 	if (syn) {
 		ft_touch(s);
-	} else if (ft_read(s, fk, &fv) > 0) {
-		be = entry_backend(&fv);
+	} else if (ft_read(s, fk, &hv) > 0) {
+		be = entry_backend(&hv);
 		if (be) {
 			if (s->age)
 				s->age = 0;
 			g->c[ST_FLOW_HIT]++;
 			g->c[ST_FLOW_CACHE_HIT]++;
-			return forward(ctx, g, cfg, be, fv.hash, ei, frame_len);
+			return forward(ctx, g, cfg, be, hv.hash, ei, frame_len);
 		}
 		found = 0;
 	} else if ((found = ft_find(bucket, fk, &fv)) >= 0) {
@@ -203,18 +204,14 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
  * backend goes there whatever its 5-tuple (quic.h). FLOW_KEY_READY: not routed so, on
  * to lb_flow. */
 static __always_inline int lb_quic(struct xdp_md *ctx, struct lb_global *g,
-				   const struct flow_key *fk, const struct encap_info *ei,
-				   __u32 frame_len)
+				   const struct lb_config *cfg, const struct flow_key *fk,
+				   const struct encap_info *ei, __u32 frame_len)
 {
-	__u32 zero = 0, hash;
+	__u32 hash;
 	struct backend *be = quic_backend(ctx, g, fk, ei, &hash);
-	struct lb_config *cfg;
 
 	if (!be)
 		return FLOW_KEY_READY;
-	cfg = bpf_map_lookup_elem(&config, &zero);
-	if (!cfg)
-		return verdict_pass(g);
 	return forward(ctx, g, cfg, be, hash, ei, frame_len);
 }
 
