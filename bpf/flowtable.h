@@ -3,10 +3,11 @@
  * the same entry whatever CPU they arrive on, and nothing per CPU needs to be kept
  * coherent. Set-associative: a flow's key hashes (flow_slot_hash) to a bucket of
  * LB_FLOW_WAYS slots and to its own slot there. A lookup reads the own slot first (one
- * cache line: nearly every hit), then the bucket. A write takes, in order: the slot that
- * already holds the key; the own slot when empty; else the own slot, moving its entry to
- * the bucket's free or least recently used slot (that entry is evicted), unless its entry
- * was used since the bucket's last write (then the new entry takes the free or LRU slot).
+ * cache line: nearly every hit), then the bucket. A write takes, in order: the own slot
+ * when it is free or holds the key already (no other slot is read); the slot that holds
+ * the key; else the own slot, moving its entry onto an older copy of that entry's flow,
+ * else to the bucket's free or least recently used slot (that entry is evicted), unless
+ * its entry was used since the bucket's last write (then the new entry takes that slot).
  * So entries go only when their bucket is full, least recently used first, and every
  * eviction is counted.
  *
