@@ -33,18 +33,21 @@ struct {
 } prefilter SEC(".maps");
 
 /* Maglev rings. One inner array per VIP, indexed by flow hash % ring size, holding
- * backend ids. A ring is never edited in place: user space fills a new inner map
- * completely and swaps it into this outer slot with one update, so a packet sees the
- * whole old ring or the whole new one. BPF_F_INNER_MAP lets rings of any size share
- * the outer map; a VIP whose ring changes size gets a new slot, and its vip_meta switches
- * ring id and size in one update. BPF_F_MMAPABLE
- * lets user space write a new ring with one memcpy instead of 65537 element updates. */
+ * backend ids LB_RING_CHUNK to an element (struct ring_chunk). A ring is never edited in
+ * place: user space fills a new inner map completely and swaps it into this outer slot
+ * with one update, so a packet sees the whole old ring or the whole new one.
+ * BPF_F_INNER_MAP lets rings of any size share the outer map; a VIP whose ring changes
+ * size gets a new slot, and its vip_meta switches ring id and size in one update.
+ * BPF_F_MMAPABLE lets user space write a new ring with one memcpy instead of 4097
+ * element updates. */
 struct ring_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, LB_DEFAULT_RING_SIZE);
+	__uint(max_entries, (LB_DEFAULT_RING_SIZE + LB_RING_CHUNK - 1) / LB_RING_CHUNK);
 	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 	__type(key, __u32);
-	__type(value, __u32);
+	/* an array of one: clang 14 gives a struct this deep in a map definition only a
+	 * forward declaration in BTF, and libbpf then cannot size the value */
+	__type(value, struct ring_chunk[1]);
 };
 
 struct {

@@ -38,6 +38,16 @@ struct vip_meta {
 	__u32 ring_id;
 };
 
+/* One element of a ring (an inner map of `rings`): the backend ids of LB_RING_CHUNK
+ * consecutive slots on one cache line, so slot s is element s / LB_RING_CHUNK, id
+ * s % LB_RING_CHUNK. Array elements are 8-byte aligned: one id per element would take
+ * twice the memory and cache. Id 0: no backend. */
+struct ring_chunk {
+	__u32 id[LB_RING_CHUNK];
+};
+_Static_assert((LB_RING_CHUNK & (LB_RING_CHUNK - 1)) == 0, "ring chunk: a power of two");
+_Static_assert(sizeof(struct ring_chunk) == 64, "ring chunk: one cache line");
+
 /* Key of `vip_addrs`: every address that carries at least one VIP. Used only on the rare
  * paths (IP options, fragments, extension headers, truncated L4) to decide between "not
  * ours, pass" and "ours but unsupported, drop". */

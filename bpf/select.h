@@ -71,19 +71,24 @@ static __always_inline struct backend *backend_lookup(__u32 id)
 static __always_inline struct backend *ring_pick(const struct vip_meta *vm, __u32 hash,
 						 __u32 *backend_id)
 {
-	__u32 vid = vm->vip_id, slot, id;
+	__u32 vid = vm->vip_id, slot, elem, id;
+	struct ring_chunk *chunk;
 	struct backend *be;
-	__u32 *idp;
 	void *ring;
 
 	ring = bpf_map_lookup_elem(&rings, &vm->ring_id);
 	if (!ring || !vm->ring_size)
 		return NULL;
 	slot = hash % vm->ring_size;
-	idp = bpf_map_lookup_elem(ring, &slot);
-	if (!idp || !*idp)
+	/* a shift and a mask (LB_RING_CHUNK is a power of two); the mask bounds the index
+	 * for the verifier */
+	elem = slot / LB_RING_CHUNK;
+	chunk = bpf_map_lookup_elem(ring, &elem);
+	if (!chunk)
 		return NULL;
-	id = *idp;
+	id = chunk->id[slot & (LB_RING_CHUNK - 1)];
+	if (!id)
+		return NULL;
 	be = backend_lookup(id);
 	if (!be || be->family == LB_AF_NONE || be->vip_id != vid)
 		return NULL;

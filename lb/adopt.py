@@ -12,10 +12,10 @@ from typing import Optional
 
 from . import layout
 from .errors import BpfError
-from .native import BPF_MAP_TYPE_ARRAY, Map, create_map, lib
+from .native import BPF_MAP_TYPE_ARRAY, Map, create_map
+from .rings import CHUNK_BYTES, RING_FLAGS
 
 BPF_F_RDONLY_PROG = 1 << 7
-RING_FLAGS = lib.BPF_F_INNER_MAP | lib.BPF_F_MMAPABLE  # every ring's inner map
 
 
 def misfit(name: str, old: Map, want: dict, limits) -> Optional[str]:
@@ -37,17 +37,20 @@ def misfit(name: str, old: Map, want: dict, limits) -> Optional[str]:
 
 def _ring_layout_misfit(rings: Map) -> Optional[str]:
     """The kernel checks an inner map against the outer map's template only when one is
-    stored: store one of ours in a free slot (no VIP points there) and take it out."""
+    stored: store one of ours in a free slot (no VIP points there) and take it out. An
+    older xdplb's rings (one u32 id per element) are refused here, never misread."""
     free = next((i for i in range(rings.max_entries)
                  if rings.lookup(ctypes.c_uint32(i)) is None), None)
     if free is None:
         return "no free slot to check its inner map layout"
-    with create_map(BPF_MAP_TYPE_ARRAY, "ring_check", 4, 4, 1, map_flags=RING_FLAGS) as probe:
+    with create_map(BPF_MAP_TYPE_ARRAY, "ring_check", 4, CHUNK_BYTES, 1,
+                    map_flags=RING_FLAGS) as probe:
         try:
             rings.update(ctypes.c_uint32(free), ctypes.c_uint32(probe.fd))
         except BpfError as e:
             if e.errno in (errno.EINVAL, errno.EBADF):
-                return "its inner maps have another layout (a u32 array is refused)"
+                return ("its inner maps have another layout (an array of "
+                        f"{CHUNK_BYTES}-byte ring chunks is refused)")
             raise
         rings.delete(ctypes.c_uint32(free))
     return None

@@ -35,7 +35,7 @@ def estimate(lb, vips: int, ncpus: Optional[int] = None) -> dict[str, int]:
         "max_vips": lb.max_vips * ((ncpus + 1) * size(layout.Counters) +
                                    2 * size(layout.VipMeta) + 2 * size(layout.AddrKey)),
         "flow_table_size": buckets_for(lb.flow_table_size) * size(layout.FlowBucket),
-        "ring_size": 2 * vips * lb.ring_size * 8,  # u32 ids at a stride of 8
+        "ring_size": 2 * vips * -(-lb.ring_size // layout.RING_CHUNK) * size(layout.RingChunk),
     }
 
 

@@ -26,6 +26,7 @@ ENCAP_IPIP, ENCAP_GUE = 0, 1
 TX_XDP_TX, TX_REDIRECT = 0, 1
 GLOBAL_SLOTS = 32
 FLOW_WAYS = 8  # LB_FLOW_WAYS: slots per bucket of the connection table
+RING_CHUNK = 16  # LB_RING_CHUNK: backend ids per element of a ring
 PREFILTER_WORDS = 1024
 QUIC_FILTER_WORDS = 4096
 QUIC_CACHE_SLOTS = 1024  # per CPU
@@ -75,6 +76,10 @@ class VipKey(_S):
 
 class VipMeta(_S):
     _fields_ = [("vip_id", u32), ("flags", u32), ("ring_size", u32), ("ring_id", u32)]
+
+
+class RingChunk(_S):
+    _fields_ = [("id", u32 * RING_CHUNK)]
 
 
 class AddrKey(_S):
@@ -152,8 +157,8 @@ class BenchTemplate(_S):
 
 # name in BTF -> mirror; checked by tests/test_layout.py
 MIRRORS = {
-    "vip_key": VipKey, "vip_meta": VipMeta, "addr_key": AddrKey, "backend": Backend,
-    "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal,
+    "vip_key": VipKey, "vip_meta": VipMeta, "ring_chunk": RingChunk, "addr_key": AddrKey,
+    "backend": Backend, "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal,
     "flow_slot": FlowSlot, "flow_bucket": FlowBucket, "lb_config": LbConfig,
     "lb_counters": Counters, "lb_global": Global, "flow_rate": FlowRate,
     "backend_slot": BackendSlot, "quic_server_key": QuicServerKey,

@@ -13,6 +13,24 @@ from . import layout
 from .layout import IPAddress
 from .native import BPF_MAP_TYPE_ARRAY, Map, create_map, lib
 
+RING_FLAGS = lib.BPF_F_INNER_MAP | lib.BPF_F_MMAPABLE  # every ring's inner map
+CHUNK_BYTES = ctypes.sizeof(layout.RingChunk)  # one element: RING_CHUNK ids, a cache line
+# The last element's slots past the ring's end hold PAD_ID, which no backend id can be
+# (ids are below lb.max_backends <= 1 << 24) and which read_ring strips: the ring's size
+# is then known from its map alone. The data path never reads them (slot < ring_size).
+PAD_ID = 0xFFFFFFFF
+
+
+def _image(ids: array.array) -> array.array:
+    """The ring as its inner map holds it: the ids, padded to whole elements."""
+    image = array.array("I", ids)
+    image.extend([PAD_ID] * (-len(ids) % layout.RING_CHUNK))
+    return image
+
+
+def _mapped(size: int) -> int:
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+
 
 def install_rings(rings_map: Map, rings: list[tuple[int, array.array]], chunk: int = 256
                   ) -> None:
@@ -25,17 +43,13 @@ def install_rings(rings_map: Map, rings: list[tuple[int, array.array]], chunk: i
         inners: list[Map] = []
         try:
             for ring_id, ids in part:
-                m = len(ids)
-                inner = create_map(BPF_MAP_TYPE_ARRAY, f"ring_{ring_id}", 4, 4, m,
-                                   map_flags=lib.BPF_F_INNER_MAP | lib.BPF_F_MMAPABLE)
+                image = _image(ids)
+                inner = create_map(BPF_MAP_TYPE_ARRAY, f"ring_{ring_id}", 4, CHUNK_BYTES,
+                                   len(image) * 4 // CHUNK_BYTES, map_flags=RING_FLAGS)
                 inners.append(inner)
-                # array elements are 8-byte aligned: a u32 ring is a stride-8 image
-                image = array.array("I", bytes(8 * m))
-                image[0::2] = ids
-                size = -(-8 * m // mmap.PAGESIZE) * mmap.PAGESIZE
-                with mmap.mmap(inner.fd, size, mmap.MAP_SHARED,
+                with mmap.mmap(inner.fd, _mapped(len(image) * 4), mmap.MAP_SHARED,
                                mmap.PROT_READ | mmap.PROT_WRITE) as mm:
-                    mm[: 8 * m] = image.tobytes()
+                    mm[: len(image) * 4] = image.tobytes()
             keys = array.array("I", [v for v, _ in part])
             fds = array.array("I", [i.fd for i in inners])
             rings_map.update_batch(keys.tobytes(), fds.tobytes(), len(part))
@@ -54,10 +68,13 @@ def read_ring(rings: Map, ring_id: int) -> Optional[array.array]:
     if fd < 0:
         return None
     with Map.from_fd(fd) as inner:
-        m = inner.max_entries
-        size = -(-8 * m // mmap.PAGESIZE) * mmap.PAGESIZE
-        with mmap.mmap(inner.fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
-            return array.array("I", mm[: 8 * m])[0::2]  # stride 8: see install_rings
+        size = inner.max_entries * CHUNK_BYTES
+        with mmap.mmap(inner.fd, _mapped(size), mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+            ids = array.array("I", mm[:size])
+    pad = 0
+    while pad < min(len(ids), layout.RING_CHUNK - 1) and ids[-1 - pad] == PAD_ID:
+        pad += 1
+    return ids[: len(ids) - pad]
 
 
 def pinned_ring(pin_dir: str, addr: IPAddress, port: int, proto: int

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from lb.datapath import Datapath, Limits, MAP_NAMES
-from lb.native import Map
+from lb.native import Map, lib
 
 PIN = "/sys/fs/bpf/xdplb-adopt-test"
 VIP = ipaddress.ip_address("192.0.2.10")
@@ -44,10 +44,16 @@ def test_prog_pin_that_is_a_directory_is_replaced_before_attaching(pin):
     assert not os.path.exists(pin)
 
 
-def test_rings_with_another_inner_layout_is_replaced(pin):
+# an older xdplb's rings (one u32 id per element) must be replaced, never misread
+OLD_XDPLB_INNER = ["value", "4", "entries", "65537", "flags",
+                   str(lib.BPF_F_INNER_MAP | lib.BPF_F_MMAPABLE)]
+
+
+@pytest.mark.parametrize("inner", [["value", "8", "entries", "1"], OLD_XDPLB_INNER],
+                         ids=["foreign", "older-xdplb-u32"])
+def test_rings_with_another_inner_layout_is_replaced(pin, inner):
     os.makedirs(pin, mode=0o700)
-    for args in (["inner", "type", "array", "key", "4", "value", "8", "entries", "1",
-                  "name", "foreign"],
+    for args in (["inner", "type", "array", "key", "4", *inner, "name", "foreign"],
                  ["rings", "type", "array_of_maps", "key", "4", "value", "4", "entries",
                   str(2 * LIMITS.max_vips), "name", "rings", "inner_map", "pinned",
                   f"{pin}/inner"]):

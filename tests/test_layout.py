@@ -155,6 +155,7 @@ def test_other_enums_and_flags_match_header():
     assert _c_define(consts, "LB_PREFILTER_WORDS") == layout.PREFILTER_WORDS
     assert _c_define(consts, "LB_QUIC_FILTER_WORDS") == layout.QUIC_FILTER_WORDS
     assert _c_define(consts, "LB_QUIC_CACHE_SLOTS") == layout.QUIC_CACHE_SLOTS
+    assert _c_define(consts, "LB_RING_CHUNK") == layout.RING_CHUNK
 
 
 def test_objects_are_current():
