@@ -36,8 +36,9 @@
 
 enum ft_result {
 	FT_RACED = -1,  /* not written: another CPU was writing the bucket */
-	FT_STORED = 0,
+	FT_STORED = 0,  /* written in the flow's own slot, free or its own already */
 	FT_EVICTED = 1, /* written in place of another flow's entry */
+	FT_PLACED = 2,  /* written after reading the bucket (the own slot held another flow) */
 };
 
 /* A slot holds a flow when its key has an address family (a packet's key always has):
@@ -74,14 +75,26 @@ static __always_inline struct flow_slot *ft_slot(struct flow_bucket *b, __u32 i)
 	return &b->slot[i & FT_MASK];
 }
 
-/* A new flow's first step: a store to its own slot's line, which no reader looks at.
- * The table is far bigger than the caches, so that line is nearly always in memory; a
- * load of it would stall this packet for the whole fetch, while a store is queued and
- * the fetch overlaps the VIP lookup, the ring and the encapsulation that come before
- * ft_store. */
-static __always_inline void ft_touch(struct flow_slot *s)
+/* A new flow's first step, before the ring is read: a store to its own slot's line,
+ * which no reader looks at (all 8 lines of the bucket when `whole`: the table is full,
+ * ft_store will read them all). The table is far bigger than the caches and the TLB, so
+ * the line is nearly always in memory and its page not mapped in the TLB. A store does
+ * not hold up the loads that follow it: its page walk overlaps the ring's, and its
+ * fetch the ring, the encapsulation and the send, before ft_store needs the line. A
+ * load there would stall this packet for all of it. */
+static __always_inline void ft_prefetch(__u32 bucket, __u32 own, int whole)
 {
-	*(volatile __u8 *)&s->touch = 0;
+	struct flow_bucket *b = ft_lookup_bucket(bucket);
+	__u32 i;
+
+	if (!b)
+		return;
+	if (!whole) {
+		*(volatile __u8 *)&ft_slot(b, own)->touch = 0;
+		return;
+	}
+	for (i = 0; i < FT_WAYS; i++)
+		*(volatile __u8 *)&b->slot[i].touch = 0;
 }
 
 /* Slot s read consistently: 1 if it holds fk (its entry in *out), 0 if it holds another
@@ -264,7 +277,7 @@ __noinline int ft_store(__u32 bucket, __u32 own, const struct flow_key *fk,
 	struct flow_slot *s, *to;
 	struct ft_scan sc;
 	__u32 i, t = own & FT_MASK, move = FT_NONE, seq, older;
-	int res = FT_STORED;
+	int res;
 
 	if (!b || !fk || !nv)
 		return FT_RACED;
@@ -276,6 +289,7 @@ __noinline int ft_store(__u32 bucket, __u32 own, const struct flow_key *fk,
 		ft_unlock(s, seq);
 		return FT_STORED;
 	}
+	res = FT_PLACED;
 	if (ft_scan(b, t, fk, &sc))
 		return FT_RACED;
 	if (sc.match != FT_NONE) {

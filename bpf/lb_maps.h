@@ -103,6 +103,17 @@ struct {
 	__type(value, struct flow_rate);
 } flow_rate SEC(".maps");
 
+/* Per CPU, one bit per insert of its last 8 (the newest in bit 0): set when the flow's
+ * own slot held another flow, so the whole bucket was read. All 8 set: the table is
+ * full here, and a new flow's first step fetches its whole bucket (flowtable.h
+ * ft_prefetch). A hint about the shared table, never a truth about it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} ft_busy SEC(".maps");
+
 /* Per-CPU window of ICMP too-big answers, for lb_config.too_big_per_sec. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -116,7 +116,7 @@ struct flow_slot {
 	__u32 seq;
 	__u8 age;
 	__u8 touch; /* always 0: a new flow stores it early, so its slot's line is on its
-		     * way while the VIP and ring are read (flowtable.h ft_touch) */
+		     * way while the ring is read (flowtable.h ft_prefetch) */
 	__u8 pad[2];
 };
 

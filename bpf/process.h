@@ -117,13 +117,15 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 	struct vip_meta *vm = vip_of_flow(fk);
 	struct flow_val nv = {};
 	struct backend *be;
-	__u32 id, hash;
+	__u32 id, hash, zero = 0, *busy;
 	int res, act;
 
 	if (!vm)
 		return verdict_pass(g);
 	g->c[moved ? ST_FLOW_MOVED : ST_FLOW_MISS]++;
 	hash = flow_hash(fk, fk->family == LB_AF_INET6, vm->flags & VIP_F_HASH_SRC_ONLY);
+	busy = bpf_map_lookup_elem(&ft_busy, &zero);
+	ft_prefetch(bucket, own, busy && (*busy & 0xff) == 0xff);
 	be = ring_pick(vm, hash, &id);
 	if (!be)
 		return vip_drop(g, vm->vip_id, frame_len, ST_DROP_NO_BACKEND);
@@ -131,10 +133,12 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 	nv.vip_id = vm->vip_id;
 	nv.hash = hash;
 	nv.gen = be->gen;
-	/* the packet first, the entry after: the entry's line (ft_touch) arrives meanwhile */
+	/* the packet first, the entry after: its line (ft_prefetch) arrives meanwhile */
 	act = forward(ctx, g, cfg, be, hash, ei, frame_len);
 	if (flow_insert_allowed(cfg)) {
 		res = ft_store(bucket, own, fk, &nv);
+		if (busy)
+			*busy = *busy << 1 | (res != FT_STORED);
 		if (res == FT_EVICTED)
 			g->c[ST_FLOW_EVICTED]++;
 		else if (res == FT_RACED)
@@ -177,9 +181,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 	 * Katran: the price is that a new connection reusing the 5-tuple of a remembered
 	 * one, after a ring change, is split between the ring's backend (its SYN) and the
 	 * old entry's (the rest). */
-	if (syn) {
-		ft_touch(s);
-	} else if (ft_read(s, fk, &hv) > 0) {
+	if (!syn && ft_read(s, fk, &hv) > 0) {
 		be = entry_backend(&hv);
 		if (be) {
 			if (s->age)
@@ -189,7 +191,7 @@ static __always_inline int lb_flow(struct xdp_md *ctx, struct lb_global *g,
 			return forward(ctx, g, cfg, be, hv.hash, ei, frame_len);
 		}
 		found = 0;
-	} else if ((found = ft_find(bucket, fk, &fv)) >= 0) {
+	} else if (!syn && (found = ft_find(bucket, fk, &fv)) >= 0) {
 		be = entry_backend(&fv);
 		if (be) {
 			ft_promote(bucket, own, found);
