@@ -125,7 +125,9 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 	g->c[moved ? ST_FLOW_MOVED : ST_FLOW_MISS]++;
 	hash = flow_hash(fk, fk->family == LB_AF_INET6, vm->flags & VIP_F_HASH_SRC_ONLY);
 	busy = bpf_map_lookup_elem(&ft_busy, &zero);
-	ft_prefetch(bucket, own, busy && (*busy & 0xff) == 0xff);
+	/* over flow_insert_limit (a flood) the entry is not written: fetch nothing */
+	if (!cfg->flow_insert_limit || window_open(&flow_rate, cfg->flow_insert_limit))
+		ft_prefetch(bucket, own, busy && (*busy & 0xff) == 0xff);
 	be = ring_pick(vm, hash, &id);
 	if (!be)
 		return vip_drop(g, vm->vip_id, frame_len, ST_DROP_NO_BACKEND);

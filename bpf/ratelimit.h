@@ -30,4 +30,16 @@ static __always_inline int window_take(void *map, __u32 limit)
 	return 1;
 }
 
+/* Whether window_take(map, limit) would take an event now; takes none. */
+static __always_inline int window_open(void *map, __u32 limit)
+{
+	__u32 zero = 0;
+	struct flow_rate *r = bpf_map_lookup_elem(map, &zero);
+
+	if (!r)
+		return 0;
+	return r->events < limit ||
+	       bpf_ktime_get_coarse_ns() - r->window_start_ns >= ONE_SEC_NS;
+}
+
 #endif
