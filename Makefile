@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 APT_PKGS := clang llvm libbpf-dev bpftool libelf-dev zlib1g-dev gcc make iproute2 ethtool \
-            iptables nftables systemd bird2
+            iptables nftables systemd bird2 linux-perf binutils
 BUILD_LOCK := /tmp/xdplb-build.lock
 
 .PHONY: all deps venv build test demo bench lab-up lab-down install clean

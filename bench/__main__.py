@@ -1,4 +1,4 @@
-"""python -m bench {cost,maglev,reload,health,pktgen,iptables,fleet,summary,all} [options]:
+"""python -m bench {cost,maglev,reload,health,pktgen,iptables,fleet,summary,all,profile} [options]:
 see bench/__init__.py."""
 
 from __future__ import annotations
@@ -86,6 +86,15 @@ def main(argv=None) -> int:
     f.add_argument("--fleet-rounds", type=int, default=3, help="node deaths (and rejoins)")
     sub.add_parser("summary", help="headline figures from the JSON files -> summary.json, "
                    "summary.md")
+    pr = sub.add_parser("profile", help="perf samples of one case by instruction and source "
+                        "line -> profile-<case>.json (not part of all)")
+    pr.add_argument("--case", dest="profile_case", help="a `cost` case (e.g. tcp_syn)")
+    pr.add_argument("--pktgen-case", dest="profile_pktgen_case",
+                    help="a live-frames `pktgen` case (e.g. syn; hold the test lock)")
+    pr.add_argument("--seconds", type=float, default=4.0, help="seconds sampled")
+    pr.add_argument("--top", type=int, default=15, help="rows per table")
+    pr.add_argument("--cpu", dest="profile_cpu", type=int,
+                    help="CPU of a cost case (default: the last one, as cost)")
     a = sub.add_parser("all", help="every benchmark, then the summary")
     cost_args(a)
     maglev_args(a)
@@ -97,7 +106,7 @@ def main(argv=None) -> int:
     out = args.out_sub or args.out
 
     if os.geteuid() != 0 and args.cmd in ("cost", "health", "pktgen", "iptables", "vipscale",
-                                          "fleet", "all"):
+                                          "fleet", "profile", "all"):
         print("bench: loads BPF programs: run as root", file=sys.stderr)
         return 2
 
@@ -178,6 +187,17 @@ def main(argv=None) -> int:
         if not all(doc["meets_target"].values()):
             print("bench: the fleet missed a target (see fleet.json)", file=sys.stderr)
             rc = 1
+    if args.cmd == "profile":
+        from lb.errors import XdplbError
+
+        from .profile import run_profile
+
+        try:
+            run_profile(out, case=args.profile_case, pktgen_case=args.profile_pktgen_case,
+                        seconds=args.seconds, top=args.top, cpu=args.profile_cpu)
+        except XdplbError as e:
+            print(e, file=sys.stderr)
+            return e.exit_code
     if runs("summary"):
         from .summary import run_summary
 
