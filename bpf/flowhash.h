@@ -104,6 +104,15 @@ static __always_inline __u32 flow_slot_hash_x64(__u64 x)
 	return mm3_final((__u32)x ^ (__u32)(x >> 32), sizeof(struct flow_key));
 }
 
+/* Where a VIP key sits in vip_index (before masking): the address words folded by XOR,
+ * the port/protocol/family word spread by a multiply, then MurmurHash3's finaliser. */
+static __always_inline __u32 vip_slot_hash(const struct vip_key *k)
+{
+	const __u32 *w = (const void *)k;
+
+	return mm3_final(w[0] ^ w[1] ^ w[2] ^ w[3] ^ (w[4] * PREFILTER_MULT), sizeof(*k));
+}
+
 /* Index into the 65536-bit VIP address prefilter. */
 static __always_inline __u32 prefilter_index(__u32 folded_addr)
 {

@@ -26,15 +26,18 @@ static __always_inline int icmp_to_backend(struct xdp_md *ctx, struct lb_global 
 					   const struct flow_key *fk, const struct encap_info *ei)
 {
 	__u32 frame_len = ctx->data_end - ctx->data, hash, id, h = flow_slot_hash(fk);
-	struct flow_val fv;
-	struct backend *be = ft_find(ft_bucket(h), fk, &fv) >= 0 ? entry_backend(&fv) : NULL;
+	union { /* the entry found, else the VIP's key: one buffer (this stack is tight) */
+		struct flow_val fv;
+		struct vip_key vip;
+	} buf;
+	struct backend *be = ft_find(ft_bucket(h), fk, &buf.fv) >= 0 ? entry_backend(&buf.fv) : NULL;
 	struct vip_meta *vm;
 	int v;
 
 	if (be) {
-		hash = fv.hash;
+		hash = buf.fv.hash;
 	} else {
-		vm = vip_of_flow(fk);
+		vm = vip_of_flow_slow(fk, &buf.vip);
 		if (!vm)
 			return verdict_pass(g);
 		hash = flow_hash(fk, fk->family == LB_AF_INET6, vm->flags & VIP_F_HASH_SRC_ONLY);
@@ -47,6 +50,9 @@ static __always_inline int icmp_to_backend(struct xdp_md *ctx, struct lb_global 
 		g->c[ST_ICMP_FORWARDED]++;
 	return v;
 }
+
+/* The key of `config`, kept out of the stack of the ICMP paths (no room there). */
+static const __u32 icmp_config_key = 0;
 
 static __always_inline __u64 reversed_tail(const struct l4_ports *q, __u8 proto, __u8 family)
 {
@@ -65,9 +71,9 @@ static __noinline int lb_icmp4(struct xdp_md *ctx, struct lb_global *g)
 	struct lb_config *cfg;
 	struct l4_ports *qp;
 	struct icmp4_hdr *ic;
-	__u32 zero = 0, len;
+	__u32 len;
 
-	cfg = bpf_map_lookup_elem(&config, &zero);
+	cfg = bpf_map_lookup_elem(&config, &icmp_config_key);
 	ic = (void *)(ip + 1);
 	if (!cfg || (void *)(ic + 1) > end)
 		return verdict_pass(g);
@@ -118,9 +124,9 @@ static __noinline int lb_icmp6(struct xdp_md *ctx, struct lb_global *g)
 	struct lb_config *cfg;
 	struct l4_ports *qp;
 	struct icmp6hdr *ic;
-	__u32 zero = 0, plen, *dst;
+	__u32 plen, *dst;
 
-	cfg = bpf_map_lookup_elem(&config, &zero);
+	cfg = bpf_map_lookup_elem(&config, &icmp_config_key);
 	ic = (void *)(ip6 + 1);
 	if (!cfg || (void *)(ic + 1) > end)
 		return verdict_pass(g);

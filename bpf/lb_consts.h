@@ -50,6 +50,7 @@
 
 /* Default map sizes; user space may resize them between open and load. */
 #define LB_MAX_VIPS 4096
+#define LB_VIP_INDEX_SLOTS 8192 /* slots of vip_index: a power of two, 2 x max VIPs */
 #define LB_MAX_BACKENDS 65536
 #define LB_MAX_NEXTHOPS 4096
 #define LB_FLOW_TABLE_SIZE 65536

@@ -16,6 +16,19 @@ struct {
 	__type(value, struct vip_meta);
 } vips SEC(".maps");
 
+/* `vips` as a direct-mapped array (struct vip_slot), so that most VIP lookups are an
+ * inlined array read and a key compare instead of a helper call that hashes the key and
+ * walks a bucket. User space sizes it (a power of two) and writes it beside `vips`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_VIP_INDEX_SLOTS);
+	__type(key, __u32);
+	__type(value, struct vip_slot);
+} vip_index SEC(".maps");
+
+/* vip_index's max_entries - 1, set between open and load. */
+const volatile __u32 vip_index_mask = LB_VIP_INDEX_SLOTS - 1;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, LB_MAX_VIPS);

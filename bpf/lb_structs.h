@@ -48,6 +48,18 @@ struct ring_chunk {
 _Static_assert((LB_RING_CHUNK & (LB_RING_CHUNK - 1)) == 0, "ring chunk: a power of two");
 _Static_assert(sizeof(struct ring_chunk) == 64, "ring chunk: one cache line");
 
+/* One slot of `vip_index`, the data path's direct-mapped copy of `vips`, written by user
+ * space only: a key lives in slot vip_slot_hash(key) & vip_index_mask. A key without
+ * family (all zero) marks an empty slot: no VIP's key maps here. A slot holding another
+ * key sends the lookup to `vips` (keys that share a slot: it holds one of them). seq is
+ * odd while user space rewrites the slot; a reader that sees it odd, or changed across
+ * its read, asks `vips` too. */
+struct vip_slot {
+	__u32 seq;
+	struct vip_key key;
+	struct vip_meta meta;
+};
+
 /* Key of `vip_addrs`: every address that carries at least one VIP. Used only on the rare
  * paths (IP options, fragments, extension headers, truncated L4) to decide between "not
  * ours, pass" and "ours but unsupported, drop". */

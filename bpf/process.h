@@ -114,7 +114,8 @@ static __always_inline int lb_new_flow(struct xdp_md *ctx, struct lb_global *g,
 				       const struct encap_info *ei, __u32 frame_len,
 				       __u32 bucket, __u32 own, int moved)
 {
-	struct vip_meta *vm = vip_of_flow(fk);
+	union vip_buf vbuf;
+	struct vip_meta *vm = vip_of_flow(fk, &vbuf);
 	struct flow_val nv = {};
 	struct backend *be;
 	__u32 id, hash, zero = 0, *busy;

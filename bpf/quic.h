@@ -188,9 +188,13 @@ static __always_inline struct backend *quic_backend(struct xdp_md *ctx, struct l
 		}
 	}
 	/* the filter says a QUIC VIP may be here; count only if it is one */
-	vm = vip_of_flow(fk);
-	if (vm && (vm->flags & VIP_F_QUIC))
-		g->c[ST_QUIC_FALLBACK]++;
+	{
+		union vip_buf vbuf;
+
+		vm = vip_of_flow(fk, &vbuf);
+		if (vm && (vm->flags & VIP_F_QUIC))
+			g->c[ST_QUIC_FALLBACK]++;
+	}
 	return NULL;
 }
 

@@ -32,28 +32,107 @@ static __always_inline int addr_is_vip(const __u32 *addr, __u8 family)
 	return bpf_map_lookup_elem(&vip_addrs, &k) != NULL;
 }
 
-/* Exact (address, port, protocol) first, then the same address with port 0. */
-static __always_inline struct vip_meta *vip_lookup(struct vip_key *k)
-{
-	struct vip_meta *m = bpf_map_lookup_elem(&vips, k);
+/* Room for one VIP lookup: the key it builds, then the entry it copies out of vip_index
+ * (the key is not needed once found; one buffer keeps the callers' stacks as they were). */
+union vip_buf {
+	struct vip_key key;
+	struct vip_meta meta;
+};
 
+/* A key's VIP from its vip_index slot: 1 (the entry copied over buf->key) when the slot
+ * holds the key; 0 when the slot is empty (no VIP has the key); -1 when `vips` must say
+ * (the slot holds another key, or user space was rewriting it: seq odd or changed across
+ * the read, the same x86-64 load ordering argument as in flowtable.h). Copied, not
+ * pointed to: the slot may be rewritten once read. */
+static __always_inline int vip_index_read(union vip_buf *buf)
+{
+	__u32 slot = vip_slot_hash(&buf->key) & vip_index_mask;
+	struct vip_slot *s = bpf_map_lookup_elem(&vip_index, &slot);
+	const __u32 *a, *b = (const void *)&buf->key;
+	__u32 m0 = 0, m1 = 0, m2 = 0, m3 = 0; /* the entry, in registers */
+	__u32 seq, match, used;
+
+	if (!s)
+		return -1;
+	seq = *(volatile const __u32 *)&s->seq;
+	barrier();
+	a = (const void *)&s->key;
+	used = s->key.family != LB_AF_NONE;
+	match = a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4];
+	if (match) {
+		m0 = s->meta.vip_id;
+		m1 = s->meta.flags;
+		m2 = s->meta.ring_size;
+		m3 = s->meta.ring_id;
+	}
+	barrier();
+	if ((seq & 1) || *(volatile const __u32 *)&s->seq != seq)
+		return -1;
+	if (!match)
+		return used ? -1 : 0;
+	buf->meta.vip_id = m0;
+	buf->meta.flags = m1;
+	buf->meta.ring_size = m2;
+	buf->meta.ring_id = m3;
+	return 1;
+}
+
+/* One key: vip_index, and `vips` only when the index cannot say. 1: the entry is in
+ * buf->meta. */
+static __always_inline int vip_find(union vip_buf *buf)
+{
+	int r = vip_index_read(buf);
+	struct vip_meta *m;
+
+	if (r >= 0)
+		return r;
+	m = bpf_map_lookup_elem(&vips, &buf->key);
+	if (!m)
+		return 0;
+	buf->meta = *m;
+	return 1;
+}
+
+/* A flow's VIP key: its destination address, port and protocol. */
+static __always_inline void vip_key_of_flow(const struct flow_key *fk, struct vip_key *k)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	__builtin_memcpy(k->addr, fk->dst, 16);
+	k->port = fk->dport;
+	k->proto = fk->proto;
+	k->family = fk->family;
+}
+
+/* The VIP a flow is for: its key exact first, then the same address with port 0 ("any
+ * port"). Its entry, copied to buf->meta, or NULL. */
+static __always_inline struct vip_meta *vip_of_flow(const struct flow_key *fk,
+						    union vip_buf *buf)
+{
+	int found;
+
+	vip_key_of_flow(fk, &buf->key);
+	found = vip_find(buf);
+	if (!found && buf->key.port) {
+		buf->key.port = 0;
+		found = vip_find(buf);
+	}
+	return found ? &buf->meta : NULL;
+}
+
+/* vip_of_flow from `vips` alone, the entry read in place: for a rare path whose stack
+ * has no room for the copy (k: room for the key). */
+static __always_inline struct vip_meta *vip_of_flow_slow(const struct flow_key *fk,
+							 struct vip_key *k)
+{
+	struct vip_meta *m;
+
+	vip_key_of_flow(fk, k);
+	m = bpf_map_lookup_elem(&vips, k);
 	if (!m && k->port) {
 		k->port = 0;
 		m = bpf_map_lookup_elem(&vips, k);
 	}
 	return m;
-}
-
-/* The VIP a flow is for: its destination address, port and protocol. */
-static __always_inline struct vip_meta *vip_of_flow(const struct flow_key *fk)
-{
-	struct vip_key vk = {};
-
-	__builtin_memcpy(vk.addr, fk->dst, 16);
-	vk.port = fk->dport;
-	vk.proto = fk->proto;
-	vk.family = fk->family;
-	return vip_lookup(&vk);
 }
 
 /* This CPU's copy of backend `id` (the first member of its struct backend_slot). */

@@ -17,6 +17,8 @@ const char *xdplb_log_text(void);
 uint32_t xdplb_murmur3(const uint32_t *words, uint32_t n, uint32_t seed);
 /* The connection-table slot hash of a struct flow_key (its ten 32-bit words). */
 uint32_t xdplb_flow_slot_hash(const uint32_t *key_words);
+/* The vip_index slot hash of a struct vip_key (its five 32-bit words), before masking. */
+uint32_t xdplb_vip_slot_hash(const uint32_t *key_words);
 
 /* weighted Maglev table (maglev.c) */
 int xdplb_maglev_build(uint32_t ring_size, uint32_t n, const uint32_t *keys,

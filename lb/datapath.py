@@ -24,10 +24,11 @@ from .layout import BackendEntry, IPAddress, VipEntry
 from .native import Map, Skeleton, num_cpus
 from .pindir import PinDir
 from .rings import install_rings, read_ring
+from .vipindex import VipIndex, slots_for
 
-MAP_NAMES = ("vips", "vip_addrs", "prefilter", "rings", "backends", "nexthops", "flows",
-             "config", "tx_port", "stats", "vip_stats", "quic_servers", "quic_filter",
-             "quic_epoch")
+MAP_NAMES = ("vips", "vip_index", "vip_addrs", "prefilter", "rings", "backends", "nexthops",
+             "flows", "config", "tx_port", "stats", "vip_stats", "quic_servers",
+             "quic_filter", "quic_epoch")
 
 @dataclass(frozen=True)
 class Limits:
@@ -80,6 +81,8 @@ class Datapath:
         self.skel = Skeleton("lb")
         try:
             self.skel.set_max_entries("vips", limits.max_vips)
+            self.skel.set_max_entries("vip_index", slots_for(limits.max_vips))
+            self.skel.rodata.vip_index_mask = slots_for(limits.max_vips) - 1
             self.skel.set_max_entries("vip_addrs", limits.max_vips)
             self.skel.set_max_entries("rings", 2 * limits.max_vips)
             # flat per-CPU arrays: CPU c's element i is element c * stride + i
@@ -116,6 +119,8 @@ class Datapath:
                                               mmap.PROT_READ | mmap.PROT_WRITE)
             self.flows = FlowTable(self.maps["flows"])
             self.counters = CounterViews(self._views, limits, self.ncpus)
+            self.vip_index = VipIndex(self.maps["vip_index"])
+            self.vip_index.sync(self.maps["vips"].items(), "vip_index" in self.adopted)
         except BaseException:
             self.close()
             raise
@@ -274,8 +279,10 @@ class Datapath:
                  | (layout.VIP_F_QUIC if quic else 0))
         meta = layout.VipMeta(vip_id=vip_id, ring_size=ring_size, ring_id=ring_id, flags=flags)
         self.maps["vips"].update(layout.vip_key(addr, port, proto), meta)
+        self.vip_index.set(bytes(layout.vip_key(addr, port, proto)), bytes(meta))
 
     def delete_vip(self, addr: IPAddress, port: int, proto: int) -> None:
+        self.vip_index.delete(bytes(layout.vip_key(addr, port, proto)))
         self.maps["vips"].delete(layout.vip_key(addr, port, proto))
 
     def vip_entries(self) -> Iterator[tuple[tuple, VipEntry]]:

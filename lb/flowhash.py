@@ -1,4 +1,5 @@
-"""The data path's flow hash and VIP prefilter index, bit for bit (bpf/flowhash.h).
+"""The data path's flow hash, VIP prefilter index and VIP index slot, bit for bit
+(bpf/flowhash.h).
 
 MurmurHash3 x86_32 over 32-bit words read in host byte order from the packet's
 network-order fields, so `xdplb explain` predicts exactly what the data path picks. The
@@ -40,6 +41,11 @@ def flow_hash(proto: int, src: IPAddress, sport: int, dst: IPAddress, dport: int
         words.append(_u16_raw(sport) | (_u16_raw(dport) << 16))
         words.append(proto)
     return murmur3_words(words, FLOW_HASH_SEED)
+
+
+def vip_slot_hash(key: bytes) -> int:
+    """Where a raw `vips` key sits in vip_index, before masking (bpf/flowhash.h)."""
+    return lib.xdplb_vip_slot_hash(ffi.from_buffer("uint32_t[]", bytearray(key)))
 
 
 def prefilter_index(addr: IPAddress) -> int:

@@ -82,6 +82,10 @@ class RingChunk(_S):
     _fields_ = [("id", u32 * RING_CHUNK)]
 
 
+class VipSlot(_S):
+    _fields_ = [("seq", u32), ("key", VipKey), ("meta", VipMeta)]
+
+
 class AddrKey(_S):
     _fields_ = [("addr", u32 * 4), ("family", u8), ("pad", u8 * 3)]
 
@@ -157,7 +161,7 @@ class BenchTemplate(_S):
 
 # name in BTF -> mirror; checked by tests/test_layout.py
 MIRRORS = {
-    "vip_key": VipKey, "vip_meta": VipMeta, "ring_chunk": RingChunk, "addr_key": AddrKey,
+    "vip_key": VipKey, "vip_meta": VipMeta, "ring_chunk": RingChunk, "vip_slot": VipSlot, "addr_key": AddrKey,
     "backend": Backend, "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal,
     "flow_slot": FlowSlot, "flow_bucket": FlowBucket, "lb_config": LbConfig,
     "lb_counters": Counters, "lb_global": Global, "flow_rate": FlowRate,
