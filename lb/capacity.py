@@ -12,6 +12,7 @@ from typing import Optional
 
 from . import layout
 from .flowtable import buckets_for
+from .vipindex import slots_for
 
 # share of the machine's memory the maps may take
 MEMORY_SHARE = 0.5
@@ -33,7 +34,8 @@ def estimate(lb, vips: int, ncpus: Optional[int] = None) -> dict[str, int]:
     return {
         "max_backends": lb.max_backends * ncpus * size(layout.BackendSlot),
         "max_vips": lb.max_vips * ((ncpus + 1) * size(layout.Counters) +
-                                   2 * size(layout.VipMeta) + 2 * size(layout.AddrKey)),
+                                   2 * size(layout.VipMeta) + 2 * size(layout.AddrKey))
+        + slots_for(lb.max_vips) * size(layout.VipSlot),
         "flow_table_size": buckets_for(lb.flow_table_size) * size(layout.FlowBucket),
         "ring_size": 2 * vips * -(-lb.ring_size // layout.RING_CHUNK) * size(layout.RingChunk),
     }
