@@ -1,8 +1,8 @@
 """`vip_index`: the data path's direct-mapped copy of `vips` (struct vip_slot), kept by
 user space beside it. `vips` stays the truth; the index only answers for it:
 
-- a slot holds one key that hashes there, with that key's entry, or is empty when none
-  does (then the data path takes "no VIP" without asking `vips`); other keys that hash
+- a slot holds the least (as bytes) of the keys that hash there, with that key's entry
+  (so what it holds depends on `vips` alone), or is empty when none does (then the data path takes "no VIP" without asking `vips`); other keys that hash
   to a taken slot are found in `vips` (the data path asks it when the slot's key is not
   the packet's);
 - an entry is written into `vips` before its slot, and a slot is cleared, or handed to
@@ -57,34 +57,35 @@ class VipIndex:
                 if raw is not None and any(raw):
                     self._slots[slot] = VipSlot.unpack(raw)
         for slot in set(self._slots) | set(self._keys):
-            keys, key = self._keys.get(slot, {}), self.held(slot)
-            if key not in keys:
-                key = next(iter(keys), None)
-            have = self._slots.get(slot)
-            if (key is None and have is not None and not have.seq & 1
-                    and not any(bytes(have)[4:])):
-                continue  # empty already (a seq of its own)
-            if (key is not None and have is not None and not have.seq & 1
-                    and self.held(slot) == key and bytes(have.meta) == keys[key]):
-                continue
-            self._write(slot, key)
+            self._settle(slot)
 
     def set(self, key: bytes, meta: bytes) -> None:
         """After `vips`[key] = meta."""
-        key, slot = bytes(key), self.slot_of(key)
-        self._keys.setdefault(slot, {})[key] = bytes(meta)
-        if self.held(slot) in (None, key):
-            self._write(slot, key)
+        slot = self.slot_of(key)
+        self._keys.setdefault(slot, {})[bytes(key)] = bytes(meta)
+        self._settle(slot)
 
     def delete(self, key: bytes) -> None:
         """Before `vips`[key] is deleted."""
-        key, slot = bytes(key), self.slot_of(key)
+        slot = self.slot_of(key)
         keys = self._keys.get(slot, {})
-        keys.pop(key, None)
+        keys.pop(bytes(key), None)
         if not keys:
             self._keys.pop(slot, None)
-        if self.held(slot) == key:
-            self._write(slot, next(iter(keys), None))
+        self._settle(slot)
+
+    def _settle(self, slot: int) -> None:
+        """The slot to hold the least of its keys (so what the index holds depends on
+        `vips` alone, not on the order of writes), with its entry; or to be empty."""
+        keys = self._keys.get(slot, {})
+        key = min(keys) if keys else None
+        have = self._slots.get(slot)
+        if have is None and key is None:
+            return  # never written: empty
+        if (have is not None and not have.seq & 1 and self.held(slot) == key
+                and (key is None or bytes(have.meta) == keys[key])):
+            return
+        self._write(slot, key)
 
     def _write(self, slot: int, key: Optional[bytes]) -> None:
         """Slot `slot` to hold `key` with its entry (None: empty): seq odd with the body

@@ -81,9 +81,11 @@ def resolved(cfg) -> Nexthops:
 
 def maps(dp: Datapath) -> dict:
     """Every map's contents; rings by what they hold (a rewritten ring is a new inner
-    map). The QUIC epoch is left out: any change of quic_servers bumps it."""
+    map). The QUIC epoch is left out: any change of quic_servers bumps it; so are the
+    seqs of vip_index's slots (every write of a slot bumps its seq)."""
     out = {name: dict(dp.maps[name].items()) for name in MAP_NAMES
-           if name not in ("rings", "quic_epoch")}
+           if name not in ("rings", "quic_epoch", "vip_index")}
+    out["vip_index"] = {slot: v[4:] for slot, v in dp.maps["vip_index"].items() if any(v[4:])}
     out["rings"] = {slot: list(dp.read_ring(slot))
                     for slot in range(1, dp.maps["rings"].max_entries)
                     if dp.read_ring(slot) is not None}
