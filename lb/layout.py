@@ -161,7 +161,8 @@ class BenchTemplate(_S):
 
 # name in BTF -> mirror; checked by tests/test_layout.py
 MIRRORS = {
-    "vip_key": VipKey, "vip_meta": VipMeta, "ring_chunk": RingChunk, "vip_slot": VipSlot, "addr_key": AddrKey,
+    "vip_key": VipKey, "vip_meta": VipMeta, "ring_chunk": RingChunk, "vip_slot": VipSlot,
+    "addr_key": AddrKey,
     "backend": Backend, "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal,
     "flow_slot": FlowSlot, "flow_bucket": FlowBucket, "lb_config": LbConfig,
     "lb_counters": Counters, "lb_global": Global, "flow_rate": FlowRate,
