@@ -8,23 +8,31 @@
 #include "lb_consts.h"
 #include "lb_structs.h"
 
-/* Take one event from this CPU's window in `map` (a one-entry PERCPU_ARRAY of struct
- * flow_rate); 0 when `limit` events were taken already. Coarse clock; a window starts
- * with the first event after the previous one ended. */
-static __always_inline int window_take(void *map, __u32 limit)
+/* This CPU's window in `map` (a one-entry PERCPU_ARRAY of struct flow_rate), a new one
+ * begun if the last one's second is over; NULL if the map has no entry. Coarse clock; a
+ * window starts with the first event after the previous one ended. */
+static __always_inline struct flow_rate *window_now(void *map)
 {
 	__u32 zero = 0;
 	struct flow_rate *r = bpf_map_lookup_elem(map, &zero);
 	__u64 now;
 
 	if (!r)
-		return 0;
+		return NULL;
 	now = bpf_ktime_get_coarse_ns();
 	if (now - r->window_start_ns >= ONE_SEC_NS) {
 		r->window_start_ns = now;
 		r->events = 0;
 	}
-	if (r->events >= limit)
+	return r;
+}
+
+/* Take one event from this CPU's window in `map`; 0 when `limit` were taken already. */
+static __always_inline int window_take(void *map, __u32 limit)
+{
+	struct flow_rate *r = window_now(map);
+
+	if (!r || r->events >= limit)
 		return 0;
 	r->events++;
 	return 1;
@@ -33,13 +41,9 @@ static __always_inline int window_take(void *map, __u32 limit)
 /* Whether window_take(map, limit) would take an event now; takes none. */
 static __always_inline int window_open(void *map, __u32 limit)
 {
-	__u32 zero = 0;
-	struct flow_rate *r = bpf_map_lookup_elem(map, &zero);
+	struct flow_rate *r = window_now(map);
 
-	if (!r)
-		return 0;
-	return r->events < limit ||
-	       bpf_ktime_get_coarse_ns() - r->window_start_ns >= ONE_SEC_NS;
+	return r && r->events < limit;
 }
 
 #endif
