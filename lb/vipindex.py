@@ -2,9 +2,9 @@
 user space beside it. `vips` stays the truth; the index only answers for it:
 
 - a slot holds the least (as bytes) of the keys that hash there, with that key's entry
-  (so what it holds depends on `vips` alone), or is empty when none does (then the data path takes "no VIP" without asking `vips`); other keys that hash
-  to a taken slot are found in `vips` (the data path asks it when the slot's key is not
-  the packet's);
+  (so what it holds depends on `vips` alone), or is empty when none does (then the data
+  path takes "no VIP" without asking `vips`); other keys that hash to a taken slot are
+  found in `vips` (the data path asks it when the slot's key is not the packet's);
 - an entry is written into `vips` before its slot, and a slot is cleared, or handed to
   another key of that slot, before its key leaves `vips`: a packet never finds in the
   index a key that `vips` does not hold, nor misses one it does for longer than the
