@@ -100,10 +100,12 @@ static __always_inline struct backend *entry_backend(const struct flow_val *fv)
  * most lb_config.flow_insert_limit per one-second window (coarse clock; the window
  * restarts on the first new flow after it ends). Beyond that a new flow still goes
  * where the ring says, it is just not remembered, so a SYN flood cannot push the
- * established flows out of the LRU. */
+ * established flows out of the table. For a packet whose lb_new_flow has called
+ * window_open already (the window is current). */
 static __always_inline int flow_insert_allowed(const struct lb_config *cfg)
 {
-	return !cfg->flow_insert_limit || window_take(&flow_rate, cfg->flow_insert_limit);
+	return !cfg->flow_insert_limit ||
+	       window_take_current(&flow_rate, cfg->flow_insert_limit);
 }
 
 /* A new flow (or one whose entry may not be honoured: moved): the VIP decides. No VIP ->

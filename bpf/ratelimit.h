@@ -27,23 +27,39 @@ static __always_inline struct flow_rate *window_now(void *map)
 	return r;
 }
 
-/* Take one event from this CPU's window in `map`; 0 when `limit` were taken already. */
-static __always_inline int window_take(void *map, __u32 limit)
+/* Take one event from window r; 0 when `limit` were taken already. */
+static __always_inline int window_take_from(struct flow_rate *r, __u32 limit)
 {
-	struct flow_rate *r = window_now(map);
-
 	if (!r || r->events >= limit)
 		return 0;
 	r->events++;
 	return 1;
 }
 
-/* Whether window_take(map, limit) would take an event now; takes none. */
+/* Take one event from this CPU's window in `map`; 0 when `limit` were taken already. */
+static __always_inline int window_take(void *map, __u32 limit)
+{
+	return window_take_from(window_now(map), limit);
+}
+
+/* Whether window_take(map, limit) would take an event now; takes none, but brings the
+ * window up to date, so a take later in the same packet can skip the clock
+ * (window_take_current). */
 static __always_inline int window_open(void *map, __u32 limit)
 {
 	struct flow_rate *r = window_now(map);
 
 	return r && r->events < limit;
+}
+
+/* window_take for a packet that called window_open(map, ...) already: the window is
+ * current, so no second clock read (a helper call per new flow). At worst a window that
+ * ended in between takes one more event before the next restarts it. */
+static __always_inline int window_take_current(void *map, __u32 limit)
+{
+	__u32 zero = 0;
+
+	return window_take_from(bpf_map_lookup_elem(map, &zero), limit);
 }
 
 #endif
