@@ -462,7 +462,9 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
                 fns, fd, _ = cb.run("floor", frame, n)
                 floors.append(fns)
                 _add(floor_v, fd)
-                if c.syn and oldest_syn is None:  # the flow the first measured SYN makes
+                # the flow the first measured SYN that is remembered makes (one over
+                # flow_insert_limit is, by design, not)
+                if c.syn and not c.insert_limit and oldest_syn is None:
                     oldest_syn = syn_flow_key(frame, cb.bench_counters()[0][cpu] + 1)
                 ns, d, _ = cb.run("lb", frame, n)
                 m = res[c.name]
@@ -493,7 +495,7 @@ def _run_cost(out, repeat, syn_repeat, rounds, cpu, backends, ring_size, maglev_
                  "ratio_all": [round(x, 3) for x in m.ratios]}
         if c.note:
             entry["note"] = c.note
-        if c.syn:
+        if c.syn and not c.insert_limit:
             entry["oldest_flow_kept"] = syn_kept
             entry["ok"] = entry["ok"] and syn_kept is not False
         tgt = TARGETS.get(c.name)
