@@ -28,7 +28,8 @@ of that CPU and timings do not mix cores.
 
 Reading the numbers. "primitives_ns" (bench.bpf.c's bench_ops) gives this machine's cost of
 single operations: a helper call, a hash / LRU-hash lookup with lb's key sizes, an LRU
-insert, an inner-map (ring) lookup, an adjust_head pair, a bpf_spin_lock pair. The floor
+insert, an inner-map (ring) lookup, an adjust_head pair, a bpf_spin_lock pair, and a read
+of a random line of a 64 MB table (what an uncached flow slot costs). The floor
 makes no helper call at all (bench_restore adjusts the head only when the previous run
 moved it), so each helper call and non-inlined map operation of a case counts fully against
 its ratio. Encapsulating cases also pay one bpf_xdp_adjust_head in bench_restore (undoing
@@ -37,11 +38,13 @@ their own), which the floor does not: about half of adjust_head_pair.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import datetime
 import ipaddress
 import os
 import platform
+import random
 import statistics
 import struct
 import time
@@ -322,9 +325,29 @@ def syn_flow_key(frame: bytes, run: int) -> layout.FlowKey:
 
 OPS = {"helper_call": 1, "hash20_lookup": 2, "lru40_lookup": 3, "array_lookup": 4,
        "adjust_head_pair": 5, "lru40_insert": 6, "ring_lookup": 7, "lru40_rewrite": 8,
-       "hash20_insert": 9, "spin_lock_pair": 10}
+       "hash20_insert": 9, "spin_lock_pair": 10, "random_read_64mb": 11}
 INSERTS = ("lru40_insert", "hash20_insert")
 OPS_COUNT = 32
+
+
+BIG_LINES = 1 << 20  # 64-byte lines: 64 MB, a 1M-slot connection table
+
+
+def _fill_cycle(m: native.Map, n: int, seed: int = 1) -> None:
+    """Lines 0..n-1 of `m` as one random cycle (line i names the next): a walk from any
+    line visits every line before it comes back."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    nxt = array.array("I", bytes(4 * n))
+    for a, b in zip(order, order[1:] + order[:1]):
+        nxt[a] = b
+    vals = bytearray(64 * n)
+    vals[0::64], vals[1::64], vals[2::64], vals[3::64] = (
+        nxt.tobytes()[i::4] for i in range(4))  # little-endian u32 at offset 0
+    for lo in range(0, n, 65536):
+        hi = min(n, lo + 65536)
+        m.update_batch(array.array("I", range(lo, hi)).tobytes(),
+                       bytes(vals[64 * lo:64 * hi]), hi - lo)
 
 
 def calibrate(repeat: int = 100_000, rounds: int = 5, insert_repeat: int = 2_000) -> dict:
@@ -333,13 +356,18 @@ def calibrate(repeat: int = 100_000, rounds: int = 5, insert_repeat: int = 2_000
     hash20 = `vips` (hash, 20-byte key), lru40 = `flows` (per-CPU-list LRU hash, 40-byte
     key; lookups hit, inserts are new keys into a table far from full), ring = `rings`
     (array of maps; the inner lookup goes through the helper), adjust_head_pair = two
-    bpf_xdp_adjust_head calls. Helps to read the case costs: which calls they pay."""
+    bpf_xdp_adjust_head calls, random_read_64mb = a read of a random 64-byte line in a
+    64 MB array (the size of a 1M-slot `flows`) that waits for the read before it: what
+    a packet pays to reach its flow's slot when the slot is not cached. Helps to read
+    the case costs: which calls they pay, and what memory costs on this machine."""
     ins_total = insert_repeat * OPS_COUNT * (rounds + 1)
     sk = native.Skeleton("bench")
     try:
         sk.set_max_entries("bench_lru40", max(65536, 2 * native.num_cpus() * ins_total))
         sk.set_max_entries("bench_h20", max(1024, 2 * ins_total))
+        sk.set_max_entries("bench_big", BIG_LINES)
         sk.load()
+        _fill_cycle(sk.map("bench_big"), BIG_LINES)
         cfg, fd = sk.map("bench_ops_cfg"), sk.prog_fd("bench_ops")
         h20, l40 = sk.map("bench_h20"), sk.map("bench_lru40")
         for i in range(64):

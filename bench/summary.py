@@ -201,7 +201,25 @@ def build(d: Path) -> tuple:
     if rl:
         out["reload"] = {k: rl[k] for k in ("one_backend_ms", "full_load_s", "rss_mb")
                          if k in rl}
+    out["memory"] = memory_budget(co, syn)
     return out, pk, sw
+
+
+def memory_budget(co: Optional[dict], syn: Optional[dict]) -> Optional[dict]:
+    """What one uncached read of a flow's slot costs on this machine, beside what the
+    new-flow targets leave for all of a new flow's work: the figures that say whether
+    those targets can be met here at all."""
+    read = ((co or {}).get("primitives_ns") or {}).get("random_read_64mb")
+    if not read or not co.get("floor_ns"):
+        return None
+    floor = co["floor_ns"]
+    out = {"random_read_64mb_ns": read, "cost_floor_ns": floor,
+           "random_read_in_floors": round(read / floor, 2),
+           "tcp_syn_budget_ns": round((TARGETS["tcp_syn_ratio"][1] - 1) * floor, 1)}
+    if syn and syn.get("floor_per_core_mpps"):
+        out["new_flow_budget_ns"] = round(
+            1e3 / TARGETS["new_flow_mpps"][1] - 1e3 / syn["floor_per_core_mpps"], 1)
+    return out
 
 
 def _fmt(v, spec: str = ".2f") -> str:
@@ -264,6 +282,9 @@ def markdown(s: dict, pk: Optional[dict], sw: Optional[dict]) -> str:
     f = s["fleet_spread"]
     lines.append(f"| fleet_spread (new flows per node, max / mean) | {_fmt(f['value'], '.3f')}"
                  f" | {f['target']} | {f.get('flows_per_node')} |")
+    mem = s.get("memory")
+    if mem:
+        lines += ["", "Memory on this machine (`cost.json` primitives): " + memory_line(mem)]
     if pk:
         lines += ["", "Packet rates (`pktgen.json`): Mpps per core; the core runs the "
                   "generator, the data path and the sink; floor = MAC-swap XDP_TX on the "
@@ -296,6 +317,17 @@ def markdown(s: dict, pk: Optional[dict], sw: Optional[dict]) -> str:
                 f"{e['xdplb']['ns_over_floor']:.0f} | {e['iptables']['per_core_mpps']:.3f} | "
                 f"{e['iptables']['ns_over_floor']:.0f} | {e['xdplb_over_iptables']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def memory_line(mem: dict) -> str:
+    line = (f"a read of a random line of a 64 MB BPF array, waiting for the read before it, "
+            f"costs {mem['random_read_64mb_ns']:.0f} ns, {mem['random_read_in_floors']:.1f}x "
+            f"the cost floor of {mem['cost_floor_ns']:.0f} ns. The tcp_syn target leaves "
+            f"{mem['tcp_syn_budget_ns']:.0f} ns beyond the floor for all of a SYN's work")
+    if mem.get("new_flow_budget_ns") is not None:
+        line += (f"; the new_flow_mpps target, {mem['new_flow_budget_ns']:.0f} ns per new flow "
+                 f"beyond the live floor")
+    return line + "."
 
 
 def run_summary(out: Optional[str] = None, quiet: bool = False) -> dict:
@@ -340,5 +372,7 @@ def print_summary(s: dict, d: Path | str = "") -> None:
         mark = {True: "ok", False: "MISSED", None: "n/a"}[f["meets_target"]]
         print(f"{key:22} {_fmt(f['value'], spec):>8} {f['target']:>8}  {mark:7} "
               f"{raw(f) if f['value'] is not None else 'missing: ' + f.get('missing', '')}")
+    if s.get("memory"):
+        print("memory: " + memory_line(s["memory"]))
     if d:
         print(f"-> {Path(d) / 'summary.json'}, {Path(d) / 'summary.md'}")

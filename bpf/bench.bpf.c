@@ -14,9 +14,10 @@
  *                 run by bench/pktlab.py).
  *  bench_sink     counts what arrives and drops it.
  *  bench_ops      calibration: `count` repetitions of one primitive (helper call, hash
- *                 lookup, LRU hash lookup, array lookup, adjust_head pair), chosen in map
- *                 `bench_ops_cfg`, so the cost of each primitive on this machine can be
- *                 read off as (t(count) - t(0)) / count. */
+ *                 lookup, LRU hash lookup, array lookup, adjust_head pair, a random
+ *                 line of a big table), chosen in map `bench_ops_cfg`, so the cost of
+ *                 each primitive on this machine can be read off as
+ *                 (t(count) - t(0)) / count. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <bpf/bpf_helpers.h>
@@ -264,7 +265,7 @@ int bench_sink(struct xdp_md *ctx)
 
 /* --- calibration ------------------------------------------------------------------ */
 enum { OP_NONE, OP_HELPER, OP_HASH20, OP_LRU40, OP_ARRAY, OP_ADJUST, OP_LRU40_INSERT,
-       OP_RING, OP_LRU40_REWRITE, OP_HASH20_INSERT, OP_SPINLOCK, OP_MAX };
+       OP_RING, OP_LRU40_REWRITE, OP_HASH20_INSERT, OP_SPINLOCK, OP_BIG_READ, OP_MAX };
 #define OPS_MAX 64
 #define OPS_KEYS 64
 
@@ -334,6 +335,23 @@ struct {
 	__type(key, __u32);
 	__array(values, struct bench_ring_inner);
 } bench_rings SEC(".maps");
+
+/* A table as big as lb's `flows` (user space sizes it and fills it with one random
+ * cycle): each line names the next one to read, so every read waits for the one before,
+ * as a packet's first read of its flow's slot waits for memory. */
+struct bench_line {
+	__u32 next;
+	__u32 pad[15];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1); /* user space resizes it */
+	__type(key, __u32);
+	__type(value, struct bench_line);
+} bench_big SEC(".maps");
+
+__u32 big_pos; /* where the cycle goes on from, across runs */
 
 SEC("xdp")
 int bench_ops(struct xdp_md *ctx)
@@ -405,6 +423,14 @@ int bench_ops(struct xdp_md *ctx)
 			slot = bpf_map_lookup_elem(ring, &key);
 			acc += slot ? *slot : 0;
 			break;
+		case OP_BIG_READ: {
+			struct bench_line *l = bpf_map_lookup_elem(&bench_big, &big_pos);
+
+			if (!l)
+				return XDP_ABORTED;
+			big_pos = l->next;
+			break;
+		}
 		case OP_ADJUST:
 			if (bpf_xdp_adjust_head(ctx, -20) || bpf_xdp_adjust_head(ctx, 20))
 				return XDP_ABORTED;

@@ -237,3 +237,17 @@ def test_summary_has_quic_vs_udp_hit(cost):
     q = s["quic_vs_udp_hit"]
     assert q["value"] == res["cases"]["quic_short_cid"]["vs"]["ratio"] and q["path_ok"] is True
     assert "quic_vs_udp_hit" in (out / "summary.md").read_text()
+
+
+def test_summary_states_the_memory_budget():
+    """The summary sets the machine's cost of one uncached read of a flow's slot beside
+    what the new-flow targets leave for a new flow's whole work."""
+    from bench.summary import memory_budget, memory_line
+    co = {"floor_ns": 50.0, "primitives_ns": {"random_read_64mb": 150.0}}
+    mem = memory_budget(co, {"floor_per_core_mpps": 4.0})
+    assert mem["random_read_in_floors"] == 3.0
+    assert mem["tcp_syn_budget_ns"] == 250.0  # a SYN at 6x: 5 floors beyond the floor
+    assert mem["new_flow_budget_ns"] == 150.0  # 400 ns at 2.5 Mpps, 250 ns at the floor
+    assert "150 ns, 3.0x" in memory_line(mem)
+    assert memory_budget({"floor_ns": 50.0}, None) is None  # calibration skipped
+    assert "new_flow" not in memory_line(memory_budget(co, None))
