@@ -210,6 +210,10 @@ class Datapath:
         nh.dmac[:] = mac
         self.maps["nexthops"].update(_u32(nid), nh)
 
+    def nexthop_mac(self, nid: int) -> bytes:
+        """The MAC next hop `nid` holds (all zero: none)."""
+        return bytes(layout.Nexthop.unpack(self.maps["nexthops"].lookup(_u32(nid))).dmac)
+
     def set_backend(self, bid: int, addr: IPAddress, vip_id: int, nexthop_id: int,
                     keep_flows: bool, gen: int = 0) -> None:
         b = layout.Backend()

@@ -129,10 +129,10 @@ class Records:
         return nid
 
     def in_use(self) -> dict[str, set]:
-        """Ids and entries these records hold: VIP idents, ring ids, backend ids, next-hop
-        ids (what a rollback must clear when the records it returns to lack them)."""
-        out = {"vip": set(self.vips), "ring": set(), "backend": set(),
-               "nexthop": set(self.nexthops.values())}
+        """Ids and entries these records hold: VIP idents, ring ids, backend ids (what a
+        rollback must clear when the records it returns to lack them; next-hop MACs it
+        puts back from the writer's journal)."""
+        out = {"vip": set(self.vips), "ring": set(), "backend": set()}
         for v in self.vips.values():
             if v.ring_id:
                 out["ring"].add(v.ring_id)

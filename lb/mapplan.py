@@ -56,9 +56,12 @@ class Plan:
     ring_releases: list = field(default_factory=list)   # 4. ring ids
     backend_removals: list = field(default_factory=list)  # 4. (backend id, its VIP's id)
     vip_releases: list = field(default_factory=list)    # 4. VipRecord
-    # 4. ("ring" | "backend" | "nexthop", id): entries a rejected reload wrote under ids
-    # that are free again; cleared, not freed
+    # 4. ("ring" | "backend", id): entries a rejected reload wrote under ids that are
+    # free again; cleared, not freed
     strays: list = field(default_factory=list)
+    # 4. (next-hop id, MAC): what a rejected reload's MAC writes replaced, put back
+    # (last: until then backends of its half-written state may point at them)
+    mac_restores: list = field(default_factory=list)
 
     def copy(self) -> "Plan":
         def copied(value):
@@ -75,7 +78,8 @@ class Plan:
         now, before, stale = self.addrs
         left = Plan(counter_resets=self.counter_resets, vip_deletes=self.vip_deletes,
                     ring_releases=self.ring_releases, backend_removals=self.backend_removals,
-                    vip_releases=self.vip_releases, strays=self.strays)
+                    vip_releases=self.vip_releases, strays=self.strays,
+                    mac_restores=self.mac_restores)
         left.addrs[2].update(now | before | stale)
         return left
 
@@ -98,6 +102,7 @@ def carry_over(plan: Plan, left: Plan, wanted: Mapping) -> None:
     plan.backend_removals.extend(left.backend_removals)
     plan.vip_releases.extend(left.vip_releases)
     plan.strays.extend(left.strays)
+    plan.mac_restores.extend(left.mac_restores)
     plan.addrs[2].update(left.addrs[2])
 
 
@@ -123,6 +128,9 @@ def diff(rec: Records, plan: Plan, rep: ApplyReport, vips: Sequence[VipSpec],
         if rec.macs.get(nid) != mac:
             plan.nexthops.append((nid, mac))
             rec.macs[nid] = mac
+    # a MAC written now is the one wanted: no older one is put back over it
+    written = {nid for nid, _ in plan.nexthops}
+    plan.mac_restores[:] = [r for r in plan.mac_restores if r[0] not in written]
 
     old_addrs = {ident[0] for ident in rec.vips}
     for ident, spec in wanted.items():

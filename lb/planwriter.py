@@ -27,11 +27,15 @@ def _each(items: list, write) -> None:
 @dataclass
 class Journal:
     """What the writer did since a checkpoint that a rollback cannot tell from the
-    records: counts moved, and which backend entries were written with what."""
+    records: counts moved, which backend entries were written with what, which next-hop
+    MACs were written."""
 
     applied: bool = False  # an apply ran since (else the maps are as they were)
     retired: list = field(default_factory=list)  # (backend id, VIP id, per-CPU counts)
     flows_stay: dict = field(default_factory=dict)  # backend id -> written with the flag
+    # next-hop id -> the MAC it held before its first write since; read from the map, as
+    # the records do not know what an unresolved next hop's entry holds
+    macs: dict = field(default_factory=dict)
 
 
 class PlanWriter:
@@ -50,7 +54,7 @@ class PlanWriter:
             dp.set_config(plan.config)
         _each(plan.counter_resets, lambda r: dp.reset_counters(*r))
         for nid, mac in plan.nexthops:
-            dp.set_nexthop(nid, mac)
+            self._set_nexthop((nid, mac))
         for w in plan.gains:
             self._write_backend(w)
         # each batch of rings, then the VIP entries that wait for no later ring
@@ -77,6 +81,13 @@ class PlanWriter:
         _each(plan.backend_removals, self._remove_backend)
         _each(plan.vip_releases, self._release_vip)
         _each(plan.strays, self._clear_stray)
+        _each(plan.mac_restores, self._set_nexthop)
+
+    def _set_nexthop(self, write: tuple[int, bytes]) -> None:
+        nid, mac = write
+        if self.journal is not None and nid not in self.journal.macs:
+            self.journal.macs[nid] = self.dp.nexthop_mac(nid)
+        self.dp.set_nexthop(nid, mac)
 
     def _write_backend(self, w: BackendWrite) -> None:
         self._note(w.bid, w.keep_flows)
@@ -123,11 +134,9 @@ class PlanWriter:
 
     def _clear_stray(self, stray: tuple[str, int]) -> None:
         """An entry a rejected reload wrote under an id that is free again: back to what
-        a free id holds (no ring; a released backend keeping its generation; no MAC)."""
+        a free id holds (no ring; a released backend keeping its generation)."""
         kind, ident = stray
         if kind == "ring":
             self.dp.remove_ring(ident)
-        elif kind == "backend":
-            self.dp.clear_backend(ident, self.rec.gen.get(ident, 0))
         else:
-            self.dp.set_nexthop(ident, bytes(6))
+            self.dp.clear_backend(ident, self.rec.gen.get(ident, 0))

@@ -122,41 +122,55 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_reload_failing_partway_leaves_everything_as_it_was(tmp_path, monkeypatch, case):
-    sids, arm = CASES[case]
+def started(tmp_path, monkeypatch, resolve=resolved) -> daemon.Daemon:
+    """The daemon on the old file (not applied yet); its next hops from `resolve`."""
     path = tmp_path / "lb.toml"
     path.write_text(config(tmp_path / "state.json"))
     cfg = load_config(str(path))
-    log = Log()
-    d = daemon.Daemon(str(path), cfg, log)
+    d = daemon.Daemon(str(path), cfg, Log())
     d.dp = Datapath(Limits(max_vips=cfg.lb.max_vips, max_backends=cfg.lb.max_backends,
                            flow_table_size=cfg.lb.flow_table_size))
     d.programmer = Programmer(d.dp, keep_rings=False)
-    monkeypatch.setattr(d, "resolve", lambda cfg, nl=None, settle=False: resolved(cfg))
+    monkeypatch.setattr(d, "resolve", lambda cfg, nl=None, settle=False: resolve(cfg))
     monkeypatch.setattr(lb.reload, "egress_config", lambda cfg, eg, ingress: EgressConfig(
         source_v4=ipaddress.ip_address("10.0.0.2"), flow_insert_limit=cfg.lb.flow_insert_limit))
     monkeypatch.setattr(random, "random", lambda: 1.0)  # first checks 360 s away
     d.egress_cfg = lb.reload.egress_config(cfg, None, None)
+    return d
+
+
+def reload_failing(d: daemon.Daemon, tmp_path, monkeypatch, case: str,
+                   watch=lambda: None) -> tuple:
+    """The old file applied, with counts (then `watch()`), and a reload to the new file
+    that fails as CASES[case] says: (maps, stats, health, states) before and after,
+    and the cause it fails by."""
+    sids, arm = CASES[case]
 
     async def run():
         d._reload_lock = asyncio.Lock()
-        d.health.start(cfg.vips)
+        d.health.start(d.cfg.vips)
         try:
-            d.apply(d.resolve(cfg))
+            d.apply(d.resolve(d.cfg))
             send(d.dp, 20)
+            watch()
             before = (maps(d.dp), d.stats(), health(d), dict(d.applied))
             assert before[1]["vips"][1]["packets"] and before[1]["vips"][0]["backends"][2][
                 "packets"], "no counts to keep"
             cause = arm(monkeypatch)
-            path.write_text(config(tmp_path / "state.json", sids, new=True))
+            (tmp_path / "lb.toml").write_text(config(tmp_path / "state.json", sids, new=True))
             await d.reload_async()
             return before, (maps(d.dp), d.stats(), health(d), dict(d.applied)), cause
         finally:
             d.health.stop()
+    return asyncio.run(run())
 
+
+@pytest.mark.parametrize("case", CASES)
+def test_reload_failing_partway_leaves_everything_as_it_was(tmp_path, monkeypatch, case):
+    d = started(tmp_path, monkeypatch)
+    cfg, log = d.cfg, d.log
     try:
-        before, after, cause = asyncio.run(run())
+        before, after, cause = reload_failing(d, tmp_path, monkeypatch, case)
         assert [(lvl, ev) for lvl, ev, _ in log.lines] == [("error", "config_rejected")]
         assert cause in log.lines[0][2]["error"]
         assert d.cfg is cfg
@@ -169,6 +183,56 @@ def test_reload_failing_partway_leaves_everything_as_it_was(tmp_path, monkeypatc
         rep = d.programmer.apply(specs, d.nexthops.macs, egress=d.egress_cfg)
         assert (rep.rings_swapped, rep.backends_added, rep.vips_added) == (0, 0, 0)
         assert maps(d.dp) == after[0]
+    finally:
+        d.dp.close()
+
+
+GATEWAY = "192.0.2.254%9"  # the reloaded file's own next hop for 127.0.1.41
+
+
+def half_resolved(cfg) -> Nexthops:
+    """As resolved(), but under the old file 127.0.1.12's neighbour has not answered
+    yet (no MAC: its packets are dropped), and the reloaded one has its MAC and reaches
+    127.0.1.41 by a gateway no next hop had before (a new next-hop id)."""
+    hops = resolved(cfg)
+    macs, keys = dict(hops.macs), dict(hops.keys)
+    if cfg.lb.flow_insert_limit == 1000:  # the old file
+        del macs["127.0.1.12"]
+    else:
+        keys["127.0.1.41"], macs[GATEWAY] = GATEWAY, bytes([2, 9, 0, 0, 0, 254])
+    return Nexthops(macs, keys)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rollback_puts_back_every_mac_the_failed_reload_wrote(tmp_path, monkeypatch, case):
+    """A MAC the old config lacks (unresolved, or an id the failed file took) is not left
+    behind: packets to 127.0.1.12 stay dropped as its stats say (`unresolved`), and no
+    id holds a MAC no next hop of the records knows."""
+    d = started(tmp_path, monkeypatch, resolve=half_resolved)
+    ids, written = {}, []
+    real_set = d.dp.set_nexthop
+    monkeypatch.setattr(d.dp, "set_nexthop", lambda nid, mac: (written.append((nid, mac)),
+                                                               real_set(nid, mac))[1])
+    try:
+        before, after, _ = reload_failing(d, tmp_path, monkeypatch, case,
+                                          watch=lambda: ids.update(d.programmer.nexthops))
+        # what the failed reload wrote: .12's id resolved, and a new id for the gateway
+        assert (ids["127.0.1.12"], bytes([2, 2, 0, 0, 0, 12])) in written
+        new_ids = {nid for nid, mac in written if mac == bytes([2, 9, 0, 0, 0, 254])}
+        assert new_ids and not new_ids & set(ids.values())
+        assert after[0]["nexthops"] == before[0]["nexthops"]
+        assert d.dp.nexthop_mac(ids["127.0.1.12"]) == bytes(6)
+        assert dict(d.programmer.nexthops) == ids
+        web = after[1]["vips"][0]["backends"]
+        assert [b["nexthop"] for b in web] == ["resolved", "unresolved", "resolved"]
+        # the records agree with the map: the old config again writes no MAC, and the
+        # neighbour answering later is written as on any refresh
+        specs, _ = d.desired()
+        del written[:]
+        d.programmer.apply(specs, d.nexthops.macs, egress=d.egress_cfg)
+        assert maps(d.dp)["nexthops"] == before[0]["nexthops"] and not written
+        d.apply(resolved(d.cfg))
+        assert d.dp.nexthop_mac(ids["127.0.1.12"]) == bytes([2, 1, 0, 0, 0, 12])
     finally:
         d.dp.close()
 
