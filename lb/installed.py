@@ -139,12 +139,16 @@ class Records:
             out["backend"].update(v.bids.values())
         return out
 
-    def forget(self) -> None:
+    def forget(self, touched_rings: Optional[set] = None) -> None:
         """Believe nothing written: the next apply rewrites every entry (map writes are
-        idempotent); ids and generations stay."""
+        idempotent); ids and generations stay. Given `touched_rings` (ring ids written
+        or removed since the records were right), the other rings are believed: each
+        ring rewritten costs an RCU grace period."""
         self.macs.clear()
         self.egress = None
         self.quic_resync = True
         for cur in self.vips.values():
-            cur.spec = cur.digest = None
+            cur.spec = None
+            if touched_rings is None or not cur.ring_id or cur.ring_id in touched_rings:
+                cur.digest = None
             cur.written = dict.fromkeys(cur.bids.values(), UNKNOWN)

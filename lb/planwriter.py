@@ -27,12 +27,13 @@ def _each(items: list, write) -> None:
 @dataclass
 class Journal:
     """What the writer did since a checkpoint that a rollback cannot tell from the
-    records: counts moved, which backend entries were written with what, which next-hop
-    MACs were written."""
+    records: counts moved, which backend entries were written with what, which ring
+    slots and next-hop MACs were written."""
 
     applied: bool = False  # an apply ran since (else the maps are as they were)
     retired: list = field(default_factory=list)  # (backend id, VIP id, per-CPU counts)
     flows_stay: dict = field(default_factory=dict)  # backend id -> written with the flag
+    rings: set = field(default_factory=set)  # ring ids swapped or removed (or about to be)
     # next-hop id -> the MAC it held before its first write since; read from the map, as
     # the records do not know what an unresolved next hop's entry holds
     macs: dict = field(default_factory=dict)
@@ -60,7 +61,9 @@ class PlanWriter:
         # each batch of rings, then the VIP entries that wait for no later ring
         entries = collections.deque(plan.vip_entries)
         for start in range(0, len(plan.rings), RING_BATCH):
-            dp.install_rings(plan.rings[start:start + RING_BATCH])
+            batch = plan.rings[start:start + RING_BATCH]
+            self._note_rings(ring_id for ring_id, _ in batch)
+            dp.install_rings(batch)
             while entries and entries[0][0] <= start + RING_BATCH:
                 self._write_vip(entries.popleft()[1])
         for _, v in entries:
@@ -88,6 +91,11 @@ class PlanWriter:
         if self.journal is not None and nid not in self.journal.macs:
             self.journal.macs[nid] = self.dp.nexthop_mac(nid)
         self.dp.set_nexthop(nid, mac)
+
+    def _note_rings(self, ring_ids) -> None:
+        # noted before the write: a write that fails partway may have swapped some in
+        if self.journal is not None:
+            self.journal.rings.update(ring_ids)
 
     def _write_backend(self, w: BackendWrite) -> None:
         self._note(w.bid, w.keep_flows)
@@ -129,6 +137,7 @@ class PlanWriter:
         self.rec.free_vip.append(cur.vip_id)
 
     def _release_ring(self, ring_id: int) -> None:
+        self._note_rings((ring_id,))
         self.dp.remove_ring(ring_id)
         self.rec.free_ring.append(ring_id)
 
@@ -137,6 +146,7 @@ class PlanWriter:
         a free id holds (no ring; a released backend keeping its generation)."""
         kind, ident = stray
         if kind == "ring":
+            self._note_rings((ident,))
             self.dp.remove_ring(ident)
         else:
             self.dp.clear_backend(ident, self.rec.gen.get(ident, 0))

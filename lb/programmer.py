@@ -20,8 +20,9 @@ releases it did not get to for the next apply, so no id is lost.
 
 A reload is all-or-nothing (lb/reload.py): `checkpoint()` before it, and when it fails,
 `rollback()` returns the records (ids, generations, counters moved) to the checkpoint and
-marks every entry for rewriting, so the next apply, of the old state, puts back what the
-failed one changed (the MACs as the map held them) and clears what it added.
+marks every entry for rewriting (rings only where the failed apply wrote or removed
+one), so the next apply, of the old state, puts back what the failed one changed (the
+MACs as the map held them) and clears what it added.
 """
 
 from __future__ import annotations
@@ -107,10 +108,10 @@ class Programmer:
     def rollback(self, cp: Checkpoint) -> None:
         """Back to the records of `cp`, whatever the applies since wrote: ids, generations
         and the counts of removed backends as they were (counts move back at once); the
-        next apply, of the state of `cp` (the caller's old config), rewrites every entry,
-        clears the entries written under ids that are free again, and puts back each
-        next-hop MAC written since as the map held it (the old config may lack a MAC the
-        failed one resolved, or the id be new)."""
+        next apply, of the state of `cp` (the caller's old config), rewrites every entry
+        but the rings no apply since touched, clears the entries written under ids that
+        are free again, and puts back each next-hop MAC written since as the map held it
+        (the old config may lack a MAC the failed one resolved, or the id be new)."""
         self.release(cp)
         if not cp.journal.applied:  # nothing written: the records hold as they are
             return
@@ -134,7 +135,7 @@ class Programmer:
         undo.addrs[2].update(stale)
         self.rec.quic_filter |= quic_filter
         written = {bid: e for v in self.rec.vips.values() for bid, e in v.written.items()}
-        self.rec.forget()
+        self.rec.forget(touched_rings=cp.journal.rings)
         for cur in self.rec.vips.values():
             for bid in cur.bids.values():
                 old, stay = written.get(bid), cp.journal.flows_stay.get(bid)

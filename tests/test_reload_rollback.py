@@ -12,6 +12,7 @@ demotions, backend removals with their counters moved) has landed."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import random
 
@@ -114,11 +115,24 @@ def fail_releases(monkeypatch) -> str:
     return "releasing a VIP failed (injected)"
 
 
+def fail_after_release(monkeypatch) -> str:
+    """That step raises once it has released the VIP (its ring and backend entries)."""
+    real = PlanWriter._release_vip
+
+    def broken(self, cur):
+        real(self, cur)
+        raise RuntimeError("after releasing a VIP (injected)")
+    monkeypatch.setattr(PlanWriter, "_release_vip", broken)
+    return "after releasing a VIP (injected)"
+
+
 CASES = {
     # the kernel refuses: E2BIG once 13 entries are in (7 old server IDs, 6 new)
     "quic_servers_full": (range(11, 11 + QUIC), lambda monkeypatch: "quic_servers is full"),
     # two server IDs change (9 entries at most); the failure is ours, at the very end
     "last_step_fails": ((1, 2, 3, 4, 5, 11, 12), fail_releases),
+    # the same, once the removed VIP's ring is gone (the rollback installs it again)
+    "released_then_fails": ((1, 2, 3, 4, 5, 11, 12), fail_after_release),
 }
 
 
@@ -233,6 +247,52 @@ def test_rollback_puts_back_every_mac_the_failed_reload_wrote(tmp_path, monkeypa
         assert maps(d.dp)["nexthops"] == before[0]["nexthops"] and not written
         d.apply(resolved(d.cfg))
         assert d.dp.nexthop_mac(ids["127.0.1.12"]) == bytes([2, 1, 0, 0, 0, 12])
+    finally:
+        d.dp.close()
+
+
+def inner_maps(dp: Datapath) -> dict:
+    """Ring slot -> id of the inner map in it (a ring swapped in is a new inner map)."""
+    raw = {slot: dp.maps["rings"].lookup(ctypes.c_uint32(slot))
+           for slot in range(1, dp.maps["rings"].max_entries)}
+    return {slot: ctypes.c_uint32.from_buffer_copy(r).value for slot, r in raw.items() if r}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rollback_rewrites_only_the_rings_the_failed_reload_touched(tmp_path, monkeypatch,
+                                                                     case):
+    """Each ring swapped costs an RCU grace period: the rollback swaps back web's (the
+    failed file changed its weights) and gone's if the failed apply removed it, not the
+    others, which keep their inner maps."""
+    d = started(tmp_path, monkeypatch)
+    installs, phase, slot, inner = [], ["start"], {}, {}
+    real_install, real_rollback = d.dp.install_rings, d.programmer.rollback
+
+    def install_rings(rings, chunk=256):
+        installs.extend((phase[0], ring_id) for ring_id, _ in rings)
+        real_install(rings, chunk)
+
+    def rollback(cp):
+        phase[0] = "rollback"
+        real_rollback(cp)
+
+    def watch():  # the old file's rings: slot of each VIP (by port), inner map of each
+        slot.update((s.ident[1], d.programmer.installed(s.ident).ring_id)
+                    for s in d.desired()[0])
+        inner.update(inner_maps(d.dp))
+        phase[0] = "reload"
+    monkeypatch.setattr(d.dp, "install_rings", install_rings)
+    monkeypatch.setattr(d.programmer, "rollback", rollback)
+    try:
+        before, after, _ = reload_failing(d, tmp_path, monkeypatch, case, watch)
+        assert after[0]["rings"] == before[0]["rings"]
+        assert ("reload", slot[80]) in installs  # the failed apply swapped web's ring
+        touched = [80, 5353] if case == "released_then_fails" else [80]
+        assert [i for p, i in installs if p == "rollback"] == [slot[p] for p in touched]
+        now = inner_maps(d.dp)
+        assert set(now) == set(inner)
+        for port in (80, 5353, 443):
+            assert (now[slot[port]] == inner[slot[port]]) == (port not in touched), port
     finally:
         d.dp.close()
 
