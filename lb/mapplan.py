@@ -122,6 +122,10 @@ def diff(rec: Records, plan: Plan, rep: ApplyReport, vips: Sequence[VipSpec],
     # it from the start and a MAC learnt later needs only the nexthops write
     for v in vips:
         for b in v.backends:
+            if b.nexthop not in rec.nexthops and b.nexthop not in macs:
+                # a new id may hold the MAC of an earlier instance's next hop (adopted
+                # maps): none until this one resolves
+                plan.nexthops.append((rec.nexthop_id(b.nexthop), bytes(6)))
             rec.nexthop_id(b.nexthop)
     for key, mac in macs.items():
         nid = rec.nexthop_id(key)

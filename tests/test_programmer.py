@@ -71,6 +71,25 @@ def test_adopt_rebuilds_state(dp):
     assert rep.rings_swapped == 0 and rep.backends_added == 0
 
 
+def test_a_new_next_hop_id_holds_no_mac_until_it_resolves(dp):
+    """Next-hop ids no backend entry refers to are free again after adopt(), and may
+    hold the MAC of a next hop an earlier instance dropped: a next hop unresolved at
+    start taking one must not send packets to that host."""
+    prog = Programmer(dp)
+    old = VipSpec(A("192.0.2.10"), 80, 6, (BackendSpec(A("10.1.0.11"), nexthop="old"),),
+                  ring_size=101)
+    prog.apply([old], {"old": bytes.fromhex("02000000cccc")})
+    prog.apply([spec(101)], MAC)  # "old" keeps its id and MAC, unreferenced
+    again = Programmer(dp)
+    again.adopt()
+    again.apply([spec(101)], {})  # "gw" unresolved after the restart
+    for bid in backends(again, spec(101)).values():
+        assert dp.nexthop_mac(dp.backend(bid).nexthop_id) == bytes(6)
+    again.apply([spec(101)], MAC)
+    for bid in backends(again, spec(101)).values():
+        assert dp.nexthop_mac(dp.backend(bid).nexthop_id) == MAC["gw"]
+
+
 def recorder(dp, monkeypatch, names) -> list:
     """Datapath writes in the order they happen (and still done)."""
     calls = []
