@@ -56,6 +56,7 @@
 #define LB_FLOW_TABLE_SIZE 65536
 #define LB_DEFAULT_RING_SIZE 65537
 #define LB_RING_CHUNK 16 /* backend ids per ring element: a cache line (a power of two) */
+#define LB_RING_CHUNK16 64 /* the same with 16-bit ids (max backends <= 65536) */
 #define LB_PREFILTER_WORDS 1024 /* 65536 bits */
 #define LB_FLOW_WAYS 8 /* slots per bucket of the connection table (a power of two) */
 #define LB_QUIC_FILTER_WORDS 4096 /* 65536 four-bit entries, see quic.h */

@@ -46,21 +46,21 @@ struct {
 } prefilter SEC(".maps");
 
 /* Maglev rings. One inner array per VIP, indexed by flow hash % ring size, holding
- * backend ids LB_RING_CHUNK to an element (struct ring_chunk). A ring is never edited in
+ * backend ids LB_RING_CHUNK to an element (struct ring_chunk), or LB_RING_CHUNK16 16-bit
+ * ids (struct ring_chunk16) when ring_ids16 is set. A ring is never edited in
  * place: user space fills a new inner map completely and swaps it into this outer slot
  * with one update, so a packet sees the whole old ring or the whole new one.
  * BPF_F_INNER_MAP lets rings of any size share the outer map; a VIP whose ring changes
  * size gets a new slot, and its vip_meta switches ring id and size in one update.
  * BPF_F_MMAPABLE lets user space write a new ring with one memcpy instead of 4097
- * element updates. */
+ * element updates. The value size is set between open and load with ring_ids16 (so the
+ * template carries no BTF value type: it would not match the other size). */
 struct ring_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, (LB_DEFAULT_RING_SIZE + LB_RING_CHUNK - 1) / LB_RING_CHUNK);
 	__uint(map_flags, BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 	__type(key, __u32);
-	/* an array of one: clang 14 gives a struct this deep in a map definition only a
-	 * forward declaration in BTF, and libbpf then cannot size the value */
-	__type(value, struct ring_chunk[1]);
+	__uint(value_size, sizeof(struct ring_chunk));
 };
 
 struct {
@@ -83,6 +83,15 @@ struct {
 
 /* Backend ids per CPU copy (max backends), set between open and load. */
 const volatile __u32 backends_stride = LB_MAX_BACKENDS;
+
+/* Rings hold struct ring_chunk16 elements (16-bit ids), set between open and load when
+ * every backend id fits 16 bits; 0: struct ring_chunk. */
+const volatile __u32 ring_ids16 = 0;
+
+/* Never read: BTF names a type only when a map or a global does, and the ring template
+ * has no value type (above); tests/test_layout.py checks both layouts through these. */
+const struct ring_chunk *const ring_chunk_btf = 0;
+const struct ring_chunk16 *const ring_chunk16_btf = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -48,6 +48,19 @@ struct ring_chunk {
 _Static_assert((LB_RING_CHUNK & (LB_RING_CHUNK - 1)) == 0, "ring chunk: a power of two");
 _Static_assert(sizeof(struct ring_chunk) == 64, "ring chunk: one cache line");
 
+/* The same with 16-bit ids, used when every backend id fits (max backends <= 65536):
+ * half the memory per slot, and a random slot's read still touches one cache line. Its
+ * size differs from ring_chunk's on purpose: the kernel refuses an inner map of the other
+ * element size in `rings`, so a ring of one format is never read as the other. After the
+ * elements that hold slots comes one more, which only user space reads: the ring's size
+ * as its first __u32 (0xffff is a valid id here, so padding cannot mark the end). */
+struct ring_chunk16 {
+	__u16 id[LB_RING_CHUNK16];
+};
+_Static_assert((LB_RING_CHUNK16 & (LB_RING_CHUNK16 - 1)) == 0, "ring chunk16: a power of two");
+_Static_assert(sizeof(struct ring_chunk16) != sizeof(struct ring_chunk),
+	       "ring chunk16: an element size of its own");
+
 /* One slot of `vip_index`, the data path's direct-mapped copy of `vips`, written by user
  * space only: a key lives in slot vip_slot_hash(key) & vip_index_mask. A key without
  * family (all zero) marks an empty slot: no VIP's key maps here. A slot holding another

@@ -151,6 +151,7 @@ static __always_inline struct backend *ring_pick(const struct vip_meta *vm, __u3
 						 __u32 *backend_id)
 {
 	__u32 vid = vm->vip_id, slot, elem, id;
+	struct ring_chunk16 *chunk16;
 	struct ring_chunk *chunk;
 	struct backend *be;
 	void *ring;
@@ -159,13 +160,21 @@ static __always_inline struct backend *ring_pick(const struct vip_meta *vm, __u3
 	if (!ring || !vm->ring_size)
 		return NULL;
 	slot = hash % vm->ring_size;
-	/* a shift and a mask (LB_RING_CHUNK is a power of two); the mask bounds the index
-	 * for the verifier */
-	elem = slot / LB_RING_CHUNK;
-	chunk = bpf_map_lookup_elem(ring, &elem);
-	if (!chunk)
-		return NULL;
-	id = chunk->id[slot & (LB_RING_CHUNK - 1)];
+	/* a shift and a mask (the chunk sizes are powers of two); the mask bounds the index
+	 * for the verifier, which also drops the branch ring_ids16 does not take */
+	if (ring_ids16) {
+		elem = slot / LB_RING_CHUNK16;
+		chunk16 = bpf_map_lookup_elem(ring, &elem);
+		if (!chunk16)
+			return NULL;
+		id = chunk16->id[slot & (LB_RING_CHUNK16 - 1)];
+	} else {
+		elem = slot / LB_RING_CHUNK;
+		chunk = bpf_map_lookup_elem(ring, &elem);
+		if (!chunk)
+			return NULL;
+		id = chunk->id[slot & (LB_RING_CHUNK - 1)];
+	}
 	if (!id)
 		return NULL;
 	be = backend_lookup(id);

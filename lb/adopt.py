@@ -12,8 +12,8 @@ from typing import Optional
 
 from . import layout
 from .errors import BpfError
-from .native import BPF_MAP_TYPE_ARRAY, Map, create_map
-from .rings import CHUNK_BYTES, RING_FLAGS
+from .native import Map
+from .rings import create_inner
 
 BPF_F_RDONLY_PROG = 1 << 7
 
@@ -29,31 +29,44 @@ def misfit(name: str, old: Map, want: dict, limits) -> Optional[str]:
     if diff:
         return ", ".join(diff)
     if name == "rings":
-        return _ring_layout_misfit(old)
+        return _ring_layout_misfit(old, limits)
     if name == "vips":
         return _vip_ids_misfit(old, limits)
     return None
 
 
-def _ring_layout_misfit(rings: Map) -> Optional[str]:
+def _refused(rings: Map, slot: int, ring: layout.RingLayout) -> bool:
+    """Whether `rings` refuses an inner map of the `ring` layout in its free `slot`."""
+    with create_inner(ring, "ring_check", 1) as probe:
+        try:
+            rings.update(ctypes.c_uint32(slot), ctypes.c_uint32(probe.fd))
+        except BpfError as e:
+            if e.errno in (errno.EINVAL, errno.EBADF):
+                return True
+            raise
+        rings.delete(ctypes.c_uint32(slot))
+    return False
+
+
+def _ring_layout_misfit(rings: Map, limits) -> Optional[str]:
     """The kernel checks an inner map against the outer map's template only when one is
     stored: store one of ours in a free slot (no VIP points there) and take it out. An
-    older xdplb's rings (one u32 id per element) are refused here, never misread."""
+    older xdplb's rings (one u32 id per element), and rings of the other id width (an
+    instance with another lb.max_backends), are refused here, never misread."""
     free = next((i for i in range(rings.max_entries)
                  if rings.lookup(ctypes.c_uint32(i)) is None), None)
     if free is None:
         return "no free slot to check its inner map layout"
-    with create_map(BPF_MAP_TYPE_ARRAY, "ring_check", 4, CHUNK_BYTES, 1,
-                    map_flags=RING_FLAGS) as probe:
-        try:
-            rings.update(ctypes.c_uint32(free), ctypes.c_uint32(probe.fd))
-        except BpfError as e:
-            if e.errno in (errno.EINVAL, errno.EBADF):
-                return ("its inner maps have another layout (an array of "
-                        f"{CHUNK_BYTES}-byte ring chunks is refused)")
-            raise
-        rings.delete(ctypes.c_uint32(free))
-    return None
+    want = layout.ring_layout(limits.max_backends)
+    if not _refused(rings, free, want):
+        return None
+    other = next(r for r in layout.RING_LAYOUTS if r is not want)
+    if not _refused(rings, free, other):
+        return (f"its rings hold {other.bits}-bit backend ids, and lb.max_backends "
+                f"{limits.max_backends} needs {want.bits}-bit ones (lb.max_backends "
+                "changed across 65536: the rings are rebuilt)")
+    return ("its inner maps have another layout (an array of "
+            f"{ctypes.sizeof(want.chunk)}-byte ring chunks is refused)")
 
 
 def _vip_ids_misfit(vips: Map, limits) -> Optional[str]:

@@ -37,7 +37,7 @@ def estimate(lb, vips: int, ncpus: Optional[int] = None) -> dict[str, int]:
                                    2 * size(layout.VipMeta) + 2 * size(layout.AddrKey))
         + slots_for(lb.max_vips) * size(layout.VipSlot),
         "flow_table_size": buckets_for(lb.flow_table_size) * size(layout.FlowBucket),
-        "ring_size": 2 * vips * -(-lb.ring_size // layout.RING_CHUNK) * size(layout.RingChunk),
+        "ring_size": 2 * vips * layout.ring_layout(lb.max_backends).ring_bytes(lb.ring_size),
     }
 
 

@@ -40,7 +40,7 @@ LOG_FORMATS = ("console", "json")
 
 RING_SLOTS_PER_BACKEND = 100  # ring_size must be a prime > 100 x backends of any VIP
 RING_SIZE_MIN = 101
-RING_SIZE_MAX = 1 << 24       # 64 MiB of ring per VIP; Maglev build time grows with it
+RING_SIZE_MAX = 1 << 24       # 32 or 64 MiB of ring per VIP; Maglev build time grows with it
 # kernel routing tables that are the system's: unspec, compat, default, main, local
 RESERVED_TABLES = (0, 252, 253, 254, 255)
 WITHDRAW_DELAY_MAX = 600.0

@@ -85,6 +85,10 @@ class Datapath:
             self.skel.rodata.vip_index_mask = slots_for(limits.max_vips) - 1
             self.skel.set_max_entries("vip_addrs", limits.max_vips)
             self.skel.set_max_entries("rings", 2 * limits.max_vips)
+            # rings of 16-bit ids when every backend id fits (half the memory)
+            self.ring_layout = layout.ring_layout(limits.max_backends)
+            self.skel.rodata.ring_ids16 = self.ring_layout is layout.RING16
+            self.skel.set_inner_value_size("rings", ctypes.sizeof(self.ring_layout.chunk))
             # flat per-CPU arrays: CPU c's element i is element c * stride + i
             self.ncpus = num_cpus()
             self.skel.set_max_entries("backends", limits.max_backends * self.ncpus)
@@ -267,7 +271,7 @@ class Datapath:
     # --- rings ---------------------------------------------------------------------
     def install_rings(self, rings: list[tuple[int, array.array]], chunk: int = 256) -> None:
         """Swap each (ring_id, backend ids) in whole (see rings.install_rings)."""
-        install_rings(self.maps["rings"], rings, chunk)
+        install_rings(self.maps["rings"], rings, self.ring_layout, chunk)
 
     def remove_ring(self, ring_id: int) -> None:
         self.maps["rings"].delete(_u32(ring_id))

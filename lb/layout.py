@@ -27,6 +27,7 @@ TX_XDP_TX, TX_REDIRECT = 0, 1
 GLOBAL_SLOTS = 32
 FLOW_WAYS = 8  # LB_FLOW_WAYS: slots per bucket of the connection table
 RING_CHUNK = 16  # LB_RING_CHUNK: backend ids per element of a ring
+RING_CHUNK16 = 64  # LB_RING_CHUNK16: the same, 16-bit ids
 PREFILTER_WORDS = 1024
 QUIC_FILTER_WORDS = 4096
 QUIC_CACHE_SLOTS = 1024  # per CPU
@@ -80,6 +81,39 @@ class VipMeta(_S):
 
 class RingChunk(_S):
     _fields_ = [("id", u32 * RING_CHUNK)]
+
+
+class RingChunk16(_S):
+    _fields_ = [("id", u16 * RING_CHUNK16)]
+
+
+class RingLayout(NamedTuple):
+    """How a ring's inner map holds its ids: `chunk` elements of `ids` ids each (array
+    typecode `typecode`), the last one's unused slots `pad`; with `sized`, one more
+    element after them holds the ring's size as its first u32 (struct ring_chunk16)."""
+
+    chunk: type
+    ids: int
+    typecode: str
+    pad: int
+    sized: bool
+    bits: int
+
+    def elements(self, ring_size: int) -> int:
+        return -(-ring_size // self.ids) + self.sized
+
+    def ring_bytes(self, ring_size: int) -> int:
+        return self.elements(ring_size) * ctypes.sizeof(self.chunk)
+
+
+RING32 = RingLayout(RingChunk, RING_CHUNK, "I", 0xFFFFFFFF, False, 32)
+RING16 = RingLayout(RingChunk16, RING_CHUNK16, "H", 0xFFFF, True, 16)
+RING_LAYOUTS = (RING16, RING32)
+
+
+def ring_layout(max_backends: int) -> RingLayout:
+    """16-bit ids when every backend id (below max_backends) fits them."""
+    return RING16 if max_backends <= 1 << 16 else RING32
 
 
 class VipSlot(_S):
@@ -161,7 +195,8 @@ class BenchTemplate(_S):
 
 # name in BTF -> mirror; checked by tests/test_layout.py
 MIRRORS = {
-    "vip_key": VipKey, "vip_meta": VipMeta, "ring_chunk": RingChunk, "vip_slot": VipSlot,
+    "vip_key": VipKey, "vip_meta": VipMeta, "ring_chunk": RingChunk,
+    "ring_chunk16": RingChunk16, "vip_slot": VipSlot,
     "addr_key": AddrKey,
     "backend": Backend, "nexthop": Nexthop, "flow_key": FlowKey, "flow_val": FlowVal,
     "flow_slot": FlowSlot, "flow_bucket": FlowBucket, "lb_config": LbConfig,

@@ -289,6 +289,14 @@ class Skeleton:
         _check(lib.bpf_map__set_max_entries(self._map(name), n),
                f"sizing map {name} to {n} entries")
 
+    def set_inner_value_size(self, name: str, size: int) -> None:
+        """The value size of the inner maps the map-of-maps `name` accepts."""
+        inner = lib.bpf_map__inner_map(self._map(name))
+        if inner == ffi.NULL:
+            raise KeyError(f"BPF object {self.name}: map {name} has no inner map")
+        _check(lib.bpf_map__set_value_size(inner, size),
+               f"sizing the inner maps of {name} to {size}-byte values")
+
     def reuse_map_fd(self, name: str, fd: int) -> None:
         _check(lib.bpf_map__reuse_fd(self._map(name), fd), f"reusing pinned map {name}")
 

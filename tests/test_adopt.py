@@ -69,6 +69,30 @@ def test_rings_with_another_inner_layout_is_replaced(pin, inner):
         dp.unpin_all()
 
 
+# 16-bit rings (lb.max_backends <= 65536) and 32-bit ones (above): a restart across the
+# line must rebuild the rings, never read one width as the other
+WIDE = Limits(max_vips=64, max_backends=70000, flow_table_size=1024)
+
+
+@pytest.mark.parametrize("first,then,bits", [(LIMITS, WIDE, 16), (WIDE, LIMITS, 32)],
+                         ids=["16-then-32", "32-then-16"])
+def test_rings_of_the_other_id_width_is_replaced(pin, first, then, bits):
+    ring = array.array("I", [1, 2, 3] * 34 + [255])
+    with Datapath(first, pin_dir=pin) as dp:
+        dp.install_rings([(3, ring)])
+        dp.set_vip(VIP, 80, 6, vip_id=5, ring_id=3, ring_size=len(ring))
+    with Datapath(then, pin_dir=pin) as dp:
+        why = dp.replaced.get("rings", "")
+        assert f"rings hold {bits}-bit backend ids" in why and "lb.max_backends" in why, \
+            dp.replaced
+        assert "rings" not in dp.adopted and dp.read_ring(3) is None
+        dp.install_rings([(3, ring)])
+        assert dp.read_ring(3) == ring
+    with Datapath(then, pin_dir=pin) as dp:  # the same width again: adopted
+        assert "rings" in dp.adopted and dp.read_ring(3) == ring
+        dp.unpin_all()
+
+
 @pytest.mark.parametrize("vip_id,ring_id", [(99999, 1), (1, 99999), (0, 1)])
 def test_vips_with_ids_out_of_range_is_replaced(pin, vip_id, ring_id):
     with Datapath(LIMITS, pin_dir=pin) as dp:

@@ -156,6 +156,7 @@ def test_other_enums_and_flags_match_header():
     assert _c_define(consts, "LB_QUIC_FILTER_WORDS") == layout.QUIC_FILTER_WORDS
     assert _c_define(consts, "LB_QUIC_CACHE_SLOTS") == layout.QUIC_CACHE_SLOTS
     assert _c_define(consts, "LB_RING_CHUNK") == layout.RING_CHUNK
+    assert _c_define(consts, "LB_RING_CHUNK16") == layout.RING_CHUNK16
 
 
 def test_objects_are_current():
