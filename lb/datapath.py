@@ -26,6 +26,12 @@ from .pindir import PinDir
 from .rings import install_rings, read_ring
 from .vipindex import VipIndex, slots_for
 
+# A map adopted only together with the one it depends on (listed before it in MAP_NAMES):
+# `flows` entries name backend ids and generations that only `backends` knew; `vip_index`
+# copies `vips`, and an index kept beside a new `vips` would be emptied under a program of
+# the earlier instance that may still be attached and reading it.
+ADOPT_WITH = {"flows": "backends", "vip_index": "vips"}
+
 MAP_NAMES = ("vips", "vip_index", "vip_addrs", "prefilter", "rings", "backends", "nexthops",
              "flows", "config", "tx_port", "stats", "vip_stats", "quic_servers",
              "quic_filter", "quic_epoch")
@@ -144,9 +150,8 @@ class Datapath:
                 continue
             with Map.from_fd(self.pins.get(name)) as old:
                 why = misfit(name, old, self.skel.map_spec(name), self.limits)
-                if not why and name == "flows" and "backends" not in self.adopted:
-                    # entries name backend ids and generations that only `backends` knew
-                    why = "backends not adopted"
+                if not why and name in ADOPT_WITH and ADOPT_WITH[name] not in self.adopted:
+                    why = f"{ADOPT_WITH[name]} not adopted"
                 if why:
                     self.replaced[name] = why
                     self.pins.clear(name)
