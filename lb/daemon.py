@@ -67,6 +67,7 @@ class Daemon:
     def start(self) -> None:
         cfg = self.cfg
         preflight.check_privileges()
+        preflight.check_architecture()
         preflight.raise_fd_limit()
         # nothing is touched before this instance owns its pin path, interface and
         # control socket: a second instance must leave the first one alone

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import subprocess
 
@@ -45,6 +46,19 @@ def check_privileges() -> None:
         raise XdplbError(f"missing capability {', '.join(missing)} (xdplb needs "
                          f"{', '.join(REQUIRED_CAPS)}): run it as root, or grant them "
                          f"(AmbientCapabilities= in the unit, setpriv --ambient-caps)")
+
+
+# The data path's lock-free reads (connection table, VIP index, QUIC cache) are seqlocks
+# without read barriers, which BPF lacks: right only where loads are not reordered with
+# loads, as on x86-64 (the JIT's target the ordering was checked for).
+ORDERED_LOADS = ("x86_64",)
+
+
+def check_architecture(machine: str = "") -> None:
+    machine = machine or platform.machine()
+    if machine not in ORDERED_LOADS:
+        raise XdplbError(f"xdplb's lock-free map reads need x86-64 memory ordering and this "
+                         f"host is {machine}: run xdplb on an x86-64 host")
 
 
 def raise_fd_limit() -> None:

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from lb import preflight
+from lb.errors import XdplbError
 from lb.lab import topology
 from lb.lab.instance import Instance, RunFiles
 
@@ -66,6 +67,14 @@ def test_unit_settings():
     # the unit grants what preflight requires, no more
     for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
         assert sorted(svc[key].split()) == sorted(preflight.REQUIRED_CAPS), key
+
+
+def test_architecture_without_ordered_loads_is_refused():
+    """The seqlock reads in the data path are right only with x86-64 load ordering."""
+    preflight.check_architecture("x86_64")
+    preflight.check_architecture()  # this host
+    with pytest.raises(XdplbError, match="x86-64 memory ordering and this host is aarch64"):
+        preflight.check_architecture("aarch64")
 
 
 def test_missing_caps():
